@@ -1,0 +1,24 @@
+//! Kafka header names used by Sluice.
+//!
+//! Job records carry [`TENANT`] and [`TRACEPARENT`]; dead-letter records keep
+//! the original key and value byte for byte (the Kafka Connect convention) and
+//! carry the failure in the `sluice.error.*` and `sluice.source.*` headers.
+
+/// Tenant of the job, duplicated from the body so that brokers and tools can
+/// route or filter without parsing JSON.
+pub const TENANT: &str = "tenant";
+/// W3C trace context of the producer.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Stable [`crate::ErrorCode`] of a dead-lettered record.
+pub const ERROR_CODE: &str = "sluice.error.code";
+/// Human-readable reason of a dead-lettered record.
+pub const ERROR_MESSAGE: &str = "sluice.error.message";
+/// Topic the dead-lettered record was read from.
+pub const SOURCE_TOPIC: &str = "sluice.source.topic";
+/// Partition the dead-lettered record was read from (decimal).
+pub const SOURCE_PARTITION: &str = "sluice.source.partition";
+/// Offset the dead-lettered record was read from (decimal).
+pub const SOURCE_OFFSET: &str = "sluice.source.offset";
+/// Worker that rejected the record.
+pub const WORKER_ID: &str = "sluice.worker.id";

@@ -1,0 +1,25 @@
+//! Wire contracts of Sluice.
+//!
+//! Everything that crosses a process boundary is defined here and nowhere
+//! else: the job a producer puts on Kafka ([`JobRequest`] v1), the record a
+//! worker writes back ([`JobResult`] with its [`JobStatus`]), the stable error
+//! [`ErrorCode`]s, the Kafka header names and the topic naming scheme.
+//!
+//! The JSON Schema files under `schemas/json/` describe the same contracts for
+//! clients in other languages; `tests/contracts.rs` checks every example under
+//! `schemas/examples/` against both the schema and these types, so the two
+//! cannot drift apart.
+//!
+//! This crate depends on nothing else of Sluice's.
+
+mod error_code;
+pub mod headers;
+mod request;
+mod result;
+pub mod topics;
+
+pub use error_code::ErrorCode;
+pub use request::{
+    DType, DecodeError, Input, JobRequest, Priority, TensorInput, limits, valid_job_id,
+};
+pub use result::{JobError, JobResult, JobStatus, Output, Timings};

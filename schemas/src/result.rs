@@ -1,0 +1,258 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::request::{check_ident, limits, rfc3339_opt};
+use crate::{ErrorCode, JobRequest};
+
+/// Lifecycle of a job (OpenAI Batch semantics):
+/// `queued → running → succeeded | failed | expired | cancelled`.
+/// A terminal status never changes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Expired,
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Expired,
+        JobStatus::Cancelled,
+    ];
+
+    /// Succeeded, failed, expired or cancelled: nothing will change it.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+
+    /// Whether a record in state `self` may be overwritten by one in `next`.
+    ///
+    /// Moves only forward; a terminal record is never overwritten, and
+    /// re-writing the same non-terminal state (a replay) is allowed.
+    pub fn may_become(self, next: JobStatus) -> bool {
+        match self {
+            JobStatus::Queued => true,
+            JobStatus::Running => next != JobStatus::Queued,
+            _ => false,
+        }
+    }
+
+    /// The wire spelling, e.g. `"succeeded"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Expired => "expired",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a job failed: a stable code and a message for humans.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// What a succeeded job produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Output {
+    /// `{"embedding": [f32, ...]}`: a sentence embedding.
+    Embedding(Vec<f32>),
+}
+
+/// Where the job's time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// From submission (or the Kafka timestamp) to the start of its batch.
+    pub queued_ms: u64,
+    /// Wall time of the batch's forward pass (shared by the whole batch).
+    pub inference_ms: u64,
+    /// Jobs in the batch this job ran in.
+    pub batch_size: u32,
+    /// Tokens of this job's input after truncation.
+    pub input_tokens: u32,
+}
+
+/// The record of a job: what the results store holds for `GET /v1/jobs/{id}`
+/// and what finished jobs publish to `<prefix>.results`.
+/// Schema: `schemas/json/job-result.v1.schema.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobResult {
+    pub job_id: String,
+    pub tenant: String,
+    pub model: String,
+    /// The model version that ran the job (absent until one has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    pub status: JobStatus,
+    /// Present exactly when `status` is `succeeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Output>,
+    /// Present exactly when `status` is `failed` (and for `expired`, why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    /// The worker that ran (or rejected) the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    #[serde(default, with = "rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "rfc3339_opt", skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The request's metadata, echoed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl JobResult {
+    /// A `queued` record for a request that was just accepted.
+    pub fn queued(req: &JobRequest) -> JobResult {
+        JobResult {
+            job_id: req.job_id.clone(),
+            tenant: req.tenant.clone(),
+            model: req.model.clone(),
+            model_version: None,
+            status: JobStatus::Queued,
+            output: None,
+            error: None,
+            timings: None,
+            worker_id: None,
+            submitted_at: req.submitted_at,
+            started_at: None,
+            finished_at: None,
+            metadata: req.metadata.clone(),
+        }
+    }
+
+    /// A terminal `failed` record for a job rejected before inference, or
+    /// whose inference failed.
+    pub fn failed(
+        job_id: String,
+        tenant: String,
+        model: String,
+        code: ErrorCode,
+        message: String,
+        now: DateTime<Utc>,
+    ) -> JobResult {
+        JobResult {
+            job_id,
+            tenant,
+            model,
+            model_version: None,
+            status: JobStatus::Failed,
+            output: None,
+            error: Some(JobError { code, message }),
+            timings: None,
+            worker_id: None,
+            submitted_at: None,
+            started_at: None,
+            finished_at: Some(now),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// Checks the cross-field rules of the schema: `output` exactly when
+    /// succeeded, `error` when failed, terminal records carry `finished_at`.
+    pub fn validate(&self) -> Result<(), String> {
+        check_ident("job_id", &self.job_id, limits::JOB_ID_CHARS, ":")?;
+        check_ident("tenant", &self.tenant, limits::TENANT_CHARS, "")?;
+        if self.model.is_empty() || self.model_version.as_deref() == Some("") {
+            return Err("model and model_version must not be empty".into());
+        }
+        let s = self.status;
+        if (s == JobStatus::Succeeded) != self.output.is_some() {
+            return Err(format!("status {s}: `output` must be present exactly when succeeded"));
+        }
+        if s == JobStatus::Failed && self.error.is_none() {
+            return Err("status failed: `error` is required".into());
+        }
+        if !matches!(s, JobStatus::Failed | JobStatus::Expired | JobStatus::Cancelled) && self.error.is_some() {
+            return Err(format!("status {s}: `error` is only allowed on failed, expired or cancelled jobs"));
+        }
+        if s.is_terminal() && self.finished_at.is_none() {
+            return Err(format!("status {s}: `finished_at` is required"));
+        }
+        Ok(())
+    }
+
+    /// Parses and validates a JobResult from JSON bytes.
+    pub fn decode(bytes: &[u8]) -> Result<JobResult, String> {
+        let r: JobResult = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                if path == "." {
+                    e.into_inner().to_string()
+                } else {
+                    format!("{path}: {}", e.into_inner())
+                }
+            })?;
+        r.validate()?;
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_states_never_change() {
+        for from in JobStatus::ALL {
+            for to in JobStatus::ALL {
+                let allowed = from.may_become(to);
+                if from.is_terminal() {
+                    assert!(!allowed, "{from} -> {to}");
+                }
+                if from == JobStatus::Running && to == JobStatus::Queued {
+                    assert!(!allowed);
+                }
+            }
+        }
+        assert!(JobStatus::Queued.may_become(JobStatus::Running));
+        assert!(JobStatus::Running.may_become(JobStatus::Running));
+        assert!(JobStatus::Running.may_become(JobStatus::Succeeded));
+    }
+
+    #[test]
+    fn validate_cross_field_rules() {
+        let now = Utc::now();
+        let mut r = JobResult::failed("j".into(), "t".into(), "m".into(), ErrorCode::Internal, "x".into(), now);
+        assert!(r.validate().is_ok());
+        r.status = JobStatus::Succeeded;
+        assert!(r.validate().unwrap_err().contains("output"));
+        r.output = Some(Output::Embedding(vec![0.5]));
+        assert!(r.validate().unwrap_err().contains("error"));
+        r.error = None;
+        assert!(r.validate().is_ok());
+        let json = serde_json::to_vec(&r).unwrap();
+        assert_eq!(JobResult::decode(&json).unwrap(), r);
+    }
+}
