@@ -1,0 +1,194 @@
+//! Configuration: `config/default.toml` (every setting and its default), an
+//! optional file, `SLUICE__SECTION__KEY` environment variables, then
+//! command-line flags — later sources win.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use sluice_workers::{EngineConfig, ExecutionProvider, SessionConfig};
+
+use crate::gateway::GatewayConfig;
+use crate::store::StoreConfig;
+use crate::worker::WorkerConfig;
+
+/// The defaults, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// All of Sluice's settings. Field meanings are documented in
+/// `config/default.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaSection,
+    pub store: StoreSection,
+    pub models: ModelsSection,
+    pub engine: EngineSection,
+    pub worker: WorkerSection,
+    pub gateway: GatewaySection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSection {
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication: i32,
+    pub produce_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub redis: String,
+    pub ttl_secs: u64,
+    pub memory_capacity: usize,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsSection {
+    pub repository: PathBuf,
+    pub serve: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    pub max_batch_size: usize,
+    pub max_wait_ms: u64,
+    pub queue_capacity: usize,
+    pub inference_threads: usize,
+    pub intra_threads: usize,
+    pub ort_dylib: String,
+    pub provider: Provider,
+    pub cuda_device: i32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    pub id: String,
+    pub max_in_flight: usize,
+    pub commit_interval_ms: u64,
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    pub listen: String,
+    pub default_tenant: String,
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Defaults, then `file`, then `SLUICE__*` variables, then `overrides`
+    /// (a partial config, e.g. from command-line flags).
+    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, figment::Error> {
+        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(f) = file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        fig.merge(Env::prefixed("SLUICE__").split("__"))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+    }
+
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            ttl: Duration::from_secs(self.store.ttl_secs),
+            memory_capacity: self.store.memory_capacity,
+            key_prefix: self.store.key_prefix.clone(),
+        }
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        let e = &self.engine;
+        EngineConfig {
+            max_batch_size: e.max_batch_size,
+            max_wait: Duration::from_millis(e.max_wait_ms),
+            queue_capacity: e.queue_capacity,
+            inference_threads: e.inference_threads,
+            session: SessionConfig {
+                dylib_path: (!e.ort_dylib.is_empty()).then(|| PathBuf::from(&e.ort_dylib)),
+                intra_threads: e.intra_threads,
+                provider: match e.provider {
+                    Provider::Cpu => ExecutionProvider::Cpu,
+                    Provider::Cuda => ExecutionProvider::Cuda { device_id: e.cuda_device },
+                },
+            },
+        }
+    }
+
+    pub fn worker(&self) -> WorkerConfig {
+        let w = &self.worker;
+        WorkerConfig {
+            worker_id: if w.id.is_empty() { default_worker_id() } else { w.id.clone() },
+            topic_prefix: self.kafka.topic_prefix.clone(),
+            max_in_flight: w.max_in_flight,
+            commit_interval: Duration::from_millis(w.commit_interval_ms),
+            drain_timeout: Duration::from_millis(w.drain_timeout_ms),
+        }
+    }
+
+    pub fn gateway(&self) -> GatewayConfig {
+        GatewayConfig {
+            topic_prefix: self.kafka.topic_prefix.clone(),
+            default_tenant: self.gateway.default_tenant.clone(),
+            max_body_bytes: self.gateway.max_body_bytes,
+        }
+    }
+
+    pub fn produce_timeout(&self) -> Duration {
+        Duration::from_millis(self.kafka.produce_timeout_ms)
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_layers_override_in_order() {
+        let c = Config::load(None, serde_json::json!({})).unwrap();
+        assert_eq!(c.kafka.topic_prefix, "sluice");
+        assert_eq!(c.engine.max_batch_size, 32);
+
+        let dir = std::env::temp_dir().join(format!("sluice-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[kafka]\ntopic_prefix = \"fromfile\"\npartitions = 9\n").unwrap();
+        let c = Config::load(Some(&file), serde_json::json!({"kafka": {"partitions": 2}})).unwrap();
+        assert_eq!(c.kafka.topic_prefix, "fromfile");
+        assert_eq!(c.kafka.partitions, 2, "flags beat the file");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("sluice-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[kafka]\nbrokerz = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file), serde_json::json!({})).unwrap_err();
+        assert!(err.to_string().contains("brokerz"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,290 @@
+//! Everything that talks to Kafka: the job/result/DLQ producer, the
+//! consumer-group consumer, topic creation, and the embedded broker of
+//! `sluice up`.
+//!
+//! Architecture invariant: this is the only module of Sluice that imports
+//! `rdkafka`. The rest of the pipeline sees [`Record`], [`Producer`],
+//! [`Consumer`] and [`KafkaError`].
+
+mod embedded;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+pub use embedded::EmbeddedBroker;
+
+/// Failures talking to Kafka. `retryable` errors are outages (broker down,
+/// timeouts, full local queue): the caller should back off, not give up on
+/// the data.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("kafka client configuration: {0}")]
+    Config(String),
+    #[error("producing to {topic}: {message}")]
+    Produce { topic: String, message: String, retryable: bool },
+    #[error("consuming: {0}")]
+    Consume(String),
+    #[error("committing offsets: {0}")]
+    Commit(String),
+    #[error("creating topics: {0}")]
+    Admin(String),
+    #[error("embedded broker: {0}")]
+    Embedded(String),
+    #[error("broker metadata: {0}")]
+    Metadata(String),
+}
+
+impl KafkaError {
+    /// Whether the same operation may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            KafkaError::Produce { retryable, .. } => *retryable,
+            KafkaError::Consume(_) | KafkaError::Commit(_) | KafkaError::Metadata(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// One consumed Kafka record, detached from the client.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    /// The value; an absent value (tombstone) is an empty payload.
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Create or log-append time, when the broker gave one.
+    pub timestamp: Option<DateTime<Utc>>,
+}
+
+impl Record {
+    /// The first header called `name`, as UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        // librdkafka logs connection refusals at error level; keep them in
+        // our own tracing instead of stderr.
+        .set("log_level", "3");
+    c
+}
+
+/// An idempotent producer (`enable.idempotence`, acks=all) whose sends
+/// resolve within `timeout` — delivered, or a typed error — never hang.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    timeout: Duration,
+}
+
+impl Producer {
+    /// Connects lazily to `brokers`.
+    pub fn new(brokers: &str, client_id: &str, timeout: Duration) -> Result<Producer, KafkaError> {
+        let ms = timeout.as_millis().max(1).to_string();
+        let inner: FutureProducer = base_config(brokers, client_id)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            // Bound on records buffered in this process while the broker is
+            // slow or away; a full buffer makes `send` wait, then time out.
+            .set("queue.buffering.max.messages", "100000")
+            .set("message.timeout.ms", &ms)
+            .set("socket.timeout.ms", &ms)
+            .create()
+            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        Ok(Producer { inner, timeout })
+    }
+
+    /// Sends one record and waits for the broker's acknowledgement.
+    /// Returns the partition and offset it was written at.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<(i32, i64), KafkaError> {
+        let mut h = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(*v) });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(h);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        match self.inner.send(record, Timeout::After(self.timeout)).await {
+            Ok(d) => Ok((d.partition, d.offset)),
+            Err((e, _)) => {
+                let retryable = !matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessage)
+                );
+                Err(KafkaError::Produce { topic: topic.to_owned(), message: e.to_string(), retryable })
+            }
+        }
+    }
+
+    /// Asks the cluster for its metadata: succeeds when a broker answers.
+    /// Blocking inside librdkafka, so it runs on the blocking pool.
+    pub async fn ping(&self) -> Result<(), KafkaError> {
+        let inner = self.inner.clone();
+        let timeout = self.timeout.min(Duration::from_secs(2));
+        tokio::task::spawn_blocking(move || {
+            inner
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|e| KafkaError::Metadata(e.to_string()))
+        })
+        .await
+        .map_err(|e| KafkaError::Metadata(e.to_string()))?
+    }
+
+    /// Waits up to `timeout` for buffered records to be delivered.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.inner.flush(timeout) {
+            tracing::warn!(error = %e, "producer flush incomplete");
+        }
+    }
+}
+
+/// A member of a consumer group. Offsets are never committed automatically:
+/// the owner commits with [`Consumer::commit`] once the records' effects are
+/// durable (at-least-once).
+pub struct Consumer {
+    inner: StreamConsumer,
+}
+
+impl Consumer {
+    /// Joins `group` and subscribes to `topics`.
+    pub fn new(brokers: &str, client_id: &str, group: &str, topics: &[String]) -> Result<Consumer, KafkaError> {
+        let inner: StreamConsumer = base_config(brokers, client_id)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // librdkafka prefetches up to this much per partition; bounded.
+            .set("queued.max.messages.kbytes", "16384")
+            .create()
+            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        inner.subscribe(&names).map_err(|e| KafkaError::Consume(e.to_string()))?;
+        Ok(Consumer { inner })
+    }
+
+    /// The next record of any assigned partition.
+    pub async fn recv(&self) -> Result<Record, KafkaError> {
+        let m = self.inner.recv().await.map_err(|e| KafkaError::Consume(e.to_string()))?;
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Record {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+            timestamp: m.timestamp().to_millis().and_then(DateTime::<Utc>::from_timestamp_millis),
+        })
+    }
+
+    /// Commits `next offset to read` for each (topic, partition).
+    pub fn commit(&self, offsets: &[(String, i32, i64)]) -> Result<(), KafkaError> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for (topic, partition, next) in offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|e| KafkaError::Commit(e.to_string()))?;
+        }
+        self.inner.commit(&tpl, CommitMode::Async).map_err(|e| KafkaError::Commit(e.to_string()))
+    }
+
+    /// Commits synchronously (used at shutdown, before leaving the group).
+    pub fn commit_sync(&self, offsets: &[(String, i32, i64)]) -> Result<(), KafkaError> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for (topic, partition, next) in offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|e| KafkaError::Commit(e.to_string()))?;
+        }
+        self.inner.commit(&tpl, CommitMode::Sync).map_err(|e| KafkaError::Commit(e.to_string()))
+    }
+}
+
+/// Creates the topics that do not exist yet (`TopicAlreadyExists` is fine).
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &[String],
+    partitions: i32,
+    replication: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers, "sluice-admin")
+        .create()
+        .map_err(|e| KafkaError::Config(e.to_string()))?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new, &opts).await.map_err(|e| KafkaError::Admin(e.to_string()))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaError::Admin(format!("{topic}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Returns the high watermark of each partition of `topic` (for tests and
+/// lag sampling). Blocking inside librdkafka, so it runs on the blocking pool.
+pub async fn high_watermarks(brokers: &str, topic: &str) -> Result<Vec<i64>, KafkaError> {
+    let consumer: rdkafka::consumer::BaseConsumer = base_config(brokers, "sluice-watermarks")
+        .create()
+        .map_err(|e| KafkaError::Config(e.to_string()))?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let t = Duration::from_secs(5);
+        let md = consumer.fetch_metadata(Some(&topic), t).map_err(|e| KafkaError::Metadata(e.to_string()))?;
+        let parts = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        (0..parts as i32)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p, t)
+                    .map(|(_, high)| high)
+                    .map_err(|e| KafkaError::Metadata(e.to_string()))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| KafkaError::Metadata(e.to_string()))?
+}

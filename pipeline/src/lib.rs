@@ -1,0 +1,22 @@
+//! Sluice's stages and their wiring.
+//!
+//! - [`kafka`]: producers, consumer groups, topic creation, the embedded
+//!   broker. The only module that imports `rdkafka`.
+//! - [`store`]: the results store (Redis or in-process). The only module
+//!   that imports `redis`.
+//! - [`worker`]: consume jobs → inference engine → results, at-least-once.
+//! - [`gateway`]: the REST API.
+//! - [`app`]: builds the stages for a role (`sluice up`, `worker`, `gateway`).
+
+pub mod app;
+pub mod config;
+pub mod gateway;
+pub mod kafka;
+mod offsets;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+
+pub use app::{Role, Sluice, StartError};
+pub use config::Config;

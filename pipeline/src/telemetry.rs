@@ -1,0 +1,41 @@
+//! Process-wide telemetry: logs through `tracing`, metrics through the
+//! `metrics` facade rendered as Prometheus text (all names start `sluice_`).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn prometheus() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("sluice_jobs_submitted_total", "Jobs accepted by the gateway, by model.");
+    describe_counter!("sluice_jobs_completed_total", "Jobs that reached a terminal status, by model and status.");
+    describe_counter!("sluice_dead_lettered_total", "Records sent to the dead-letter topic, by error code.");
+    describe_histogram!("sluice_queue_time_seconds", Unit::Seconds, "Submission to start of the job's batch.");
+    describe_histogram!("sluice_inference_seconds", Unit::Seconds, "Tokenisation and forward pass of one batch.");
+    describe_histogram!("sluice_batch_size", Unit::Count, "Jobs per batch.");
+    describe_gauge!("sluice_worker_in_flight", "Records being processed by this worker.");
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,ort=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
