@@ -121,8 +121,7 @@ impl Sluice {
             for (name, version) in &versions {
                 let engine = InferenceHandle::start(version.clone(), cfg.engine()).await?;
                 let group = format!("{prefix}.workers.{name}");
-                let consumer =
-                    Consumer::new(&bootstrap, &worker_cfg.worker_id, &group, &[topics::jobs(prefix, name)])?;
+                let consumer = Consumer::new(&bootstrap, &worker_cfg.worker_id, &group, &[topics::jobs(prefix, name)])?;
                 let engines = HashMap::from([(name.clone(), engine)]);
                 let (p, s, c, sd) = (producer.clone(), store.clone(), worker_cfg.clone(), shutdown.clone());
                 let model = name.clone();
@@ -141,8 +140,9 @@ impl Sluice {
             let listener =
                 TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
             http_addr = listener.local_addr().ok();
-            let router = Gateway::new(producer.clone(), store.clone(), versions.clone(), cfg.gateway(), metrics.clone())
-                .router();
+            let router =
+                Gateway::new(producer.clone(), store.clone(), versions.clone(), cfg.gateway(), metrics.clone())
+                    .router();
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = crate::gateway::serve(listener, router, sd).await {
@@ -188,10 +188,7 @@ impl Sluice {
 
 /// The newest verified version of each model to serve (file hashing runs on
 /// the blocking pool).
-async fn load_models(
-    repo: ModelRepository,
-    serve: Vec<String>,
-) -> Result<HashMap<String, ModelVersion>, WorkerError> {
+async fn load_models(repo: ModelRepository, serve: Vec<String>) -> Result<HashMap<String, ModelVersion>, WorkerError> {
     tokio::task::spawn_blocking(move || {
         let names = if serve.is_empty() { repo.model_names()? } else { serve };
         names.into_iter().map(|n| Ok((n.clone(), repo.latest(&n)?))).collect()

@@ -17,6 +17,11 @@ use crate::worker::WorkerConfig;
 /// The defaults, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// An invalid configuration: which key, from which source, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(Box<figment::Error>);
+
 /// All of Sluice's settings. Field meanings are documented in
 /// `config/default.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,7 +101,7 @@ pub struct GatewaySection {
 impl Config {
     /// Defaults, then `file`, then `SLUICE__*` variables, then `overrides`
     /// (a partial config, e.g. from command-line flags).
-    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, figment::Error> {
+    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(f) = file {
             fig = fig.merge(Toml::file_exact(f));
@@ -104,6 +109,7 @@ impl Config {
         fig.merge(Env::prefixed("SLUICE__").split("__"))
             .merge(Serialized::defaults(overrides))
             .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
     }
 
     pub fn store(&self) -> StoreConfig {

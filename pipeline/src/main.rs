@@ -114,7 +114,8 @@ async fn main() -> anyhow::Result<()> {
             "bootstrap": sluice.bootstrap,
             "embedded_broker": sluice.embedded_broker,
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&ready)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&ready)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
 
     shutdown::signal().await;

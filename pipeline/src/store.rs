@@ -191,7 +191,8 @@ impl RedisStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         raw.map(|s| {
-            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt { job_id: job_id.to_owned(), message: e.to_string() })
+            serde_json::from_str(&s)
+                .map_err(|e| StoreError::Corrupt { job_id: job_id.to_owned(), message: e.to_string() })
         })
         .transpose()
     }
@@ -233,11 +234,7 @@ struct Entry {
 impl MemoryStore {
     fn new(cfg: &StoreConfig) -> MemoryStore {
         MemoryStore {
-            inner: Arc::new(Mutex::new(MemoryInner {
-                records: HashMap::new(),
-                order: VecDeque::new(),
-                next_seq: 0,
-            })),
+            inner: Arc::new(Mutex::new(MemoryInner { records: HashMap::new(), order: VecDeque::new(), next_seq: 0 })),
             ttl: cfg.ttl,
             capacity: cfg.memory_capacity.max(1),
         }
@@ -338,7 +335,8 @@ mod tests {
         assert!(g.records.contains_key("j9") && !g.records.contains_key("j0"));
         assert!(g.order.len() <= 3);
         drop(g);
-        let failed = JobResult::failed("j9".into(), "t".into(), "m".into(), ErrorCode::Internal, "x".into(), chrono::Utc::now());
+        let failed =
+            JobResult::failed("j9".into(), "t".into(), "m".into(), ErrorCode::Internal, "x".into(), chrono::Utc::now());
         assert_eq!(s.put(&failed), Put::Written);
         assert_eq!(s.get("j9").unwrap().status, JobStatus::Failed);
     }

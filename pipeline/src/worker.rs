@@ -27,9 +27,9 @@ use sluice_workers::InferenceHandle;
 use tokio::task::JoinSet;
 
 use crate::kafka::{Consumer, KafkaError, Producer, Record};
+use crate::offsets::OffsetTracker;
 use crate::shutdown::Shutdown;
 use crate::store::{Put, Store};
-use crate::offsets::OffsetTracker;
 
 /// Settings of one worker.
 #[derive(Debug, Clone)]
@@ -274,13 +274,9 @@ impl Ctx {
         metrics::counter!("sluice_dead_lettered_total", "code" => code.as_str()).increment(1);
 
         let Some(job_id) = job_id else { return Ok(()) };
-        let tenant = req
-            .map(|r| r.tenant.clone())
-            .or_else(|| readable_tenant(rec))
-            .unwrap_or_else(|| "unknown".to_owned());
-        let model = req
-            .map(|r| r.model.clone())
-            .unwrap_or_else(|| model_of_topic(&self.cfg.topic_prefix, &rec.topic));
+        let tenant =
+            req.map(|r| r.tenant.clone()).or_else(|| readable_tenant(rec)).unwrap_or_else(|| "unknown".to_owned());
+        let model = req.map(|r| r.model.clone()).unwrap_or_else(|| model_of_topic(&self.cfg.topic_prefix, &rec.topic));
         let mut failed = JobResult::failed(job_id, tenant, model, code, message, Utc::now());
         failed.worker_id = Some(self.cfg.worker_id.clone());
         failed.submitted_at = req.and_then(|r| r.submitted_at).or(rec.timestamp);
@@ -320,14 +316,12 @@ impl Ctx {
 /// The tenant of an undecodable record: its `tenant` header, or the
 /// `tenant` field if the JSON is at least readable. Only well-formed values.
 fn readable_tenant(rec: &Record) -> Option<String> {
-    let valid = |t: &str| !t.is_empty() && t.len() <= 64 && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    rec.header(headers::TENANT)
-        .filter(|t| valid(t))
-        .map(str::to_owned)
-        .or_else(|| {
-            let v: serde_json::Value = serde_json::from_slice(&rec.payload).ok()?;
-            v.get("tenant")?.as_str().filter(|t| valid(t)).map(str::to_owned)
-        })
+    let valid =
+        |t: &str| !t.is_empty() && t.len() <= 64 && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    rec.header(headers::TENANT).filter(|t| valid(t)).map(str::to_owned).or_else(|| {
+        let v: serde_json::Value = serde_json::from_slice(&rec.payload).ok()?;
+        v.get("tenant")?.as_str().filter(|t| valid(t)).map(str::to_owned)
+    })
 }
 
 fn model_of_topic(prefix: &str, topic: &str) -> String {

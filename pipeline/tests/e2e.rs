@@ -98,7 +98,8 @@ impl Harness {
 
     /// Publishes records with confluent-kafka; returns their (partition, offset).
     async fn produce(&self, topic: &str, partition: Option<i32>, records: Vec<Value>) -> Vec<(i32, i64)> {
-        let mut args = vec!["produce".to_owned(), "--brokers".into(), self.brokers.clone(), "--topic".into(), topic.into()];
+        let mut args =
+            vec!["produce".to_owned(), "--brokers".into(), self.brokers.clone(), "--topic".into(), topic.into()];
         if let Some(p) = partition {
             args.extend(["--partition".into(), p.to_string()]);
         }
@@ -209,8 +210,13 @@ fn assert_example_embedding(body: &Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_published_by_another_kafka_client_is_pollable_with_the_published_embedding() {
     let mut h = Harness::start("kafka-path", true).await;
-    let positions =
-        h.produce(&h.jobs_topic(), None, vec![record(Some("ext-1"), job("ext-1", "This is an example sentence").to_string())]).await;
+    let positions = h
+        .produce(
+            &h.jobs_topic(),
+            None,
+            vec![record(Some("ext-1"), job("ext-1", "This is an example sentence").to_string())],
+        )
+        .await;
     assert_eq!(positions.len(), 1);
 
     let body = h.wait_done("ext-1").await;
@@ -238,7 +244,7 @@ async fn a_job_published_by_another_kafka_client_is_pollable_with_the_published_
 async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving() {
     let mut h = Harness::start("poison", true).await;
     let no_model = json!({"job_id": "no-model-1", "tenant": "acme", "input": {"text": "x"}});
-    let bad_records = vec![
+    let bad_records = [
         (Some("bad-json"), "{\"job_id\": \"bad-json\", ".to_owned(), "invalid_json"),
         (Some("no-model-1"), no_model.to_string(), "schema_violation"),
         (Some("unknown-model-1"), json!({"job_id": "unknown-model-1", "tenant": "acme", "model": "gpt-9", "input": {"text": "x"}}).to_string(), "unknown_model"),
@@ -275,9 +281,10 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
     let dlq = h.consume(&format!("{}.dlq", h.prefix), bad_records.len(), 30).await;
     assert_eq!(dlq.len(), bad_records.len(), "{dlq:?}");
     for (i, (key, value, code)) in bad_records.iter().enumerate() {
-        let d = dlq.iter().find(|d| d["headers"]["sluice.source.offset"] == positions[i].1.to_string()).unwrap_or_else(|| {
-            panic!("no dead letter for offset {}: {dlq:?}", positions[i].1)
-        });
+        let d = dlq
+            .iter()
+            .find(|d| d["headers"]["sluice.source.offset"].as_str() == Some(positions[i].1.to_string().as_str()))
+            .unwrap_or_else(|| panic!("no dead letter for offset {}: {dlq:?}", positions[i].1));
         assert_eq!(d["key"].as_str(), *key);
         assert_eq!(d["value"].as_str().unwrap(), value, "original bytes kept");
         assert_eq!(d["headers"]["sluice.error.code"], *code);
@@ -293,7 +300,8 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
 async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_error() {
     let mut h = Harness::start("rest", true).await;
 
-    let (code, headers, body) = h.post(json!({"model": MODEL, "input": {"text": "This is an example sentence"}}).to_string()).await;
+    let (code, headers, body) =
+        h.post(json!({"model": MODEL, "input": {"text": "This is an example sentence"}}).to_string()).await;
     assert_eq!(code, 202, "{body}");
     let id = body["job_id"].as_str().unwrap().to_owned();
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7, "gateway ids are UUIDv7");
@@ -318,12 +326,33 @@ async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_err
         ("{\"model\":".into(), 400, "invalid_json", "not valid JSON"),
         ("[1, 2]".into(), 422, "schema_violation", "expected a JSON object"),
         (json!({"input": {"text": "x"}}).to_string(), 422, "schema_violation", "missing field `model`"),
-        (json!({"model": MODEL, "input": {"text": "x"}, "temperature": 1}).to_string(), 422, "schema_violation", "unknown field `temperature`"),
-        (json!({"model": MODEL, "input": {"text": ""}}).to_string(), 422, "schema_violation", "input.text: must not be empty"),
-        (json!({"model": MODEL, "input": {"text": 5}}).to_string(), 422, "schema_violation", "input.text: invalid type"),
+        (
+            json!({"model": MODEL, "input": {"text": "x"}, "temperature": 1}).to_string(),
+            422,
+            "schema_violation",
+            "unknown field `temperature`",
+        ),
+        (
+            json!({"model": MODEL, "input": {"text": ""}}).to_string(),
+            422,
+            "schema_violation",
+            "input.text: must not be empty",
+        ),
+        (
+            json!({"model": MODEL, "input": {"text": 5}}).to_string(),
+            422,
+            "schema_violation",
+            "input.text: invalid type",
+        ),
         (json!({"model": "gpt-9", "input": {"text": "x"}}).to_string(), 422, "unknown_model", "gpt-9"),
         (json!({"model": MODEL, "input": {"text": long_text}}).to_string(), 422, "input_too_long", "at most 16384"),
-        (json!({"model": MODEL, "input": {"tensors": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}}).to_string(), 422, "invalid_input", "text model"),
+        (
+            json!({"model": MODEL, "input": {"tensors": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}})
+                .to_string(),
+            422,
+            "invalid_input",
+            "text model",
+        ),
         ("x".repeat(70_000), 413, "payload_too_large", "65536"),
     ];
     for (body, want_status, want_code, want_msg) in cases {
@@ -345,7 +374,9 @@ async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_err
     assert_eq!(body["kafka"], "ok");
     assert_eq!(body["store"], "ok");
     let metrics = h.client.get(format!("{}/metrics", h.http)).send().await.unwrap().text().await.unwrap();
-    for name in ["sluice_jobs_submitted_total", "sluice_jobs_completed_total", "sluice_batch_size", "sluice_inference_seconds"] {
+    for name in
+        ["sluice_jobs_submitted_total", "sluice_jobs_completed_total", "sluice_batch_size", "sluice_inference_seconds"]
+    {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
     h.stop().await;
@@ -383,8 +414,11 @@ async fn a_restarted_worker_resumes_from_committed_offsets_without_losing_jobs()
     let prefix = unique_prefix("restart");
     let mut h = Harness::start_with(prefix.clone(), true, json!({})).await;
     let n = 120;
-    let records: Vec<Value> =
-        (0..n).map(|i| record(Some(&format!("r-{i}")), job(&format!("r-{i}"), &format!("restart test sentence {i}")).to_string())).collect();
+    let records: Vec<Value> = (0..n)
+        .map(|i| {
+            record(Some(&format!("r-{i}")), job(&format!("r-{i}"), &format!("restart test sentence {i}")).to_string())
+        })
+        .collect();
     h.produce(&h.jobs_topic(), None, records).await;
     // Stop while the backlog is being worked off.
     h.wait_done("r-0").await;
@@ -409,11 +443,17 @@ async fn embedded_mode_serves_kafka_and_rest_jobs() {
     let mut h = Harness::start("embedded", false).await;
     assert!(h.sluice.as_ref().unwrap().embedded_broker);
     assert!(h.brokers.starts_with("127.0.0.1:"));
-    h.produce(&h.jobs_topic(), None, vec![record(Some("emb-1"), job("emb-1", "This is an example sentence").to_string())]).await;
+    h.produce(
+        &h.jobs_topic(),
+        None,
+        vec![record(Some("emb-1"), job("emb-1", "This is an example sentence").to_string())],
+    )
+    .await;
     let body = h.wait_done("emb-1").await;
     assert_example_embedding(&body);
 
-    let (code, _, resp) = h.post(json!({"model": MODEL, "input": {"text": "This is an example sentence"}}).to_string()).await;
+    let (code, _, resp) =
+        h.post(json!({"model": MODEL, "input": {"text": "This is an example sentence"}}).to_string()).await;
     assert_eq!(code, 202);
     let body = h.wait_done(resp["job_id"].as_str().unwrap()).await;
     assert_example_embedding(&body);

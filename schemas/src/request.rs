@@ -181,30 +181,16 @@ impl JobRequest {
 
     /// Validates an already parsed JSON value as a JobRequest v1.
     pub fn from_value(value: serde_json::Value) -> Result<JobRequest, DecodeError> {
-        let job_id = value
-            .get("job_id")
-            .and_then(|v| v.as_str())
-            .filter(|id| valid_job_id(id))
-            .map(str::to_owned);
-        let violation = |message: String| DecodeError {
-            code: ErrorCode::SchemaViolation,
-            message,
-            job_id: job_id.clone(),
-        };
+        let job_id = value.get("job_id").and_then(|v| v.as_str()).filter(|id| valid_job_id(id)).map(str::to_owned);
+        let violation =
+            |message: String| DecodeError { code: ErrorCode::SchemaViolation, message, job_id: job_id.clone() };
         if !value.is_object() {
-            return Err(violation(format!(
-                "expected a JSON object, found {}",
-                json_kind(&value)
-            )));
+            return Err(violation(format!("expected a JSON object, found {}", json_kind(&value))));
         }
         let request: JobRequest = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            violation(if path == "." {
-                inner.to_string()
-            } else {
-                format!("{path}: {inner}")
-            })
+            violation(if path == "." { inner.to_string() } else { format!("{path}: {inner}") })
         })?;
         request.validate().map_err(violation)?;
         Ok(request)
@@ -226,19 +212,12 @@ impl JobRequest {
                     return Err("input.text: must not be empty".into());
                 }
                 if n > limits::TEXT_CHARS {
-                    return Err(format!(
-                        "input.text: {n} characters, at most {} allowed",
-                        limits::TEXT_CHARS
-                    ));
+                    return Err(format!("input.text: {n} characters, at most {} allowed", limits::TEXT_CHARS));
                 }
             }
             Input::Tensors(tensors) => {
                 if tensors.is_empty() || tensors.len() > limits::TENSORS {
-                    return Err(format!(
-                        "input.tensors: {} tensors, expected 1 to {}",
-                        tensors.len(),
-                        limits::TENSORS
-                    ));
+                    return Err(format!("input.tensors: {} tensors, expected 1 to {}", tensors.len(), limits::TENSORS));
                 }
                 for (name, t) in tensors {
                     let ok = (1..=limits::TENSOR_NAME_CHARS).contains(&name.chars().count())
@@ -276,16 +255,10 @@ impl JobRequest {
         }
         for (k, v) in &self.metadata {
             if !(1..=limits::METADATA_KEY_CHARS).contains(&k.chars().count()) {
-                return Err(format!(
-                    "metadata: key {k:?} must be 1 to {} characters",
-                    limits::METADATA_KEY_CHARS
-                ));
+                return Err(format!("metadata: key {k:?} must be 1 to {} characters", limits::METADATA_KEY_CHARS));
             }
             if v.chars().count() > limits::METADATA_VALUE_CHARS {
-                return Err(format!(
-                    "metadata.{k}: value longer than {} characters",
-                    limits::METADATA_VALUE_CHARS
-                ));
+                return Err(format!("metadata.{k}: value longer than {} characters", limits::METADATA_VALUE_CHARS));
             }
         }
         Ok(())
@@ -389,8 +362,7 @@ mod tests {
         assert_eq!(e.message, "missing field `model`");
         assert_eq!(e.job_id.as_deref(), Some("j2"));
 
-        let e = decode(r#"{"job_id":"j3","tenant":"t","model":"m","input":{"text":"x"},"colour":1}"#)
-            .unwrap_err();
+        let e = decode(r#"{"job_id":"j3","tenant":"t","model":"m","input":{"text":"x"},"colour":1}"#).unwrap_err();
         assert!(e.message.contains("unknown field `colour`"), "{}", e.message);
     }
 

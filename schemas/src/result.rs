@@ -205,14 +205,10 @@ impl JobResult {
 
     /// Parses and validates a JobResult from JSON bytes.
     pub fn decode(bytes: &[u8]) -> Result<JobResult, String> {
-        let r: JobResult = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes))
-            .map_err(|e| {
+        let r: JobResult =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes)).map_err(|e| {
                 let path = e.path().to_string();
-                if path == "." {
-                    e.into_inner().to_string()
-                } else {
-                    format!("{path}: {}", e.into_inner())
-                }
+                if path == "." { e.into_inner().to_string() } else { format!("{path}: {}", e.into_inner()) }
             })?;
         r.validate()?;
         Ok(r)

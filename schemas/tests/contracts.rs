@@ -17,10 +17,7 @@ fn root() -> PathBuf {
 fn validator(schema_file: &str) -> jsonschema::Validator {
     let schema: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(root().join("json").join(schema_file)).unwrap()).unwrap();
-    jsonschema::options()
-        .should_validate_formats(true)
-        .build(&schema)
-        .expect("schema compiles")
+    jsonschema::options().should_validate_formats(true).build(&schema).expect("schema compiles")
 }
 
 fn examples(kind: &str, validity: &str) -> Vec<(String, Vec<u8>)> {
@@ -44,8 +41,7 @@ struct Expected {
 }
 
 fn expected(kind: &str) -> BTreeMap<String, Expected> {
-    serde_json::from_slice(&fs::read(root().join("examples").join(kind).join("expected-errors.json")).unwrap())
-        .unwrap()
+    serde_json::from_slice(&fs::read(root().join("examples").join(kind).join("expected-errors.json")).unwrap()).unwrap()
 }
 
 fn schema_errors(v: &jsonschema::Validator, bytes: &[u8]) -> Option<Vec<String>> {

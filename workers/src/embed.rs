@@ -11,8 +11,8 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::model::{ModelVersion, Pooling};
 use crate::WorkerError;
+use crate::model::{ModelVersion, Pooling};
 
 /// Where ONNX Runtime runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,8 +93,8 @@ impl Embedder {
             model: format!("{}/{}", model.spec.name, model.spec.version),
             message,
         };
-        let mut tokenizer = Tokenizer::from_file(model.tokenizer_path())
-            .map_err(|e| load_err(format!("tokenizer: {e}")))?;
+        let mut tokenizer =
+            Tokenizer::from_file(model.tokenizer_path()).map_err(|e| load_err(format!("tokenizer: {e}")))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: model.spec.tokenizer.max_tokens,

@@ -18,9 +18,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::WorkerError;
 use crate::embed::{Embedder, SessionConfig};
 use crate::model::ModelVersion;
-use crate::WorkerError;
 
 /// Batching and threading of one model's engine.
 #[derive(Debug, Clone)]
@@ -144,10 +144,7 @@ impl InferenceHandle {
     /// Queues `text`, waiting while the queue is full.
     pub async fn enqueue(&self, text: String) -> Result<Ticket, WorkerError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Pending { text, enqueued: Instant::now(), reply })
-            .await
-            .map_err(|_| WorkerError::Closed)?;
+        self.tx.send(Pending { text, enqueued: Instant::now(), reply }).await.map_err(|_| WorkerError::Closed)?;
         Ok(Ticket(rx))
     }
 

@@ -12,6 +12,6 @@ mod error;
 mod model;
 
 pub use embed::{ExecutionProvider, SessionConfig};
-pub use engine::{EngineConfig, Embedded, InferenceHandle, Ticket};
+pub use engine::{Embedded, EngineConfig, InferenceHandle, Ticket};
 pub use error::WorkerError;
 pub use model::{EmbeddingSpec, ModelRepository, ModelSpec, ModelVersion, Pooling, Task, TokenizerSpec};

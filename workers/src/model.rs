@@ -113,18 +113,13 @@ impl ModelVersion {
         verify_checksums(dir)?;
         let toml_path = dir.join("model.toml");
         let text = fs::read_to_string(&toml_path).map_err(|e| WorkerError::io(&toml_path, e))?;
-        let spec: ModelSpec = toml::from_str(&text).map_err(|e| WorkerError::ModelConfig {
-            path: toml_path.clone(),
-            message: e.to_string(),
-        })?;
+        let spec: ModelSpec = toml::from_str(&text)
+            .map_err(|e| WorkerError::ModelConfig { path: toml_path.clone(), message: e.to_string() })?;
         let (want_name, want_version) = (dir_name(dir.parent().unwrap_or(dir)), dir_name(dir));
         if spec.name != want_name || spec.version != want_version {
             return Err(WorkerError::ModelConfig {
                 path: toml_path,
-                message: format!(
-                    "declares {}/{} but lives in {want_name}/{want_version}",
-                    spec.name, spec.version
-                ),
+                message: format!("declares {}/{} but lives in {want_name}/{want_version}", spec.name, spec.version),
             });
         }
         Ok(ModelVersion { spec, dir: dir.to_path_buf() })
@@ -312,10 +307,8 @@ normalize = true
         fs::write(dir.join("model.onnx"), b"graph bytes").unwrap();
         fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
         fs::write(dir.join("model.toml"), TOML.replace("VERSION", version)).unwrap();
-        let sums: String = REQUIRED_FILES
-            .iter()
-            .map(|f| format!("{}  {f}\n", sha256_file(&dir.join(f)).unwrap()))
-            .collect();
+        let sums: String =
+            REQUIRED_FILES.iter().map(|f| format!("{}  {f}\n", sha256_file(&dir.join(f)).unwrap())).collect();
         fs::write(dir.join("SHA256SUMS"), sums).unwrap();
         if corrupt {
             fs::write(dir.join("model.onnx"), b"tampered").unwrap();
@@ -365,7 +358,8 @@ normalize = true
         let mv = ModelVersion { spec, dir: PathBuf::new() };
         let req = |body: &str| JobRequest::decode(body.as_bytes()).unwrap();
         assert!(mv.check(&req(r#"{"job_id":"a","tenant":"t","model":"toy","input":{"text":"hi"}}"#)).is_ok());
-        let long = format!(r#"{{"job_id":"a","tenant":"t","model":"toy","input":{{"text":"{}"}}}}"#, "x".repeat(16_385));
+        let long =
+            format!(r#"{{"job_id":"a","tenant":"t","model":"toy","input":{{"text":"{}"}}}}"#, "x".repeat(16_385));
         assert_eq!(mv.check(&req(&long)).unwrap_err().0, ErrorCode::InputTooLong);
         let pinned = r#"{"job_id":"a","tenant":"t","model":"toy","model_version":"9","input":{"text":"hi"}}"#;
         assert_eq!(mv.check(&req(pinned)).unwrap_err().0, ErrorCode::UnknownModel);

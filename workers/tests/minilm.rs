@@ -79,8 +79,8 @@ async fn paraphrases_score_higher_than_unrelated_sentences() {
 /// is masked out of attention and pooling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batching_with_longer_inputs_does_not_change_an_embedding() {
-    let engine = engine(EngineConfig { max_batch_size: 32, max_wait: Duration::from_millis(200), ..Default::default() })
-        .await;
+    let engine =
+        engine(EngineConfig { max_batch_size: 32, max_wait: Duration::from_millis(200), ..Default::default() }).await;
     let alone = engine.embed("Short one.".into()).await.unwrap();
     assert_eq!(alone.batch_size, 1);
     let mut tickets = Vec::new();

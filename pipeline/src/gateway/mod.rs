@@ -108,10 +108,7 @@ async fn submit_job(
     }
     let mut value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     let Some(obj) = value.as_object_mut() else {
-        return Err(ApiError::Invalid {
-            code: ErrorCode::SchemaViolation,
-            message: "expected a JSON object".into(),
-        });
+        return Err(ApiError::Invalid { code: ErrorCode::SchemaViolation, message: "expected a JSON object".into() });
     };
     obj.entry("job_id").or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
     obj.entry("tenant").or_insert_with(|| Value::String(gw.cfg.default_tenant.clone()));

@@ -54,9 +54,8 @@ impl EmbeddedBroker {
                 }
             })
             .map_err(|e| KafkaError::Embedded(e.to_string()))?;
-        let bootstrap = ready_rx
-            .recv()
-            .map_err(|_| KafkaError::Embedded("broker thread died while starting".into()))??;
+        let bootstrap =
+            ready_rx.recv().map_err(|_| KafkaError::Embedded("broker thread died while starting".into()))??;
         Ok(EmbeddedBroker { bootstrap, commands, thread: Some(thread) })
     }
 

@@ -72,10 +72,7 @@ pub struct Record {
 impl Record {
     /// The first header called `name`, as UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 }
 
@@ -149,11 +146,7 @@ impl Producer {
         let inner = self.inner.clone();
         let timeout = self.timeout.min(Duration::from_secs(2));
         tokio::task::spawn_blocking(move || {
-            inner
-                .client()
-                .fetch_metadata(None, timeout)
-                .map(|_| ())
-                .map_err(|e| KafkaError::Metadata(e.to_string()))
+            inner.client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| KafkaError::Metadata(e.to_string()))
         })
         .await
         .map_err(|e| KafkaError::Metadata(e.to_string()))?
@@ -196,11 +189,7 @@ impl Consumer {
         let m = self.inner.recv().await.map_err(|e| KafkaError::Consume(e.to_string()))?;
         let headers = m
             .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                    .collect()
-            })
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
             .unwrap_or_default();
         Ok(Record {
             topic: m.topic().to_owned(),
@@ -247,13 +236,10 @@ pub async fn ensure_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers, "sluice-admin")
-        .create()
-        .map_err(|e| KafkaError::Config(e.to_string()))?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
-        .collect();
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(brokers, "sluice-admin").create().map_err(|e| KafkaError::Config(e.to_string()))?;
+    let new: Vec<NewTopic> =
+        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&new, &opts).await.map_err(|e| KafkaError::Admin(e.to_string()))?;
     for r in results {
@@ -268,9 +254,8 @@ pub async fn ensure_topics(
 /// Returns the high watermark of each partition of `topic` (for tests and
 /// lag sampling). Blocking inside librdkafka, so it runs on the blocking pool.
 pub async fn high_watermarks(brokers: &str, topic: &str) -> Result<Vec<i64>, KafkaError> {
-    let consumer: rdkafka::consumer::BaseConsumer = base_config(brokers, "sluice-watermarks")
-        .create()
-        .map_err(|e| KafkaError::Config(e.to_string()))?;
+    let consumer: rdkafka::consumer::BaseConsumer =
+        base_config(brokers, "sluice-watermarks").create().map_err(|e| KafkaError::Config(e.to_string()))?;
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let t = Duration::from_secs(5);

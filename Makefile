@@ -1,0 +1,97 @@
+# Sluice — `make demo` and `make test` work from a fresh clone on Debian 12:
+# they install what is missing (idempotently), build, and run.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CACHE ?= $(HOME)/.cache/sluice
+# One target dir outside the clone, so CI's fresh clones reuse the build.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/sluice-target
+VENV := $(CACHE)/venv
+PY := $(VENV)/bin/python
+MODELS := $(CACHE)/models
+MODEL_STAMP := $(MODELS)/all-minilm-l6-v2/1/SHA256SUMS
+TANSU := $(HOME)/.cargo/bin/tansu
+BIN := $(CARGO_TARGET_DIR)/debug
+SERVICES_DIR := $(CACHE)/test-services
+
+export SLUICE_MODEL_REPO := $(MODELS)
+export SLUICE_TEST_PYTHON := $(PY)
+# Resolved when a recipe runs (the venv may not exist when make starts).
+ORT_ENV = export ORT_DYLIB_PATH="$$(ls $(VENV)/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)"
+
+APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server curl ca-certificates
+
+.PHONY: help setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
+
+help:
+	@echo "make demo    install what is missing, build, run Sluice embedded and push real jobs through it"
+	@echo "make test    install what is missing, start Redis + tansu, run every test, stop them"
+	@echo "make models  export the MiniLM model into $(MODELS)"
+	@echo "make lint    rustfmt check + clippy"
+
+## --- installation (idempotent) ---------------------------------------------
+
+system-deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.92+ (rustup)" >&2; exit 1; }
+
+python-deps: system-deps
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -r workers/scripts/requirements.txt
+
+models: python-deps $(MODEL_STAMP)
+
+$(MODEL_STAMP): workers/scripts/export_minilm.py workers/scripts/requirements.txt
+	$(PY) workers/scripts/export_minilm.py --out $(MODELS)
+
+# Built once (about 17 minutes on 2 cores), then cached in ~/.cargo/bin.
+tansu: $(TANSU)
+$(TANSU):
+	cargo install tansu --locked --features dynostore,libsql,postgres
+
+setup: system-deps python-deps models
+
+## --- build -----------------------------------------------------------------
+
+build: system-deps
+	cargo build --workspace --bins
+
+## --- the two commands --------------------------------------------------------
+
+demo: setup build
+	@$(ORT_ENV); $(BIN)/sluice-load demo --sluice $(BIN)/sluice --models $(MODELS)
+
+test: setup tansu
+	cargo build --workspace --bins --tests
+	@$(ORT_ENV); \
+	deploy/local/services.sh start $(SERVICES_DIR); \
+	trap 'deploy/local/services.sh stop $(SERVICES_DIR)' EXIT; \
+	source $(SERVICES_DIR)/env; \
+	cargo test --workspace --no-fail-fast
+
+## --- development -----------------------------------------------------------
+
+services-start: tansu
+	deploy/local/services.sh start $(SERVICES_DIR)
+	@echo "source $(SERVICES_DIR)/env"
+
+services-stop:
+	deploy/local/services.sh stop $(SERVICES_DIR)
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean-cache:
+	rm -rf $(VENV) $(MODELS) $(SERVICES_DIR)
