@@ -253,6 +253,10 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
         (None, String::new(), "invalid_json"),
     ];
     let mut records: Vec<Value> = bad_records.iter().map(|(k, v, _)| record(*k, v.clone())).collect();
+    // Not bad input, but too late: expires without inference or dead letter.
+    let mut late = job("late-1", "This is an example sentence");
+    late["deadline"] = json!("2020-01-01T00:00:00Z");
+    records.push(record(Some("late-1"), late.to_string()));
     records.push(record(Some("after-bad-1"), job("after-bad-1", "This is an example sentence").to_string()));
     // Everything on one partition: the good job sits behind the bad ones.
     let positions = h.produce(&h.jobs_topic(), Some(0), records).await;
@@ -273,6 +277,10 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
         assert!(!body["error"]["message"].as_str().unwrap().is_empty());
         assert_eq!(body["tenant"], "acme");
     }
+    let late = h.wait_done("late-1").await;
+    assert_eq!(late["status"], "expired", "{late}");
+    assert_eq!(late["error"]["code"], "deadline_exceeded");
+    assert!(late.get("output").is_none() && late.get("timings").is_none(), "no inference ran: {late}");
     let body = h.wait_done("no-model-1").await;
     assert!(body["error"]["message"].as_str().unwrap().contains("missing field `model`"), "{body}");
     // Unreadable JSON has no job id to fail.
