@@ -49,7 +49,7 @@ struct RunArgs {
     #[arg(long, env = "SLUICE__KAFKA__TOPIC_PREFIX")]
     topic_prefix: Option<String>,
     /// Write the addresses in use to this file (JSON) once ready.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_READY_FILE")]
     ready_file: Option<PathBuf>,
 }
 

@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use sluice_schemas::{ErrorCode, JobError, JobRequest, JobResult, JobStatus, Output, Timings, headers, topics};
 use sluice_workers::InferenceHandle;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::kafka::{Consumer, KafkaError, Producer, Record};
 use crate::offsets::OffsetTracker;
@@ -72,6 +73,9 @@ pub async fn run(
     let max_in_flight = cfg.max_in_flight.max(1);
     let commit_interval = cfg.commit_interval;
     let drain_timeout = cfg.drain_timeout;
+    let mut models: Vec<&str> = engines.keys().map(String::as_str).collect();
+    models.sort();
+    let in_flight = metrics::gauge!("sluice_worker_in_flight", "model" => models.join(","));
     let ctx = Arc::new(Ctx { producer, store, engines, cfg, shutdown: shutdown.clone() });
     let mut tracker = OffsetTracker::default();
     let mut tasks: JoinSet<Option<(String, i32, i64)>> = JoinSet::new();
@@ -83,18 +87,31 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
-            Some(done) = tasks.join_next() => finish(&mut tracker, done),
+            Some(done) = tasks.join_next() => {
+                finish(&mut tracker, done);
+                in_flight.set(tasks.len() as f64);
+            }
             _ = tick.tick() => commit(&consumer, &mut tracker),
             rec = consumer.recv(), if tasks.len() < max_in_flight => match rec {
                 Ok(rec) => {
                     consume_errors = 0;
                     tracker.start(&rec.topic, rec.partition, rec.offset);
                     let ctx = ctx.clone();
-                    tasks.spawn(async move {
-                        let at = (rec.topic.clone(), rec.partition, rec.offset);
-                        ctx.process(rec).await.ok().map(|()| at)
-                    });
-                    metrics::gauge!("sluice_worker_in_flight").set(tasks.len() as f64);
+                    let span = tracing::info_span!(
+                        "record",
+                        topic = %rec.topic,
+                        partition = rec.partition,
+                        offset = rec.offset,
+                        job_id = tracing::field::Empty,
+                    );
+                    tasks.spawn(
+                        async move {
+                            let at = (rec.topic.clone(), rec.partition, rec.offset);
+                            ctx.process(rec).await.ok().map(|()| at)
+                        }
+                        .instrument(span),
+                    );
+                    in_flight.set(tasks.len() as f64);
                 }
                 Err(e) => {
                     consume_errors += 1;
@@ -152,9 +169,13 @@ impl Ctx {
             Ok(req) => req,
             Err(e) => {
                 let job_id = e.job_id.clone();
+                if let Some(id) = &job_id {
+                    tracing::Span::current().record("job_id", id.as_str());
+                }
                 return self.reject(&rec, None, job_id, e.code, e.message).await;
             }
         };
+        tracing::Span::current().record("job_id", req.job_id.as_str());
         let Some(engine) = self.engines.get(&req.model) else {
             let mut served: Vec<_> = self.engines.keys().map(String::as_str).collect();
             served.sort();

@@ -202,21 +202,19 @@ impl Consumer {
         })
     }
 
-    /// Commits `next offset to read` for each (topic, partition).
+    /// Commits `next offset to read` for each (topic, partition), without
+    /// waiting for the broker.
     pub fn commit(&self, offsets: &[(String, i32, i64)]) -> Result<(), KafkaError> {
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-        for (topic, partition, next) in offsets {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
-                .map_err(|e| KafkaError::Commit(e.to_string()))?;
-        }
-        self.inner.commit(&tpl, CommitMode::Async).map_err(|e| KafkaError::Commit(e.to_string()))
+        self.commit_with(offsets, CommitMode::Async)
     }
 
-    /// Commits synchronously (used at shutdown, before leaving the group).
+    /// Commits and waits for the broker (used at shutdown, before leaving
+    /// the group).
     pub fn commit_sync(&self, offsets: &[(String, i32, i64)]) -> Result<(), KafkaError> {
+        self.commit_with(offsets, CommitMode::Sync)
+    }
+
+    fn commit_with(&self, offsets: &[(String, i32, i64)], mode: CommitMode) -> Result<(), KafkaError> {
         if offsets.is_empty() {
             return Ok(());
         }
@@ -225,7 +223,7 @@ impl Consumer {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|e| KafkaError::Commit(e.to_string()))?;
         }
-        self.inner.commit(&tpl, CommitMode::Sync).map_err(|e| KafkaError::Commit(e.to_string()))
+        self.inner.commit(&tpl, mode).map_err(|e| KafkaError::Commit(e.to_string()))
     }
 }
 
