@@ -49,8 +49,15 @@ python-deps: system-deps
 
 models: python-deps $(MODEL_STAMP)
 
-$(MODEL_STAMP): workers/scripts/export_minilm.py workers/scripts/requirements.txt
-	$(PY) workers/scripts/export_minilm.py --out $(MODELS)
+# MiniLM fp32 (version 1, the default) and int8 (version 2), plus two generic
+# tensor models shipped in the onnxruntime wheel.
+$(MODEL_STAMP): workers/scripts/export_minilm.py workers/scripts/import_onnx.py workers/scripts/repo_entry.py \
+		workers/scripts/requirements.txt load-tests/data/sentences.tsv
+	$(PY) workers/scripts/export_minilm.py --out $(MODELS) --int8-version 2
+	datasets=$$($(PY) -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "datasets"))'); \
+	$(PY) workers/scripts/import_onnx.py --onnx $$datasets/logreg_iris.onnx --out $(MODELS) --name logreg-iris --version 1 --outputs label; \
+	$(PY) workers/scripts/import_onnx.py --onnx $$datasets/sigmoid.onnx --out $(MODELS) --name sigmoid --version 1 --outputs y
+	touch $(MODEL_STAMP)
 
 # Built once (about 17 minutes on 2 cores), then cached in ~/.cargo/bin.
 tansu: $(TANSU)

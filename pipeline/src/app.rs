@@ -1,13 +1,13 @@
 //! Wiring: builds the stages a role needs from a [`Config`] and runs them
 //! until stopped. `sluice up` is [`Role::Up`]: everything in one process.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_schemas::topics;
-use sluice_workers::{InferenceHandle, ModelRepository, ModelVersion, WorkerError};
+use sluice_workers::{ModelCatalog, ModelPool, ModelRepository, WorkerError};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -17,6 +17,7 @@ use crate::kafka::{self, Consumer, EmbeddedBroker, KafkaError, Producer};
 use crate::shutdown::{self, Trigger};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
+use crate::worker::{SharedTracker, Worker};
 
 /// Which stages run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +58,7 @@ pub struct Sluice {
     pub embedded_broker: bool,
     /// What backs the results store.
     pub store_kind: &'static str,
-    /// Served models, name → version.
+    /// Served models: name → versions.
     pub models: Vec<(String, String)>,
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
@@ -83,24 +84,62 @@ impl Sluice {
         };
         let bootstrap = broker.as_ref().map_or(cfg.kafka.brokers.clone(), |b| b.bootstrap().to_owned());
 
-        // Models.
-        let repo = ModelRepository::new(&cfg.models.repository);
-        let versions = load_models(repo, cfg.models.serve.clone()).await?;
-        if versions.is_empty() {
+        // Models: engines for workers, a catalog (no sessions) for the gateway.
+        let runs_workers = matches!(role, Role::Up | Role::Worker);
+        let runs_gateway = matches!(role, Role::Up | Role::Gateway);
+        let serve = cfg.models.serve.clone();
+        let pool = if runs_workers {
+            let repo = ModelRepository::new(&cfg.models.repository);
+            let pool = ModelPool::start(repo, serve.clone(), cfg.engine()).await?;
+            tasks.push(pool.spawn_watcher(cfg.poll_interval()));
+            Some(pool)
+        } else {
+            None
+        };
+        let catalog = if runs_gateway {
+            let repo = ModelRepository::new(&cfg.models.repository);
+            let catalog = Arc::new(
+                tokio::task::spawn_blocking(move || ModelCatalog::load(repo, serve))
+                    .await
+                    .expect("catalog loading does not panic. This is a bug.")?,
+            );
+            let (c, every, mut sd) = (catalog.clone(), cfg.poll_interval(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = sd.wait() => return,
+                    }
+                    let c = c.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.refresh()).await {
+                        tracing::warn!(error = %e, "model catalog refresh failed");
+                    }
+                }
+            }));
+            Some(catalog)
+        } else {
+            None
+        };
+        let names: Vec<String> = match (&pool, &catalog) {
+            (Some(p), _) => p.models(),
+            (None, Some(c)) => c.names(),
+            (None, None) => Vec::new(),
+        };
+        if names.is_empty() {
             return Err(StartError::NoModels(cfg.models.repository.clone()));
         }
 
         // Topics.
         let prefix = &cfg.kafka.topic_prefix;
-        let mut names: Vec<String> = versions.keys().map(|m| topics::jobs(prefix, m)).collect();
-        names.extend([topics::results(prefix), topics::dlq(prefix)]);
+        let mut topic_names: Vec<String> = names.iter().map(|m| topics::jobs(prefix, m)).collect();
+        topic_names.extend([topics::results(prefix), topics::dlq(prefix)]);
         match &broker {
             Some(b) => {
-                for t in &names {
+                for t in &topic_names {
                     b.create_topic(t, cfg.kafka.partitions)?;
                 }
             }
-            None => kafka::ensure_topics(&bootstrap, &names, cfg.kafka.partitions, cfg.kafka.replication).await?,
+            None => kafka::ensure_topics(&bootstrap, &topic_names, cfg.kafka.partitions, cfg.kafka.replication).await?,
         }
 
         // Results store.
@@ -116,17 +155,30 @@ impl Sluice {
         let worker_cfg = cfg.worker();
         let producer = Producer::new(&bootstrap, &worker_cfg.worker_id, cfg.produce_timeout())?;
 
-        // Workers: one consumer group and one engine per model.
-        if matches!(role, Role::Up | Role::Worker) {
-            for (name, version) in &versions {
-                let engine = InferenceHandle::start(version.clone(), cfg.engine()).await?;
+        // Workers: one consumer group per model.
+        if let Some(pool) = &pool {
+            for name in &names {
                 let group = format!("{prefix}.workers.{name}");
-                let consumer = Consumer::new(&bootstrap, &worker_cfg.worker_id, &group, &[topics::jobs(prefix, name)])?;
-                let engines = HashMap::from([(name.clone(), engine)]);
-                let (p, s, c, sd) = (producer.clone(), store.clone(), worker_cfg.clone(), shutdown.clone());
-                let model = name.clone();
+                let tracker = Arc::new(SharedTracker::default());
+                let consumer = Consumer::new(
+                    &bootstrap,
+                    &worker_cfg.worker_id,
+                    &group,
+                    &[topics::jobs(prefix, name)],
+                    tracker.clone(),
+                )?;
+                let worker = Worker {
+                    consumer,
+                    tracker,
+                    producer: producer.clone(),
+                    store: store.clone(),
+                    pool: pool.clone(),
+                    model: name.clone(),
+                    cfg: worker_cfg.clone(),
+                };
+                let (sd, model) = (shutdown.clone(), name.clone());
                 tasks.push(tokio::spawn(async move {
-                    if let Err(e) = crate::worker::run(consumer, p, s, engines, c, sd).await {
+                    if let Err(e) = worker.run(sd).await {
                         tracing::error!(model, error = %e, "worker stopped");
                     }
                 }));
@@ -135,14 +187,13 @@ impl Sluice {
 
         // Gateway.
         let mut http_addr = None;
-        if matches!(role, Role::Up | Role::Gateway) {
+        if let Some(catalog) = catalog {
             let addr = cfg.gateway.listen.clone();
             let listener =
                 TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
             http_addr = listener.local_addr().ok();
             let router =
-                Gateway::new(producer.clone(), store.clone(), versions.clone(), cfg.gateway(), metrics.clone())
-                    .router();
+                Gateway::new(producer.clone(), store.clone(), catalog, cfg.gateway(), metrics.clone()).router();
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = crate::gateway::serve(listener, router, sd).await {
@@ -168,7 +219,14 @@ impl Sluice {
             bootstrap,
             embedded_broker: broker.is_some(),
             store_kind: store.describe(),
-            models: versions.iter().map(|(n, v)| (n.clone(), v.spec.version.clone())).collect(),
+            models: match &pool {
+                Some(p) => p
+                    .versions()
+                    .into_iter()
+                    .map(|(n, all, default)| (n, format!("{} (default {default})", all.join(", "))))
+                    .collect(),
+                None => names.iter().map(|n| (n.clone(), "catalog only".to_owned())).collect(),
+            },
             trigger,
             tasks,
             broker,
@@ -184,15 +242,4 @@ impl Sluice {
         }
         drop(self.broker.take());
     }
-}
-
-/// The newest verified version of each model to serve (file hashing runs on
-/// the blocking pool).
-async fn load_models(repo: ModelRepository, serve: Vec<String>) -> Result<HashMap<String, ModelVersion>, WorkerError> {
-    tokio::task::spawn_blocking(move || {
-        let names = if serve.is_empty() { repo.model_names()? } else { serve };
-        names.into_iter().map(|n| Ok((n.clone(), repo.latest(&n)?))).collect()
-    })
-    .await
-    .expect("model loading does not panic. This is a bug.")
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use sluice_workers::{EngineConfig, ExecutionProvider, SessionConfig};
+use sluice_workers::{BreakerConfig, EngineConfig, ExecutionProvider, ProviderFallback, SessionConfig};
 
 use crate::gateway::GatewayConfig;
 use crate::store::StoreConfig;
@@ -52,6 +52,8 @@ pub struct StoreSection {
     pub ttl_secs: u64,
     pub memory_capacity: usize,
     pub key_prefix: String,
+    pub cache_ttl_secs: u64,
+    pub cache_capacity: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,19 +61,36 @@ pub struct StoreSection {
 pub struct ModelsSection {
     pub repository: PathBuf,
     pub serve: Vec<String>,
+    pub poll_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSection {
     pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
     pub max_wait_ms: u64,
+    pub length_aware: bool,
+    pub starvation_after_ms: u64,
     pub queue_capacity: usize,
     pub inference_threads: usize,
     pub intra_threads: usize,
+    pub optimization_level: u8,
     pub ort_dylib: String,
     pub provider: Provider,
     pub cuda_device: i32,
+    pub cuda_fallback: Fallback,
+    pub breaker_window: usize,
+    pub breaker_min_batches: usize,
+    pub breaker_failure_ratio: f64,
+    pub breaker_cool_down_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    Fail,
+    Cpu,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -86,6 +105,8 @@ pub enum Provider {
 pub struct WorkerSection {
     pub id: String,
     pub max_in_flight: usize,
+    pub resume_below: usize,
+    pub max_attempts: u32,
     pub commit_interval_ms: u64,
     pub drain_timeout_ms: u64,
 }
@@ -117,6 +138,8 @@ impl Config {
             ttl: Duration::from_secs(self.store.ttl_secs),
             memory_capacity: self.store.memory_capacity,
             key_prefix: self.store.key_prefix.clone(),
+            cache_ttl: Duration::from_secs(self.store.cache_ttl_secs),
+            cache_capacity: self.store.cache_capacity,
         }
     }
 
@@ -124,16 +147,30 @@ impl Config {
         let e = &self.engine;
         EngineConfig {
             max_batch_size: e.max_batch_size,
+            max_batch_tokens: e.max_batch_tokens,
             max_wait: Duration::from_millis(e.max_wait_ms),
+            starvation_after: Duration::from_millis(e.starvation_after_ms),
+            length_aware: e.length_aware,
             queue_capacity: e.queue_capacity,
             inference_threads: e.inference_threads,
             session: SessionConfig {
                 dylib_path: (!e.ort_dylib.is_empty()).then(|| PathBuf::from(&e.ort_dylib)),
                 intra_threads: e.intra_threads,
+                optimization_level: e.optimization_level,
                 provider: match e.provider {
                     Provider::Cpu => ExecutionProvider::Cpu,
                     Provider::Cuda => ExecutionProvider::Cuda { device_id: e.cuda_device },
                 },
+                fallback: match e.cuda_fallback {
+                    Fallback::Fail => ProviderFallback::Fail,
+                    Fallback::Cpu => ProviderFallback::Cpu,
+                },
+            },
+            breaker: BreakerConfig {
+                window: e.breaker_window,
+                min_batches: e.breaker_min_batches,
+                failure_ratio: e.breaker_failure_ratio,
+                cool_down: Duration::from_millis(e.breaker_cool_down_ms),
             },
         }
     }
@@ -144,6 +181,8 @@ impl Config {
             worker_id: if w.id.is_empty() { default_worker_id() } else { w.id.clone() },
             topic_prefix: self.kafka.topic_prefix.clone(),
             max_in_flight: w.max_in_flight,
+            resume_below: w.resume_below,
+            max_attempts: w.max_attempts,
             commit_interval: Duration::from_millis(w.commit_interval_ms),
             drain_timeout: Duration::from_millis(w.drain_timeout_ms),
         }
@@ -155,6 +194,10 @@ impl Config {
             default_tenant: self.gateway.default_tenant.clone(),
             max_body_bytes: self.gateway.max_body_bytes,
         }
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.models.poll_interval_ms.max(100))
     }
 
     pub fn produce_timeout(&self) -> Duration {

@@ -103,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("results store: {}", sluice.store_kind);
     for (m, v) in &sluice.models {
-        eprintln!("serving model {m} version {v}");
+        eprintln!("serving model {m}: versions {v}");
     }
     if let Some(addr) = sluice.http_addr {
         eprintln!("REST API on http://{addr}");

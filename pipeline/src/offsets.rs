@@ -52,14 +52,42 @@ impl OffsetTracker {
     pub fn take_commits(&mut self) -> Vec<(String, i32, i64)> {
         let mut out = Vec::new();
         for ((topic, partition), p) in &mut self.partitions {
-            let safe = p.in_flight.first().copied().unwrap_or(p.next);
-            if p.committed.is_none_or(|c| safe > c) {
-                p.committed = Some(safe);
+            if let Some(safe) = p.advance() {
                 out.push((topic.clone(), *partition, safe));
             }
         }
         out.sort();
         out
+    }
+
+    /// Partitions taken away by a rebalance: returns what may still be
+    /// committed for them, then forgets them (records of theirs that finish
+    /// later are ignored; their effects are idempotent and whoever owns the
+    /// partitions now will commit them).
+    pub fn revoke(&mut self, partitions: &[(String, i32)]) -> Vec<(String, i32, i64)> {
+        let mut out = Vec::new();
+        for key in partitions {
+            if let Some(mut p) = self.partitions.remove(key)
+                && let Some(safe) = p.advance()
+            {
+                out.push((key.0.clone(), key.1, safe));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl PartitionState {
+    /// The lowest unfinished offset, if it moved past the last commit.
+    fn advance(&mut self) -> Option<i64> {
+        let safe = self.in_flight.first().copied().unwrap_or(self.next);
+        if self.committed.is_none_or(|c| safe > c) {
+            self.committed = Some(safe);
+            Some(safe)
+        } else {
+            None
+        }
     }
 }
 
@@ -84,6 +112,20 @@ mod tests {
         t.finish("jobs", 0, 14);
         assert_eq!(t.take_commits(), vec![("jobs".into(), 0, 15)]);
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn revoked_partitions_commit_once_and_are_forgotten() {
+        let mut t = OffsetTracker::default();
+        t.start("jobs", 0, 3);
+        t.start("jobs", 0, 4);
+        t.start("jobs", 1, 9);
+        t.finish("jobs", 0, 3);
+        assert_eq!(t.revoke(&[("jobs".into(), 0)]), vec![("jobs".into(), 0, 4)]);
+        // A record of the revoked partition finishing later changes nothing.
+        t.finish("jobs", 0, 4);
+        assert_eq!(t.take_commits(), vec![("jobs".into(), 1, 9)]);
+        assert_eq!(t.in_flight(), 1);
     }
 
     #[test]

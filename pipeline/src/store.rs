@@ -1,4 +1,5 @@
-//! The results store: one record per job (status + result) with a TTL.
+//! The results store: one record per job (status + result) with a TTL, the
+//! inference cache, and cancellation notices.
 //!
 //! Two back ends behind one type: Redis (`redis` crate, `ConnectionManager`)
 //! for real deployments and a bounded in-process map for `sluice up`.
@@ -8,6 +9,9 @@
 //! in Redis, a mutex in memory). A finished job is therefore never changed,
 //! a replayed Kafka record cannot regress a job, and a late `queued` write
 //! from the gateway cannot overwrite the worker's `running` or `succeeded`.
+//! Each record also remembers whether its terminal version has been
+//! published to the results topic, so a replay publishes what a crash left
+//! unpublished and nothing twice.
 //!
 //! Architecture invariant: this is the only module of Sluice that imports
 //! `redis`.
@@ -17,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sluice_schemas::{JobResult, JobStatus};
+use sluice_schemas::{JobResult, JobStatus, Output};
+use tokio::sync::{broadcast, mpsc};
 
 /// Failures of the results store.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,17 @@ pub enum Put {
     Kept(JobStatus),
 }
 
+/// Outcome of [`Store::cancel`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancel {
+    /// The job is now cancelled (this record).
+    Cancelled(JobResult),
+    /// The job had already finished; it is unchanged.
+    Finished(JobResult),
+    /// No such job.
+    NotFound,
+}
+
 /// Settings of the results store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -45,8 +61,12 @@ pub struct StoreConfig {
     pub ttl: Duration,
     /// Most records the in-process store keeps; the oldest go first.
     pub memory_capacity: usize,
-    /// Prefix of Redis keys.
+    /// Prefix of Redis keys and channels.
     pub key_prefix: String,
+    /// How long a cached inference result lives (zero: no cache).
+    pub cache_ttl: Duration,
+    /// Most entries of the in-process inference cache.
+    pub cache_capacity: usize,
 }
 
 /// The results store (cheap to clone).
@@ -77,9 +97,87 @@ impl Store {
 
     /// The record of `job_id`, if it exists and has not expired.
     pub async fn get(&self, job_id: &str) -> Result<Option<JobResult>, StoreError> {
+        Ok(self.get_meta(job_id).await?.map(|(r, _)| r))
+    }
+
+    /// The record of `job_id` and whether its terminal version was published.
+    pub async fn get_meta(&self, job_id: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
         match self {
-            Store::Redis(r) => r.get(job_id).await,
-            Store::Memory(m) => Ok(m.get(job_id)),
+            Store::Redis(r) => r.get_meta(job_id).await,
+            Store::Memory(m) => Ok(m.get_meta(job_id)),
+        }
+    }
+
+    /// Notes that the record's terminal version is on the results topic.
+    pub async fn mark_published(&self, job_id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.mark_published(job_id).await,
+            Store::Memory(m) => {
+                m.mark_published(job_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Cancels a job that has not finished, and notifies the workers.
+    pub async fn cancel(&self, job_id: &str) -> Result<Cancel, StoreError> {
+        for _ in 0..3 {
+            let Some(current) = self.get(job_id).await? else { return Ok(Cancel::NotFound) };
+            if current.status.is_terminal() {
+                return Ok(Cancel::Finished(current));
+            }
+            let mut cancelled = current;
+            cancelled.status = JobStatus::Cancelled;
+            cancelled.finished_at = Some(chrono::Utc::now());
+            if self.put(&cancelled).await? == Put::Written {
+                match self {
+                    Store::Redis(r) => r.notify_cancel(job_id).await?,
+                    Store::Memory(m) => m.notify_cancel(job_id),
+                }
+                return Ok(Cancel::Cancelled(cancelled));
+            }
+            // It finished (or changed) under us: look again.
+        }
+        match self.get(job_id).await? {
+            Some(r) => Ok(Cancel::Finished(r)),
+            None => Ok(Cancel::NotFound),
+        }
+    }
+
+    /// Job ids cancelled from now on, as they are cancelled. Best effort: a
+    /// missed notice only means the job runs, and its result is then
+    /// refused by the store because the job is already cancelled.
+    pub fn cancellations(&self) -> mpsc::Receiver<String> {
+        match self {
+            Store::Redis(r) => r.cancellations(),
+            Store::Memory(m) => m.cancellations(),
+        }
+    }
+
+    /// A cached output for `key` (model, version and input digest).
+    pub async fn cache_get(&self, key: &str) -> Result<Option<Output>, StoreError> {
+        match self {
+            Store::Redis(r) => r.cache_get(key).await,
+            Store::Memory(m) => Ok(m.cache_get(key)),
+        }
+    }
+
+    /// Caches `output` under `key`.
+    pub async fn cache_put(&self, key: &str, output: &Output) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.cache_put(key, output).await,
+            Store::Memory(m) => {
+                m.cache_put(key, output);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the inference cache is on.
+    pub fn cache_enabled(&self) -> bool {
+        match self {
+            Store::Redis(r) => r.cache_ttl_ms > 0,
+            Store::Memory(m) => !m.cache_ttl.is_zero(),
         }
     }
 
@@ -100,9 +198,9 @@ impl Store {
     }
 }
 
-/// Statuses from which no write is allowed, and the pairs that may not
-/// follow each other, as the Lua script sees them. Derived from
-/// [`JobStatus::may_become`] so the rule is written once.
+/// The lifecycle pairs that may not follow each other, as the Lua script
+/// sees them (`|from>to|...|`). Derived from [`JobStatus::may_become`] so
+/// the rule is written once.
 fn forbidden_pairs() -> String {
     let mut pairs = Vec::new();
     for from in JobStatus::ALL {
@@ -116,24 +214,27 @@ fn forbidden_pairs() -> String {
 }
 
 /// KEYS[1] = record key; ARGV = new status, record JSON, TTL ms, forbidden
-/// pairs (`|from>to|...|`). Returns "ok", or the stored status when the
-/// write is refused.
+/// pairs. Returns "ok", or the stored status when the write is refused. A
+/// written record is not yet published.
 const PUT_SCRIPT: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'status')
 if cur and string.find(ARGV[4], '|' .. cur .. '>' .. ARGV[1] .. '|', 1, true) then
   return cur
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'record', ARGV[2])
+redis.call('HDEL', KEYS[1], 'published')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 'ok'
 "#;
 
 #[derive(Clone)]
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     script: Arc<redis::Script>,
     forbidden: Arc<str>,
     ttl_ms: u64,
+    cache_ttl_ms: u64,
     prefix: Arc<str>,
 }
 
@@ -144,20 +245,26 @@ impl RedisStore {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
         Ok(RedisStore {
+            client,
             conn,
             script: Arc::new(redis::Script::new(PUT_SCRIPT)),
             forbidden: forbidden_pairs().into(),
             ttl_ms: cfg.ttl.as_millis().max(1) as u64,
+            cache_ttl_ms: cfg.cache_ttl.as_millis() as u64,
             prefix: cfg.key_prefix.clone().into(),
         })
     }
 
     fn key(&self, job_id: &str) -> String {
         format!("{}job:{job_id}", self.prefix)
+    }
+
+    fn cancel_channel(&self) -> String {
+        format!("{}cancel", self.prefix)
     }
 
     async fn put(&self, record: &JobResult) -> Result<Put, StoreError> {
@@ -172,7 +279,7 @@ impl RedisStore {
             .arg(&*self.forbidden)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         if reply == "ok" {
             return Ok(Put::Written);
         }
@@ -182,29 +289,114 @@ impl RedisStore {
         Ok(Put::Kept(status))
     }
 
-    async fn get(&self, job_id: &str) -> Result<Option<JobResult>, StoreError> {
+    async fn get_meta(&self, job_id: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
         let mut conn = self.conn.clone();
-        let raw: Option<String> = redis::cmd("HGET")
+        let (raw, published): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(self.key(job_id))
             .arg("record")
+            .arg("published")
             .query_async(&mut conn)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         raw.map(|s| {
             serde_json::from_str(&s)
+                .map(|r| (r, published.is_some()))
                 .map_err(|e| StoreError::Corrupt { job_id: job_id.to_owned(), message: e.to_string() })
         })
         .transpose()
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    async fn mark_published(&self, job_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        // HSETNX-like on an existing key only: a missing (expired) record stays missing.
+        redis::cmd("EVAL")
+            .arg(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'published', '1') end return 1",
+            )
+            .arg(1)
+            .arg(self.key(job_id))
+            .query_async::<i64>(&mut conn)
             .await
             .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
+            .map_err(unavailable)
     }
+
+    async fn notify_cancel(&self, job_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(self.cancel_channel())
+            .arg(job_id)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    fn cancellations(&self) -> mpsc::Receiver<String> {
+        // Bound: notices the worker has not looked at yet; when full, newer
+        // notices are dropped (best effort, see `Store::cancellations`).
+        let (tx, rx) = mpsc::channel(1024);
+        let (client, channel) = (self.client.clone(), self.cancel_channel());
+        tokio::spawn(async move {
+            let mut attempt = 0u32;
+            while !tx.is_closed() {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => {
+                        if let Err(e) = pubsub.subscribe(&channel).await {
+                            tracing::warn!(error = %e, "cancel channel: subscribe failed");
+                        } else {
+                            attempt = 0;
+                            use futures::StreamExt;
+                            let mut messages = pubsub.into_on_message();
+                            while let Some(msg) = messages.next().await {
+                                if let Ok(id) = msg.get_payload::<String>()
+                                    && let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(id)
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cancel channel: cannot connect"),
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis((100u64 << attempt.min(5)).min(3_000))).await;
+            }
+        });
+        rx
+    }
+
+    async fn cache_get(&self, key: &str) -> Result<Option<Output>, StoreError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(format!("{}cache:{key}", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        // A cache entry that does not parse is a miss, not an error.
+        Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    async fn cache_put(&self, key: &str, output: &Output) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}cache:{key}", self.prefix))
+            .arg(serde_json::to_string(output).expect("Output serialises. This is a bug."))
+            .arg("PX")
+            .arg(self.cache_ttl_ms.max(1))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(unavailable)
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
 }
 
 /// In-process store for `sluice up`: a map with per-record expiry and a
@@ -212,7 +404,11 @@ impl RedisStore {
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Mutex<MemoryInner>>,
+    cache: Arc<Mutex<Bounded<Output>>>,
+    /// Cancellation notices (bounded: a slow listener misses old notices).
+    cancels: broadcast::Sender<String>,
     ttl: Duration,
+    cache_ttl: Duration,
     capacity: usize,
 }
 
@@ -227,6 +423,7 @@ struct MemoryInner {
 
 struct Entry {
     record: JobResult,
+    published: bool,
     expires: Instant,
     seq: u64,
 }
@@ -235,27 +432,36 @@ impl MemoryStore {
     fn new(cfg: &StoreConfig) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Mutex::new(MemoryInner { records: HashMap::new(), order: VecDeque::new(), next_seq: 0 })),
+            cache: Arc::new(Mutex::new(Bounded::new(cfg.cache_capacity.max(1)))),
+            cancels: broadcast::channel(1024).0,
             ttl: cfg.ttl,
+            cache_ttl: cfg.cache_ttl,
             capacity: cfg.memory_capacity.max(1),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn put(&self, record: &JobResult) -> Put {
         let now = Instant::now();
         let expires = now + self.ttl;
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         match g.records.get_mut(&record.job_id) {
             Some(e) if e.expires > now => {
                 if !e.record.status.may_become(record.status) {
                     return Put::Kept(e.record.status);
                 }
                 e.record = record.clone();
+                e.published = false;
                 e.expires = expires;
             }
             _ => {
                 let seq = g.next_seq;
                 g.next_seq += 1;
-                g.records.insert(record.job_id.clone(), Entry { record: record.clone(), expires, seq });
+                g.records
+                    .insert(record.job_id.clone(), Entry { record: record.clone(), published: false, expires, seq });
                 g.order.push_back((record.job_id.clone(), seq));
             }
         }
@@ -277,9 +483,74 @@ impl MemoryStore {
         Put::Written
     }
 
-    fn get(&self, job_id: &str) -> Option<JobResult> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.records.get(job_id).filter(|e| e.expires > Instant::now()).map(|e| e.record.clone())
+    fn get_meta(&self, job_id: &str) -> Option<(JobResult, bool)> {
+        let g = self.lock();
+        g.records.get(job_id).filter(|e| e.expires > Instant::now()).map(|e| (e.record.clone(), e.published))
+    }
+
+    fn mark_published(&self, job_id: &str) {
+        if let Some(e) = self.lock().records.get_mut(job_id) {
+            e.published = true;
+        }
+    }
+
+    fn notify_cancel(&self, job_id: &str) {
+        let _ = self.cancels.send(job_id.to_owned());
+    }
+
+    fn cancellations(&self) -> mpsc::Receiver<String> {
+        let (tx, rx) = mpsc::channel(1024);
+        let mut sub = self.cancels.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match sub.recv().await {
+                    Ok(id) => {
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(id) {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        rx
+    }
+
+    fn cache_get(&self, key: &str) -> Option<Output> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key)
+    }
+
+    fn cache_put(&self, key: &str, output: &Output) {
+        let expires = Instant::now() + self.cache_ttl;
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(key.to_owned(), output.clone(), expires);
+    }
+}
+
+/// A map with expiry and a size bound (oldest insertions evicted first).
+struct Bounded<V> {
+    map: HashMap<String, (V, Instant)>,
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+impl<V: Clone> Bounded<V> {
+    fn new(capacity: usize) -> Bounded<V> {
+        Bounded { map: HashMap::new(), order: VecDeque::new(), capacity }
+    }
+
+    fn get(&self, key: &str) -> Option<V> {
+        self.map.get(key).filter(|(_, exp)| *exp > Instant::now()).map(|(v, _)| v.clone())
+    }
+
+    fn put(&mut self, key: String, value: V, expires: Instant) {
+        if self.map.insert(key.clone(), (value, expires)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.map.len() > self.capacity {
+            let Some(old) = self.order.pop_front() else { break };
+            self.map.remove(&old);
+        }
     }
 }
 
@@ -289,7 +560,13 @@ mod tests {
     use sluice_schemas::{ErrorCode, JobRequest};
 
     fn cfg(capacity: usize) -> StoreConfig {
-        StoreConfig { ttl: Duration::from_secs(60), memory_capacity: capacity, key_prefix: "test:".into() }
+        StoreConfig {
+            ttl: Duration::from_secs(60),
+            memory_capacity: capacity,
+            key_prefix: "test:".into(),
+            cache_ttl: Duration::from_secs(60),
+            cache_capacity: 2,
+        }
     }
 
     fn record(id: &str, status: JobStatus) -> JobResult {
@@ -313,7 +590,7 @@ mod tests {
 
     #[test]
     fn memory_store_follows_the_lifecycle() {
-        let s = MemoryStore::new(&cfg(10));
+        let s = MemoryStore::new(&cfg(100));
         for from in JobStatus::ALL {
             for to in JobStatus::ALL {
                 let id = format!("{from}-{to}");
@@ -330,7 +607,7 @@ mod tests {
         for i in 0..10 {
             s.put(&record(&format!("j{i}"), JobStatus::Queued));
         }
-        let g = s.inner.lock().unwrap();
+        let g = s.lock();
         assert_eq!(g.records.len(), 3);
         assert!(g.records.contains_key("j9") && !g.records.contains_key("j0"));
         assert!(g.order.len() <= 3);
@@ -338,6 +615,29 @@ mod tests {
         let failed =
             JobResult::failed("j9".into(), "t".into(), "m".into(), ErrorCode::Internal, "x".into(), chrono::Utc::now());
         assert_eq!(s.put(&failed), Put::Written);
-        assert_eq!(s.get("j9").unwrap().status, JobStatus::Failed);
+        assert_eq!(s.get_meta("j9").unwrap().0.status, JobStatus::Failed);
+    }
+
+    #[test]
+    fn published_flag_resets_on_every_write() {
+        let s = MemoryStore::new(&cfg(10));
+        s.put(&record("p", JobStatus::Running));
+        s.mark_published("p");
+        assert!(s.get_meta("p").unwrap().1);
+        let mut done = record("p", JobStatus::Succeeded);
+        done.output = Some(Output::Embedding(vec![1.0]));
+        s.put(&done);
+        assert!(!s.get_meta("p").unwrap().1, "the terminal record is not published yet");
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let s = MemoryStore::new(&cfg(10));
+        for i in 0..5 {
+            s.cache_put(&format!("k{i}"), &Output::Embedding(vec![i as f32]));
+        }
+        assert_eq!(s.cache_get("k4"), Some(Output::Embedding(vec![4.0])));
+        assert_eq!(s.cache_get("k0"), None);
+        assert_eq!(s.cache.lock().unwrap().map.len(), 2);
     }
 }

@@ -30,7 +30,22 @@ fn describe() {
     describe_histogram!("sluice_queue_time_seconds", Unit::Seconds, "Submission to start of the job's batch.");
     describe_histogram!("sluice_inference_seconds", Unit::Seconds, "Tokenisation and forward pass of one batch.");
     describe_histogram!("sluice_batch_size", Unit::Count, "Jobs per batch.");
-    describe_gauge!("sluice_worker_in_flight", "Records being processed by this worker.");
+    describe_gauge!("sluice_worker_in_flight", "Records being processed, by model.");
+    describe_gauge!("sluice_paused_partitions", "Partitions paused by flow control, by model.");
+    describe_counter!("sluice_partition_pauses_total", "Times a worker paused its partitions, by model and reason.");
+    describe_gauge!("sluice_queue_depth", "Jobs queued in an engine's scheduler, by model version.");
+    describe_histogram!("sluice_batch_padding_ratio", "Share of a batch's padded tokens that is padding.");
+    describe_histogram!("sluice_batch_tokens", Unit::Count, "Padded tokens per batch (longest input x jobs).");
+    describe_gauge!("sluice_breaker_state", "Circuit breaker by model version: 0 closed, 1 half-open, 2 open.");
+    describe_counter!("sluice_cache_hits_total", "Jobs answered from the inference cache, by model.");
+    describe_counter!("sluice_job_retries_total", "Inference retries after a failed batch, by model.");
+    describe_counter!("sluice_jobs_dropped_total", "Jobs dropped before inference, by model version and reason.");
+    describe_counter!("sluice_jobs_cancelled_total", "Jobs cancelled through the API, by model.");
+    describe_counter!("sluice_model_versions_refused_total", "Model versions refused (checksum, config).");
+    describe_counter!(
+        "sluice_execution_provider_fallback_total",
+        "Sessions that fell back to the CPU because the configured provider failed."
+    );
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

@@ -2,32 +2,34 @@
 //! results.
 //!
 //! ```text
-//! Kafka <prefix>.jobs.<model> ─► decode + validate ─┬─► engine (batcher → inference thread)
-//!                                                   │        │
-//!                                                   │        ▼
-//!                                                   │   results store + <prefix>.results
-//!                                                   └─► <prefix>.dlq + failed status (bad input)
-//!                                     offsets committed once all of the above is durable
+//! Kafka <prefix>.jobs.<model> ─► decode + route ─┬─► cache hit? ─► result
+//!                                                 ├─► engine (scheduler → inference thread) ─► result
+//!                                                 └─► <prefix>.dlq + failed status (bad input)
+//! result = results store (conditional) ─► <prefix>.results ─► "published" mark
+//! offsets committed once all of the above is durable
 //! ```
 //!
-//! Every record becomes one task; at most `max_in_flight` exist at a time,
-//! and the consumer stops reading while that many are open, so a backlog
-//! stays in Kafka rather than in memory. A record's offset is committed only
-//! after its effects are durable (at-least-once); every effect is keyed by
-//! `job_id` and the store refuses to change a finished job, so a redelivered
-//! record changes nothing.
+//! Every record becomes one task. When `max_in_flight` tasks are open, or
+//! the model's circuit breaker is open, the consumer pauses its partitions
+//! (the backlog stays in Kafka, not in memory) and resumes below
+//! `resume_below`. A record's offset is committed only after its effects are
+//! durable (at-least-once); every effect is keyed by `job_id`, the store
+//! refuses to change a finished job, and a result is published once, so a
+//! redelivered record changes nothing.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sluice_schemas::{ErrorCode, JobError, JobRequest, JobResult, JobStatus, Output, Timings, headers, topics};
-use sluice_workers::InferenceHandle;
+use sha2::{Digest, Sha256};
+use sluice_schemas::{ErrorCode, JobError, JobRequest, JobResult, JobStatus, Timings, headers, topics};
+use sluice_workers::{BreakerState, EngineJob, ModelPool, WorkerError};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::kafka::{Consumer, KafkaError, Producer, Record};
+use crate::kafka::{Consumer, KafkaError, Producer, RebalanceHooks, Record};
 use crate::offsets::OffsetTracker;
 use crate::shutdown::Shutdown;
 use crate::store::{Put, Store};
@@ -39,21 +41,86 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Topic prefix (`<prefix>.jobs.<model>`, `<prefix>.results`, `<prefix>.dlq`).
     pub topic_prefix: String,
-    /// Most records being processed at once. Bounds memory: the consumer
-    /// does not read further while this many are open.
+    /// Most records being processed at once. Bounds memory: at this many,
+    /// the consumer pauses its partitions.
     pub max_in_flight: usize,
+    /// Paused partitions resume when fewer records than this are open.
+    pub resume_below: usize,
     /// How often finished offsets are committed.
     pub commit_interval: Duration,
     /// How long shutdown waits for in-flight records before abandoning them
     /// (uncommitted, so they are redelivered).
     pub drain_timeout: Duration,
+    /// Inference attempts of a job while its model is healthy, before the
+    /// job fails with `inference_failed`. Attempts while the model's breaker
+    /// is open do not count: the job waits.
+    pub max_attempts: u32,
+}
+
+/// The offsets tracker, shared with the consumer's rebalance callback.
+#[derive(Default)]
+pub struct SharedTracker(Mutex<OffsetTracker>);
+
+impl SharedTracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OffsetTracker> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RebalanceHooks for SharedTracker {
+    fn revoking(&self, partitions: &[(String, i32)]) -> Vec<(String, i32, i64)> {
+        self.lock().revoke(partitions)
+    }
+}
+
+/// Cancel flags of the jobs this worker holds, set by cancellation notices.
+#[derive(Default)]
+struct Cancels(Mutex<HashMap<String, Arc<AtomicBool>>>);
+
+struct CancelGuard<'a> {
+    cancels: &'a Cancels,
+    job_id: String,
+    flag: Arc<AtomicBool>,
+}
+
+impl Cancels {
+    fn register(&self, job_id: &str) -> CancelGuard<'_> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_owned(), flag.clone());
+        CancelGuard { cancels: self, job_id: job_id.to_owned(), flag }
+    }
+
+    fn cancel(&self, job_id: &str) {
+        if let Some(f) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(job_id) {
+            f.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        self.cancels.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.job_id);
+    }
+}
+
+/// One consumer-group member for one model.
+pub struct Worker {
+    pub consumer: Consumer,
+    pub tracker: Arc<SharedTracker>,
+    pub producer: Producer,
+    pub store: Store,
+    pub pool: ModelPool,
+    /// The model whose jobs topic `consumer` reads.
+    pub model: String,
+    pub cfg: WorkerConfig,
 }
 
 /// What processing a record needs; shared by its tasks.
 struct Ctx {
     producer: Producer,
     store: Store,
-    engines: HashMap<String, InferenceHandle>,
+    pool: ModelPool,
+    cancels: Cancels,
     cfg: WorkerConfig,
     shutdown: Shutdown,
 }
@@ -61,97 +128,141 @@ struct Ctx {
 /// A record given up on during shutdown: its offset stays uncommitted.
 struct Abandoned;
 
-/// Consumes job topics until `shutdown` fires.
-pub async fn run(
-    consumer: Consumer,
-    producer: Producer,
-    store: Store,
-    engines: HashMap<String, InferenceHandle>,
-    cfg: WorkerConfig,
-    mut shutdown: Shutdown,
-) -> Result<(), KafkaError> {
-    let max_in_flight = cfg.max_in_flight.max(1);
-    let commit_interval = cfg.commit_interval;
-    let drain_timeout = cfg.drain_timeout;
-    let mut models: Vec<&str> = engines.keys().map(String::as_str).collect();
-    models.sort();
-    let in_flight = metrics::gauge!("sluice_worker_in_flight", "model" => models.join(","));
-    let ctx = Arc::new(Ctx { producer, store, engines, cfg, shutdown: shutdown.clone() });
-    let mut tracker = OffsetTracker::default();
-    let mut tasks: JoinSet<Option<(String, i32, i64)>> = JoinSet::new();
-    let mut tick = tokio::time::interval(commit_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut consume_errors = 0u32;
+impl Worker {
+    /// Consumes until `shutdown` fires, then drains and commits.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), KafkaError> {
+        let Worker { consumer, tracker, producer, store, pool, model, cfg } = self;
+        let max_in_flight = cfg.max_in_flight.max(1);
+        let resume_below = cfg.resume_below.clamp(1, max_in_flight);
+        let (commit_interval, drain_timeout) = (cfg.commit_interval, cfg.drain_timeout);
+        let in_flight = metrics::gauge!("sluice_worker_in_flight", "model" => model.clone());
+        let paused_gauge = metrics::gauge!("sluice_paused_partitions", "model" => model.clone());
+        let ctx = Arc::new(Ctx { producer, store, pool, cancels: Cancels::default(), cfg, shutdown: shutdown.clone() });
 
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.wait() => break,
-            Some(done) = tasks.join_next() => {
-                finish(&mut tracker, done);
-                in_flight.set(tasks.len() as f64);
+        // Cancellation notices set the flags of jobs held here.
+        let mut notices = ctx.store.cancellations();
+        let listener = {
+            let (ctx, mut sd) = (ctx.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        id = notices.recv() => match id {
+                            Some(id) => ctx.cancels.cancel(&id),
+                            None => return,
+                        },
+                        _ = sd.wait() => return,
+                    }
+                }
+            })
+        };
+
+        let mut tasks: JoinSet<Option<(String, i32, i64)>> = JoinSet::new();
+        let mut commit_tick = tokio::time::interval(commit_interval);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut health_tick = tokio::time::interval(Duration::from_millis(200));
+        let mut consume_errors = 0u32;
+        let mut paused = false;
+
+        loop {
+            // Flow control: pause at the in-flight bound or when the model is
+            // failing; resume below the low watermark once it is not.
+            let unhealthy = ctx.pool.health(&model) == Some(BreakerState::Open);
+            if !paused && (tasks.len() >= max_in_flight || unhealthy) {
+                match consumer.pause() {
+                    Ok(n) => {
+                        paused = true;
+                        paused_gauge.set(n as f64);
+                        let reason = if unhealthy { "breaker" } else { "in_flight" };
+                        metrics::counter!("sluice_partition_pauses_total", "model" => model.clone(), "reason" => reason)
+                            .increment(1);
+                        tracing::info!(in_flight = tasks.len(), unhealthy, "partitions paused");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot pause partitions"),
+                }
+            } else if paused && tasks.len() < resume_below && !unhealthy {
+                match consumer.resume() {
+                    Ok(()) => {
+                        paused = false;
+                        paused_gauge.set(0.0);
+                        tracing::info!(in_flight = tasks.len(), "partitions resumed");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot resume partitions"),
+                }
             }
-            _ = tick.tick() => commit(&consumer, &mut tracker),
-            rec = consumer.recv(), if tasks.len() < max_in_flight => match rec {
-                Ok(rec) => {
-                    consume_errors = 0;
-                    tracker.start(&rec.topic, rec.partition, rec.offset);
-                    let ctx = ctx.clone();
-                    let span = tracing::info_span!(
-                        "record",
-                        topic = %rec.topic,
-                        partition = rec.partition,
-                        offset = rec.offset,
-                        job_id = tracing::field::Empty,
-                    );
-                    tasks.spawn(
-                        async move {
-                            let at = (rec.topic.clone(), rec.partition, rec.offset);
-                            ctx.process(rec).await.ok().map(|()| at)
-                        }
-                        .instrument(span),
-                    );
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                Some(done) = tasks.join_next() => {
+                    finish(&tracker, done);
                     in_flight.set(tasks.len() as f64);
                 }
-                Err(e) => {
-                    consume_errors += 1;
-                    tracing::warn!(error = %e, "consumer error");
-                    tokio::time::sleep(backoff(consume_errors)).await;
-                }
-            },
+                _ = commit_tick.tick() => commit(&consumer, &tracker),
+                _ = health_tick.tick() => {}
+                // Polled while paused too (rebalances are served here); the
+                // hard cap covers records fetched just before a pause.
+                rec = consumer.recv(), if tasks.len() < 2 * max_in_flight => match rec {
+                    Ok(rec) => {
+                        consume_errors = 0;
+                        tracker.lock().start(&rec.topic, rec.partition, rec.offset);
+                        let ctx = ctx.clone();
+                        let span = tracing::info_span!(
+                            "record",
+                            topic = %rec.topic,
+                            partition = rec.partition,
+                            offset = rec.offset,
+                            job_id = tracing::field::Empty,
+                        );
+                        tasks.spawn(
+                            async move {
+                                let at = (rec.topic.clone(), rec.partition, rec.offset);
+                                ctx.process(rec).await.ok().map(|()| at)
+                            }
+                            .instrument(span),
+                        );
+                        in_flight.set(tasks.len() as f64);
+                    }
+                    Err(e) => {
+                        consume_errors += 1;
+                        tracing::warn!(error = %e, "consumer error");
+                        tokio::time::sleep(backoff(consume_errors)).await;
+                    }
+                },
+            }
         }
-    }
 
-    tracing::info!(in_flight = tasks.len(), "worker stopping: draining in-flight records");
-    let drained = tokio::time::timeout(drain_timeout, async {
-        while let Some(done) = tasks.join_next().await {
-            finish(&mut tracker, done);
+        tracing::info!(in_flight = tasks.len(), "worker stopping: draining in-flight records");
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while let Some(done) = tasks.join_next().await {
+                finish(&tracker, done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(abandoned = tasks.len(), "drain timed out; abandoned records will be redelivered");
+            tasks.abort_all();
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(abandoned = tasks.len(), "drain timed out; abandoned records will be redelivered");
-        tasks.abort_all();
+        let commits = tracker.lock().take_commits();
+        if let Err(e) = consumer.commit_sync(&commits) {
+            tracing::warn!(error = %e, "final commit failed; the last records will be redelivered");
+        }
+        listener.abort();
+        ctx.producer.flush(Duration::from_secs(5));
+        Ok(())
     }
-    let commits = tracker.take_commits();
-    if let Err(e) = consumer.commit_sync(&commits) {
-        tracing::warn!(error = %e, "final commit failed; the last records will be redelivered");
-    }
-    ctx.producer.flush(Duration::from_secs(5));
-    Ok(())
 }
 
-fn finish(tracker: &mut OffsetTracker, done: Result<Option<(String, i32, i64)>, tokio::task::JoinError>) {
+fn finish(tracker: &SharedTracker, done: Result<Option<(String, i32, i64)>, tokio::task::JoinError>) {
     match done {
-        Ok(Some((topic, partition, offset))) => tracker.finish(&topic, partition, offset),
+        Ok(Some((topic, partition, offset))) => tracker.lock().finish(&topic, partition, offset),
         // Abandoned: stays in flight, so its offset is never committed.
         Ok(None) => {}
+        Err(e) if e.is_cancelled() => {}
         Err(e) => tracing::error!(error = %e, "record task failed. This is a bug."),
     }
 }
 
-fn commit(consumer: &Consumer, tracker: &mut OffsetTracker) {
-    let commits = tracker.take_commits();
+fn commit(consumer: &Consumer, tracker: &SharedTracker) {
+    let commits = tracker.lock().take_commits();
     if let Err(e) = consumer.commit(&commits) {
         tracing::warn!(error = %e, "offset commit failed; will retry");
     }
@@ -161,6 +272,25 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((50u64 << attempt.min(6)).min(2_000))
 }
 
+/// Cache key: model, version and a digest of the input's canonical JSON.
+fn cache_key(model: &str, version: &str, req: &JobRequest) -> String {
+    let input = serde_json::to_vec(&req.input).expect("Input serialises. This is a bug.");
+    format!("{model}:{version}:{}", hex(&Sha256::digest(&input)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How inference ended for a job.
+enum Ran {
+    Done { version: String, out: sluice_workers::Inferred },
+    Failed(ErrorCode, String),
+    Expired,
+    Cancelled,
+    BadInput(ErrorCode, String),
+}
+
 impl Ctx {
     /// Turns one record into its effects. `Err` only when shutdown stopped
     /// the work before its effects were durable.
@@ -168,95 +298,197 @@ impl Ctx {
         let req = match JobRequest::decode(&rec.payload) {
             Ok(req) => req,
             Err(e) => {
-                let job_id = e.job_id.clone();
-                if let Some(id) = &job_id {
+                if let Some(id) = &e.job_id {
                     tracing::Span::current().record("job_id", id.as_str());
                 }
+                let job_id = e.job_id.clone();
                 return self.reject(&rec, None, job_id, e.code, e.message).await;
             }
         };
         tracing::Span::current().record("job_id", req.job_id.as_str());
-        let Some(engine) = self.engines.get(&req.model) else {
-            let mut served: Vec<_> = self.engines.keys().map(String::as_str).collect();
-            served.sort();
-            let msg = format!("model `{}` is not served here (served: {})", req.model, served.join(", "));
-            return self.reject(&rec, Some(&req), Some(req.job_id.clone()), ErrorCode::UnknownModel, msg).await;
+        let engine = match self.pool.route(&req) {
+            Ok(e) => e,
+            Err((code, msg)) => return self.reject(&rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
         };
-        if let Err((code, msg)) = engine.model().check(&req) {
-            return self.reject(&rec, Some(&req), Some(req.job_id.clone()), code, msg).await;
-        }
-        let text = req.text().expect("check() admits only text inputs. This is a bug.").to_owned();
         let submitted = req.submitted_at.or(rec.timestamp);
-        let version = engine.model().spec.version.clone();
-
+        let now = Utc::now();
         let mut record = JobResult::queued(&req);
         record.submitted_at = submitted;
-        record.model_version = Some(version);
         record.worker_id = Some(self.cfg.worker_id.clone());
-        let now = Utc::now();
-        if req.expires_at(rec.timestamp).is_some_and(|at| at <= now) {
-            record.status = JobStatus::Expired;
-            record.finished_at = Some(now);
-            record.error = Some(JobError {
-                code: ErrorCode::DeadlineExceeded,
-                message: "the job's deadline passed before inference started".into(),
-            });
-            return self.finish_job(&record).await;
+        let expires = req.expires_at(rec.timestamp);
+        if expires.is_some_and(|at| at <= now) {
+            return self.finish_job(expired(record, now)).await;
         }
 
+        let version = engine.model().spec.version.clone();
         record.status = JobStatus::Running;
         record.started_at = Some(now);
+        record.model_version = Some(version.clone());
         match self.durably("store running status", || self.store.put(&record)).await? {
             Put::Written | Put::Kept(JobStatus::Queued | JobStatus::Running) => {}
             Put::Kept(done) => {
                 // Finished or cancelled already: a redelivery, or a cancel.
-                tracing::debug!(job_id = %req.job_id, status = %done, "job already finished; skipped");
-                return Ok(());
+                tracing::debug!(status = %done, "job already finished");
+                return self.publish_stored(&req.job_id).await;
             }
         }
 
-        let ticket = engine.enqueue(text).await.map_err(|_| Abandoned)?;
-        let outcome = ticket.wait().await;
-        let finished = Utc::now();
-        record.finished_at = Some(finished);
-        match outcome {
-            Ok(out) => {
+        let key = self.store.cache_enabled().then(|| cache_key(&req.model, &version, &req));
+        if let Some(k) = &key
+            && let Ok(Some(output)) = self.store.cache_get(k).await
+        {
+            metrics::counter!("sluice_cache_hits_total", "model" => req.model.clone()).increment(1);
+            let finished = Utc::now();
+            record.status = JobStatus::Succeeded;
+            record.output = Some(output);
+            record.finished_at = Some(finished);
+            record.timings = Some(Timings {
+                queued_ms: millis_between(submitted.unwrap_or(now), finished),
+                inference_ms: 0,
+                batch_size: 0,
+                input_tokens: 0,
+            });
+            return self.finish_job(record).await;
+        }
+
+        match self.infer(&req, expires).await? {
+            Ran::Done { version, out } => {
+                let finished = Utc::now();
                 let batch_start = finished - chrono::Duration::from_std(out.inference).unwrap_or_default();
+                let queued_ms = millis_between(submitted.unwrap_or(now), batch_start);
+                metrics::histogram!("sluice_queue_time_seconds", "model" => req.model.clone())
+                    .record(queued_ms as f64 / 1000.0);
+                if key.is_some()
+                    && let Err(e) = self.store.cache_put(&cache_key(&req.model, &version, &req), &out.output).await
+                {
+                    tracing::debug!(error = %e, "cache write failed");
+                }
                 record.status = JobStatus::Succeeded;
-                record.output = Some(Output::Embedding(out.embedding));
+                record.model_version = Some(version);
+                record.output = Some(out.output);
+                record.finished_at = Some(finished);
                 record.timings = Some(Timings {
-                    queued_ms: millis_between(submitted.unwrap_or(now), batch_start),
+                    queued_ms,
                     inference_ms: out.inference.as_millis() as u64,
                     batch_size: out.batch_size,
                     input_tokens: out.input_tokens,
                 });
-                metrics::histogram!("sluice_queue_time_seconds", "model" => req.model.clone())
-                    .record(millis_between(submitted.unwrap_or(now), batch_start) as f64 / 1000.0);
+                self.finish_job(record).await
             }
-            Err(e) if e.is_retryable() => return Err(Abandoned),
-            Err(e) => {
+            Ran::Failed(code, message) => {
                 record.status = JobStatus::Failed;
-                record.error = Some(JobError { code: ErrorCode::InferenceFailed, message: e.to_string() });
+                record.finished_at = Some(Utc::now());
+                record.error = Some(JobError { code, message });
+                self.finish_job(record).await
             }
+            Ran::Expired => self.finish_job(expired(record, Utc::now())).await,
+            Ran::Cancelled => self.publish_stored(&req.job_id).await,
+            Ran::BadInput(code, msg) => self.reject(&rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
         }
-        self.finish_job(&record).await
     }
 
-    /// Makes a terminal record durable: results store, then results topic.
-    async fn finish_job(&self, record: &JobResult) -> Result<(), Abandoned> {
-        debug_assert!(record.validate().is_ok(), "{:?}", record.validate());
-        let put = self.durably("store result", || self.store.put(record)).await?;
-        if let Put::Kept(status) = put {
-            // Someone else finished it first (a cancel, or a redelivery that
-            // raced us); their record stands and was already published.
-            tracing::debug!(job_id = %record.job_id, %status, "result not stored: job already finished");
-            return Ok(());
+    /// Runs the job, retrying while its model is unhealthy (the job waits
+    /// for the breaker) and up to `max_attempts` while it is healthy.
+    async fn infer(&self, req: &JobRequest, expires: Option<DateTime<Utc>>) -> Result<Ran, Abandoned> {
+        let cancel = self.cancels.register(&req.job_id);
+        let deadline = expires.map(|at| {
+            let left = (at - Utc::now()).to_std().unwrap_or_default();
+            std::time::Instant::now() + left
+        });
+        let mut attempts = 0u32;
+        let mut retried = false;
+        loop {
+            // Routed again on each attempt: a reload may have replaced the version.
+            let engine = match self.pool.route(req) {
+                Ok(e) => e,
+                Err((code, msg)) => return Ok(Ran::BadInput(code, msg)),
+            };
+            let version = engine.model().spec.version.clone();
+            let job = EngineJob {
+                input: req.input.clone(),
+                tenant: req.tenant.clone(),
+                priority: req.priority,
+                deadline,
+                cancel: Some(cancel.flag.clone()),
+                // Retries run alone: a bad input cannot fail its neighbours twice.
+                solo: retried,
+            };
+            let outcome = match engine.enqueue(job).await {
+                Ok(ticket) => ticket.wait().await,
+                Err(e) => Err(e),
+            };
+            drop(engine);
+            match outcome {
+                Ok(out) => return Ok(Ran::Done { version, out }),
+                Err(WorkerError::Expired) => return Ok(Ran::Expired),
+                Err(WorkerError::Cancelled) => return Ok(Ran::Cancelled),
+                Err(WorkerError::InvalidInput(m) | WorkerError::Tokenizer(m)) => {
+                    return Ok(Ran::BadInput(ErrorCode::InvalidInput, m));
+                }
+                Err(WorkerError::Closed | WorkerError::Overloaded { .. }) if !self.shutdown.is_triggered() => {
+                    // The engine was replaced by a reload: route again.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(WorkerError::Closed | WorkerError::Overloaded { .. }) => return Err(Abandoned),
+                Err(e) => {
+                    retried = true;
+                    metrics::counter!("sluice_job_retries_total", "model" => req.model.clone()).increment(1);
+                    tokio::time::sleep(backoff(attempts + 2)).await;
+                    if self.pool.health(&req.model) == Some(BreakerState::Open) {
+                        tracing::info!(error = %e, "model unhealthy; job waits for the circuit breaker");
+                        self.wait_for_breaker(&req.model).await?;
+                        continue;
+                    }
+                    attempts += 1;
+                    if attempts >= self.cfg.max_attempts.max(1) {
+                        return Ok(Ran::Failed(ErrorCode::InferenceFailed, e.to_string()));
+                    }
+                }
+            }
         }
+    }
+
+    async fn wait_for_breaker(&self, model: &str) -> Result<(), Abandoned> {
+        let mut shutdown = self.shutdown.clone();
+        while self.pool.health(model) == Some(BreakerState::Open) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.wait() => return Err(Abandoned),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a terminal record durable: results store, results topic, mark.
+    async fn finish_job(&self, record: JobResult) -> Result<(), Abandoned> {
+        debug_assert!(record.validate().is_ok(), "{:?}", record.validate());
+        match self.durably("store result", || self.store.put(&record)).await? {
+            Put::Written => self.publish(&record).await,
+            // Someone else finished it first (a cancel, or a redelivery that
+            // raced us): their record stands; make sure it is published.
+            Put::Kept(_) => self.publish_stored(&record.job_id).await,
+        }
+    }
+
+    /// Publishes the stored terminal record if nobody has yet (a crash
+    /// between storing and publishing, or a cancel from the gateway).
+    async fn publish_stored(&self, job_id: &str) -> Result<(), Abandoned> {
+        if let Some((record, published)) = self.durably("read stored result", || self.store.get_meta(job_id)).await?
+            && record.status.is_terminal()
+            && !published
+        {
+            return self.publish(&record).await;
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, record: &JobResult) -> Result<(), Abandoned> {
         let json = serde_json::to_vec(record).expect("JobResult serialises. This is a bug.");
         let topic = topics::results(&self.cfg.topic_prefix);
         let hdrs = [(headers::TENANT, record.tenant.as_bytes())];
         self.durably("publish result", || self.producer.send(&topic, Some(record.job_id.as_bytes()), &json, &hdrs))
             .await?;
+        self.durably("mark result published", || self.store.mark_published(&record.job_id)).await?;
         metrics::counter!("sluice_jobs_completed_total", "model" => record.model.clone(), "status" => record.status.as_str())
             .increment(1);
         Ok(())
@@ -272,7 +504,7 @@ impl Ctx {
         code: ErrorCode,
         message: String,
     ) -> Result<(), Abandoned> {
-        tracing::info!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, %code, %message, "dead-lettering record");
+        tracing::info!(%code, %message, "dead-lettering record");
         let partition = rec.partition.to_string();
         let offset = rec.offset.to_string();
         let mut hdrs: Vec<(&str, &[u8])> = rec
@@ -304,7 +536,7 @@ impl Ctx {
         if let Some(r) = req {
             failed.metadata = r.metadata.clone();
         }
-        self.finish_job(&failed).await
+        self.finish_job(failed).await
     }
 
     /// Retries `op` with backoff until it succeeds or shutdown is requested.
@@ -332,6 +564,17 @@ impl Ctx {
             }
         }
     }
+}
+
+fn expired(mut record: JobResult, now: DateTime<Utc>) -> JobResult {
+    record.status = JobStatus::Expired;
+    record.output = None;
+    record.finished_at = Some(now);
+    record.error = Some(JobError {
+        code: ErrorCode::DeadlineExceeded,
+        message: "the job's deadline passed before inference started".into(),
+    });
+    record
 }
 
 /// The tenant of an undecodable record: its `tenant` header, or the

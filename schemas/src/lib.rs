@@ -19,5 +19,5 @@ mod result;
 pub mod topics;
 
 pub use error_code::ErrorCode;
-pub use request::{DType, DecodeError, Input, JobRequest, Priority, TensorInput, limits, valid_job_id};
+pub use request::{DType, DecodeError, Input, JobRequest, Priority, Tensor, limits, valid_job_id};
 pub use result::{JobError, JobResult, JobStatus, Output, Timings};

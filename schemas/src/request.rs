@@ -76,7 +76,7 @@ pub enum Input {
     /// `{"text": "..."}` for text models (embeddings, classification).
     Text(String),
     /// `{"tensors": {"name": {dtype, shape, data}}}` for generic tensor models.
-    Tensors(BTreeMap<String, TensorInput>),
+    Tensors(BTreeMap<String, Tensor>),
 }
 
 /// The JSON shape of [`Input`]; kept private so that "exactly one of" is a
@@ -87,7 +87,7 @@ struct RawInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    tensors: Option<BTreeMap<String, TensorInput>>,
+    tensors: Option<BTreeMap<String, Tensor>>,
 }
 
 impl TryFrom<RawInput> for Input {
@@ -110,10 +110,10 @@ impl From<Input> for RawInput {
     }
 }
 
-/// One named input tensor, row-major.
+/// One named tensor, row-major (a model input in a JobRequest, an output in a JobResult).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TensorInput {
+pub struct Tensor {
     /// Element type.
     pub dtype: DType,
     /// Dimensions; their product must equal `data.len()` (checked by the worker).
@@ -122,7 +122,7 @@ pub struct TensorInput {
     pub data: Vec<f64>,
 }
 
-/// Element types accepted in [`TensorInput`].
+/// Element types accepted in [`Tensor`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DType {

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::request::{check_ident, limits, rfc3339_opt};
-use crate::{ErrorCode, JobRequest};
+use crate::{ErrorCode, JobRequest, Tensor};
 
 /// Lifecycle of a job (OpenAI Batch semantics):
 /// `queued → running → succeeded | failed | expired | cancelled`.
@@ -81,6 +81,8 @@ pub struct JobError {
 pub enum Output {
     /// `{"embedding": [f32, ...]}`: a sentence embedding.
     Embedding(Vec<f32>),
+    /// `{"tensors": {"name": {dtype, shape, data}}}`: a generic model's outputs.
+    Tensors(BTreeMap<String, Tensor>),
 }
 
 /// Where the job's time went.

@@ -14,19 +14,28 @@ also serves token-level tasks.
 Output: a model-repository entry `<out>/<name>/<version>/` holding
 `model.onnx`, `tokenizer.json`, `model.toml` and `SHA256SUMS`.
 
+With `--int8-version V` it also writes `<out>/<name>/<V>/`: the same graph
+with its weights quantised to int8 by onnxruntime's `quantize_dynamic`
+(per-channel and per-tensor are both tried; the one closer to fp32 is kept),
+the same tokenizer, and a `model.toml` that differs only in `version` and
+`description`. Both versions embed every sentence of `--corpus` (mean pooling
+over the attention mask + L2 normalisation, as the worker does) and the
+cosine between the two embeddings is reported. It then writes
+`<out>/<name>/routing.toml` pointing unpinned jobs at the fp32 version.
+
 Usage: export_minilm.py --out DIR [--name all-minilm-l6-v2] [--version 1]
+                        [--int8-version V] [--corpus load-tests/data/sentences.tsv]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
-import os
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -35,6 +44,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load as load_safetensors
 
+from repo_entry import finish_entry, toml_string, write_atomic
+
 OPSET = 17
 HIDDEN = 384
 HEADS = 12
@@ -42,6 +53,10 @@ HEAD_DIM = HIDDEN // HEADS
 LAYERS = 6
 LN_EPS = 1e-12
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+
+# The load-test corpus (`topic<TAB>sentence`), relative to this script.
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent.parent / "load-tests" / "data" / "sentences.tsv"
+FP32_DESCRIPTION = "sentence-transformers/all-MiniLM-L6-v2, fp32, exported op by op from safetensors"
 
 
 def model_zip_path() -> Path:
@@ -145,20 +160,12 @@ def build(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     return model
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 MODEL_TOML = """\
 # Model-repository entry written by workers/scripts/export_minilm.py.
 name = "{name}"
 version = "{version}"
 task = "embedding"
-description = "sentence-transformers/all-MiniLM-L6-v2, fp32, exported op by op from safetensors"
+description = {description}
 
 [tokenizer]
 file = "tokenizer.json"
@@ -173,13 +180,109 @@ normalize = true
 """
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def model_toml(name: str, version: str, description: str) -> bytes:
+    return MODEL_TOML.format(
+        name=name, version=version, description=toml_string(description), max_tokens=MAX_TOKENS, dim=HIDDEN
+    ).encode()
+
+
+def write_entry(dest: Path, model_onnx: bytes, toml: bytes, tokenizer: bytes) -> None:
+    """Write one version directory; SHA256SUMS last marks it complete."""
+    dest.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest / "tokenizer.json", tokenizer)
+    write_atomic(dest / "model.toml", toml)
+    write_atomic(dest / "model.onnx", model_onnx)
+    finish_entry(dest, ["model.onnx", "model.toml", "tokenizer.json"])
+
+
+# --- int8 variant and its accuracy check ------------------------------------
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Sentences of a `topic<TAB>sentence` file (blank lines skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"--corpus {path}: {e.strerror}")
+    sentences = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        topic, sep, sentence = line.partition("\t")
+        if not sep or not sentence.strip():
+            raise SystemExit(f"{path}:{n}: expected `topic<TAB>sentence`")
+        sentences.append(sentence)
+    if not sentences:
+        raise SystemExit(f"{path}: no sentences")
+    return sentences
+
+
+def embed_all(model_onnx: bytes, tokenizer_json: bytes, sentences: list[str]) -> np.ndarray:
+    """Sentence embeddings [n, HIDDEN], computed the way the worker does.
+
+    One sentence per run (no padding), truncated to MAX_TOKENS word pieces;
+    mean pooling over the attention mask, then L2 normalisation.
+    """
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json.decode())
+    # tokenizer.json ships with fixed padding/truncation at 128; use the model's 256 and no padding.
+    tok.no_padding()
+    tok.enable_truncation(MAX_TOKENS)
+    session = ort.InferenceSession(model_onnx, providers=["CPUExecutionProvider"])
+    out = np.empty((len(sentences), HIDDEN), dtype=np.float32)
+    for i, sentence in enumerate(sentences):
+        enc = tok.encode(sentence)
+        feeds = {
+            "input_ids": np.array([enc.ids], dtype=np.int64),
+            "attention_mask": np.array([enc.attention_mask], dtype=np.int64),
+            "token_type_ids": np.array([enc.type_ids], dtype=np.int64),
+        }
+        (hidden,) = session.run(["last_hidden_state"], feeds)  # [1, seq, HIDDEN]
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        out[i] = pooled[0] / max(float(np.linalg.norm(pooled[0])), 1e-12)
+    return out
+
+
+def quantize_int8(model: onnx.ModelProto, per_channel: bool) -> bytes:
+    """The graph with int8 (QInt8) weights via onnxruntime's dynamic quantisation."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="sluice-int8-") as tmp:
+        path = Path(tmp) / "model.int8.onnx"
+        quantize_dynamic(model, path, per_channel=per_channel, weight_type=QuantType.QInt8)
+        return path.read_bytes()
+
+
+def build_int8(
+    model: onnx.ModelProto, fp32_onnx: bytes, tokenizer: bytes, sentences: list[str]
+) -> tuple[bytes, bool, np.ndarray]:
+    """Quantise per-channel and per-tensor; keep the variant with the higher mean cosine vs fp32.
+
+    Returns (int8 graph, whether it is per-channel, per-sentence cosines vs fp32).
+    """
+    reference = embed_all(fp32_onnx, tokenizer, sentences)
+    best: tuple[bytes, bool, np.ndarray] | None = None
+    for per_channel in (False, True):
+        candidate = quantize_int8(model, per_channel)
+        # Both sides are unit vectors, so the row-wise dot product is the cosine.
+        cosines = (reference * embed_all(candidate, tokenizer, sentences)).sum(axis=1)
+        print(
+            f"  int8 per_channel={per_channel}: mean cosine {cosines.mean():.6f}, "
+            f"min cosine {cosines.min():.6f} ({len(candidate) / 1e6:.1f} MB graph)"
+        )
+        if best is None or cosines.mean() > best[2].mean():
+            best = (candidate, per_channel, cosines)
+    assert best is not None
+    return best
+
+
+ROUTING_TOML = """\
+# Which version serves jobs that do not pin model_version.
+default = {default}
+"""
 
 
 def main() -> int:
@@ -187,10 +290,17 @@ def main() -> int:
     ap.add_argument("--out", required=True, type=Path, help="model repository root")
     ap.add_argument("--name", default="all-minilm-l6-v2")
     ap.add_argument("--version", default="1")
+    ap.add_argument("--int8-version", default=None, help="also write an int8-quantised variant as this version")
+    ap.add_argument(
+        "--corpus", type=Path, default=DEFAULT_CORPUS, help="`topic<TAB>sentence` file for the int8 accuracy check"
+    )
     args = ap.parse_args()
+    if args.int8_version is not None and args.int8_version == args.version:
+        raise SystemExit("--int8-version must differ from --version")
+    # Read the corpus up front so a bad path fails before any work is done.
+    sentences = read_corpus(args.corpus) if args.int8_version is not None else []
 
     dest = args.out / args.name / args.version
-    dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(model_zip_path()) as zf:
         weights = load_safetensors(zf.read("model.safetensors"))
         tokenizer = zf.read("tokenizer.json")
@@ -201,16 +311,35 @@ def main() -> int:
     model = build(weights)
     buf = io.BytesIO()
     onnx.save_model(model, buf)
-    write_atomic(dest / "tokenizer.json", tokenizer)
-    write_atomic(
-        dest / "model.toml",
-        MODEL_TOML.format(name=args.name, version=args.version, max_tokens=MAX_TOKENS, dim=HIDDEN).encode(),
+    fp32_onnx = buf.getvalue()
+    write_entry(dest, fp32_onnx, model_toml(args.name, args.version, FP32_DESCRIPTION), tokenizer)
+    print(f"wrote {dest} ({len(fp32_onnx) / 1e6:.1f} MB graph)")
+
+    if args.int8_version is None:
+        return 0
+
+    started = time.monotonic()
+    int8_onnx, per_channel, cosines = build_int8(model, fp32_onnx, tokenizer, sentences)
+    print(
+        f"int8 vs fp32 over {len(sentences)} sentences: mean cosine {cosines.mean():.6f}, min cosine {cosines.min():.6f}"
     )
-    write_atomic(dest / "model.onnx", buf.getvalue())
-    # SHA256SUMS last: an entry with a SHA256SUMS file is complete.
-    sums = "".join(f"{sha256(dest / n)}  {n}\n" for n in ("model.onnx", "model.toml", "tokenizer.json"))
-    write_atomic(dest / "SHA256SUMS", sums.encode())
-    print(f"wrote {dest} ({len(buf.getvalue()) / 1e6:.1f} MB graph)")
+    # Rounded to 4 places so re-runs write a byte-identical model.toml.
+    description = (
+        f"sentence-transformers/all-MiniLM-L6-v2, int8 dynamic quantisation "
+        f"(onnxruntime quantize_dynamic, QInt8 weights, {'per-channel' if per_channel else 'per-tensor'}) "
+        f"of version {args.version}; mean cosine {cosines.mean():.4f} vs fp32 over {len(sentences)} sentences"
+    )
+    int8_dest = args.out / args.name / args.int8_version
+    write_entry(int8_dest, int8_onnx, model_toml(args.name, args.int8_version, description), tokenizer)
+    print(
+        f"wrote {int8_dest} ({len(int8_onnx) / 1e6:.1f} MB graph, per_channel={per_channel}, "
+        f"int8 step {time.monotonic() - started:.1f} s)"
+    )
+
+    # Unpinned jobs keep going to fp32; the int8 version serves jobs that ask for it.
+    routing = args.out / args.name / "routing.toml"
+    write_atomic(routing, ROUTING_TOML.format(default=toml_string(args.version)).encode())
+    print(f"wrote {routing} (default = {args.version!r})")
     return 0
 
 

@@ -1,36 +1,50 @@
-//! The inference engine: a bounded queue, a batcher task, and inference
-//! threads that own the ONNX Runtime sessions.
+//! The inference engine of one model version: admission, preprocessing, the
+//! batcher, and inference threads that own the ONNX Runtime sessions.
 //!
 //! ```text
-//!  InferenceHandle ──(queue: queue_capacity)──► batcher task ──(1 batch)──► inference thread(s)
-//!   (clone = a Sender)                          max_batch_size / max_wait        blocking_recv → tokenize → run
+//! InferenceHandle ─► admission (queue_capacity permits) ─► preprocess thread ─► batcher task ─(1 batch)─► inference thread(s)
+//!  (clone = a Sender)   full: enqueue waits,                tokenize / check      Scheduler:               blocking_recv → run
+//!                       try_enqueue → Overloaded                                  lanes, tenants, lengths
 //! ```
 //!
-//! Callers hold only a [`InferenceHandle`] (an `mpsc::Sender`); the batcher's
-//! state lives in its task, the sessions live on OS threads, so inference
-//! never runs on the async runtime's threads. When the last handle drops, the
-//! queue closes, the batcher drains and exits, and the threads follow.
+//! Callers hold only an [`InferenceHandle`] (a sender, a semaphore and
+//! shared read-only state). The scheduler's state lives in the batcher task,
+//! the sessions live on OS threads, and tokenisation runs on its own thread,
+//! so nothing CPU-heavy runs on the async runtime's threads. When the last
+//! handle drops, queued jobs still run, then the task and threads exit: a
+//! replaced model version finishes its in-flight batches on its old session.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use sluice_schemas::{Input, Output, Priority};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::WorkerError;
-use crate::embed::{Embedder, SessionConfig};
+use crate::backend::{Prepared, Preprocessor, Runner};
+use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::model::ModelVersion;
+use crate::runtime::SessionConfig;
+use crate::scheduler::{Dropped, Entry, Limits, Scheduler};
 
-/// Batching and threading of one model's engine.
+/// Batching and threading of one model's engine. `model.toml`'s
+/// `[batching]` overrides the batch limits per model.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Most jobs in one forward pass.
     pub max_batch_size: usize,
+    /// Most padded tokens (longest input × jobs) in one forward pass.
+    pub max_batch_tokens: usize,
     /// Longest the oldest job of a partial batch waits for more jobs
     /// (Triton's `max_queue_delay`).
     pub max_wait: Duration,
-    /// Bound of the queue in front of the batcher. When it is full,
+    /// A priority lane whose oldest job waited this long is served first.
+    pub starvation_after: Duration,
+    /// Group jobs of similar length into a batch (less padding).
+    pub length_aware: bool,
+    /// Bound on jobs admitted and not yet running. When it is reached,
     /// [`InferenceHandle::enqueue`] waits (back-pressure on the Kafka
     /// consumer) and [`InferenceHandle::try_enqueue`] fails with
     /// [`WorkerError::Overloaded`].
@@ -39,55 +53,122 @@ pub struct EngineConfig {
     pub inference_threads: usize,
     /// ONNX Runtime settings.
     pub session: SessionConfig,
+    /// When to stop feeding a failing model.
+    pub breaker: BreakerConfig,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             max_batch_size: 32,
+            max_batch_tokens: 16_384,
             max_wait: Duration::from_millis(5),
+            starvation_after: Duration::from_secs(2),
+            length_aware: true,
             queue_capacity: 1024,
             inference_threads: 1,
             session: SessionConfig::default(),
+            breaker: BreakerConfig::default(),
         }
+    }
+}
+
+/// One job for the engine.
+#[derive(Debug, Clone)]
+pub struct EngineJob {
+    pub input: Input,
+    pub tenant: String,
+    pub priority: Priority,
+    /// Not started by then: the job fails with [`WorkerError::Expired`].
+    pub deadline: Option<Instant>,
+    /// Set it to cancel the job while it waits ([`WorkerError::Cancelled`]).
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Run in a batch of its own (retries after a failed batch).
+    pub solo: bool,
+}
+
+impl EngineJob {
+    /// A normal-priority job with no deadline (tests, benchmarks).
+    pub fn new(input: Input, tenant: &str) -> EngineJob {
+        EngineJob {
+            input,
+            tenant: tenant.to_owned(),
+            priority: Priority::Normal,
+            deadline: None,
+            cancel: None,
+            solo: false,
+        }
+    }
+
+    /// A text job of the default tenant.
+    pub fn text(text: impl Into<String>) -> EngineJob {
+        EngineJob::new(Input::Text(text.into()), "default")
     }
 }
 
 /// What one job got out of the engine.
 #[derive(Debug, Clone)]
-pub struct Embedded {
-    /// The pooled (and, per `model.toml`, normalised) embedding.
-    pub embedding: Vec<f32>,
-    /// Tokens of the input after truncation.
+pub struct Inferred {
+    pub output: Output,
+    /// Tokens of the input after truncation (0 for tensor inputs).
     pub input_tokens: u32,
     /// Jobs in the batch this job ran in.
     pub batch_size: u32,
-    /// Time from `enqueue` to the start of the batch.
+    /// Share of the batch that was padding.
+    pub padding_ratio: f64,
+    /// From `enqueue` to the start of the batch.
     pub queued: Duration,
-    /// Time the batch spent in tokenisation and the forward pass.
+    /// The batch's forward pass.
     pub inference: Duration,
 }
 
-struct Pending {
-    text: String,
-    enqueued: Instant,
-    reply: oneshot::Sender<Result<Embedded, WorkerError>>,
+impl Inferred {
+    /// The embedding, for embedding models.
+    pub fn embedding(&self) -> Option<&[f32]> {
+        match &self.output {
+            Output::Embedding(v) => Some(v),
+            Output::Tensors(_) => None,
+        }
+    }
 }
 
-/// Cloneable handle to a running engine: holds only a sender.
+type Reply = oneshot::Sender<Result<Inferred, WorkerError>>;
+
+struct Submission {
+    job: EngineJob,
+    enqueued: Instant,
+    permit: OwnedSemaphorePermit,
+    reply: Reply,
+}
+
+struct Queued {
+    prepared: Prepared,
+    permit: OwnedSemaphorePermit,
+    reply: Reply,
+}
+
+struct BatchMsg {
+    entries: Vec<Entry<Queued>>,
+    padding_ratio: f64,
+}
+
+/// Cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct InferenceHandle {
-    tx: mpsc::Sender<Pending>,
-    model: Arc<ModelVersion>,
+    tx: mpsc::Sender<Submission>,
+    admission: Arc<Semaphore>,
     capacity: usize,
+    model: Arc<ModelVersion>,
+    pre: Arc<Preprocessor>,
+    breaker: Arc<Breaker>,
 }
 
 /// A job accepted by the engine; await it for the result.
-pub struct Ticket(oneshot::Receiver<Result<Embedded, WorkerError>>);
+pub struct Ticket(oneshot::Receiver<Result<Inferred, WorkerError>>);
 
 impl Ticket {
     /// Waits for the job's batch to run.
-    pub async fn wait(self) -> Result<Embedded, WorkerError> {
+    pub async fn wait(self) -> Result<Inferred, WorkerError> {
         // A dropped sender means the inference thread is gone.
         self.0.await.unwrap_or(Err(WorkerError::Closed))
     }
@@ -95,40 +176,68 @@ impl Ticket {
 
 impl InferenceHandle {
     /// Loads `model` on `cfg.inference_threads` new OS threads and starts the
-    /// batcher on the current Tokio runtime. Returns once every session is
-    /// loaded, or with the first load error.
+    /// preprocessing thread and the batcher on the current Tokio runtime.
+    /// Returns once every session is loaded, or with the first load error.
     pub async fn start(model: ModelVersion, cfg: EngineConfig) -> Result<InferenceHandle, WorkerError> {
-        assert!(cfg.max_batch_size > 0 && cfg.queue_capacity > 0, "engine bounds must be positive. This is a bug.");
-        // Bound: one batch may wait here while the threads are busy, so the
-        // next batch is ready the moment a thread frees up (TEI's prefetch).
-        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Pending>>(1);
+        assert!(cfg.queue_capacity > 0, "queue_capacity must be positive. This is a bug.");
+        let b = &model.spec.batching;
+        let limits = Limits {
+            max_batch_size: b.max_batch_size.unwrap_or(cfg.max_batch_size).max(1),
+            max_batch_tokens: b.max_batch_tokens.unwrap_or(cfg.max_batch_tokens).max(1),
+            max_wait: b.max_wait_ms.map(Duration::from_millis).unwrap_or(cfg.max_wait),
+            starvation_after: cfg.starvation_after,
+            length_aware: cfg.length_aware,
+            window_batches: 4,
+        };
+        let label = model.label();
+        let breaker = Arc::new(Breaker::new(cfg.breaker.clone()));
+        // Bound: one batch waits here while the threads are busy, so the next
+        // batch is ready the moment a thread frees up (TEI's prefetch).
+        let (batch_tx, batch_rx) = mpsc::channel::<BatchMsg>(1);
         let batch_rx = Arc::new(Mutex::new(batch_rx));
-        let name = format!("{}/{}", model.spec.name, model.spec.version);
         let mut ready = Vec::new();
         for i in 0..cfg.inference_threads.max(1) {
             let (ready_tx, ready_rx) = oneshot::channel();
-            let (model, session, rx) = (model.clone(), cfg.session.clone(), batch_rx.clone());
+            let (model, session, rx, breaker) = (model.clone(), cfg.session.clone(), batch_rx.clone(), breaker.clone());
             std::thread::Builder::new()
                 .name(format!("infer-{}-{i}", model.spec.name))
-                .spawn(move || match Embedder::load(&model, &session) {
-                    Ok(embedder) => {
-                        let _ = ready_tx.send(Ok(()));
-                        inference_loop(embedder, rx);
+                .spawn(move || match Runner::load(&model, &session) {
+                    Ok((runner, inputs)) => {
+                        let _ = ready_tx.send(Ok(inputs));
+                        inference_loop(runner, rx, breaker, model.label());
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
                 })
-                .map_err(|e| WorkerError::Load { model: name.clone(), message: format!("spawn thread: {e}") })?;
+                .map_err(|e| WorkerError::Load { model: label.clone(), message: format!("spawn thread: {e}") })?;
             ready.push(ready_rx);
         }
+        let mut inputs = Vec::new();
         for r in ready {
-            r.await.unwrap_or(Err(WorkerError::Closed))?;
+            inputs = r.await.unwrap_or(Err(WorkerError::Closed))?;
         }
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
-        tokio::spawn(batcher(rx, batch_tx, cfg.max_batch_size, cfg.max_wait));
-        tracing::info!(model = %name, threads = cfg.inference_threads.max(1), "inference engine ready");
-        Ok(InferenceHandle { tx, model: Arc::new(model), capacity: cfg.queue_capacity })
+        let pre = Arc::new(Preprocessor::new(&model, inputs)?);
+
+        // Both bounded by the admission semaphore as well; declared bounded
+        // so that no stage can grow past it even by mistake.
+        let (tx, submit_rx) = mpsc::channel::<Submission>(cfg.queue_capacity);
+        let (sched_tx, sched_rx) = mpsc::channel::<(Submission, Prepared)>(cfg.queue_capacity);
+        let p = pre.clone();
+        std::thread::Builder::new()
+            .name(format!("prep-{}", model.spec.name))
+            .spawn(move || preprocess_loop(p, submit_rx, sched_tx))
+            .map_err(|e| WorkerError::Load { model: label.clone(), message: format!("spawn thread: {e}") })?;
+        tokio::spawn(batcher(sched_rx, batch_tx, Scheduler::new(limits), label.clone()));
+        tracing::info!(model = %label, threads = cfg.inference_threads.max(1), "inference engine ready");
+        Ok(InferenceHandle {
+            tx,
+            admission: Arc::new(Semaphore::new(cfg.queue_capacity)),
+            capacity: cfg.queue_capacity,
+            model: Arc::new(model),
+            pre,
+            breaker,
+        })
     }
 
     /// The model version this engine serves.
@@ -136,118 +245,224 @@ impl InferenceHandle {
         &self.model
     }
 
-    /// Jobs waiting in the queue in front of the batcher.
+    /// Checks an input against the model (tensor names, dtypes and shapes
+    /// against the graph; the kind of input against the task).
+    pub fn check_input(&self, input: &Input) -> Result<(), String> {
+        self.pre.check(input)
+    }
+
+    /// The breaker's view of this engine's health.
+    pub fn breaker(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Jobs admitted and not yet running.
     pub fn queue_depth(&self) -> usize {
-        self.capacity - self.tx.capacity()
+        self.capacity - self.admission.available_permits()
     }
 
-    /// Queues `text`, waiting while the queue is full.
-    pub async fn enqueue(&self, text: String) -> Result<Ticket, WorkerError> {
+    /// Queues a job, waiting while the engine is full.
+    pub async fn enqueue(&self, job: EngineJob) -> Result<Ticket, WorkerError> {
+        let permit = self.admission.clone().acquire_owned().await.map_err(|_| WorkerError::Closed)?;
+        self.submit(job, permit).await
+    }
+
+    /// Queues a job, or fails at once with [`WorkerError::Overloaded`].
+    pub async fn try_enqueue(&self, job: EngineJob) -> Result<Ticket, WorkerError> {
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WorkerError::Overloaded { capacity: self.capacity })?;
+        self.submit(job, permit).await
+    }
+
+    async fn submit(&self, job: EngineJob, permit: OwnedSemaphorePermit) -> Result<Ticket, WorkerError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Pending { text, enqueued: Instant::now(), reply }).await.map_err(|_| WorkerError::Closed)?;
+        // Never blocks for long: the channel holds as many as there are permits.
+        self.tx
+            .send(Submission { job, enqueued: Instant::now(), permit, reply })
+            .await
+            .map_err(|_| WorkerError::Closed)?;
         Ok(Ticket(rx))
     }
 
-    /// Queues `text`, or fails at once with [`WorkerError::Overloaded`].
-    pub fn try_enqueue(&self, text: String) -> Result<Ticket, WorkerError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Pending { text, enqueued: Instant::now(), reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => WorkerError::Overloaded { capacity: self.capacity },
-            mpsc::error::TrySendError::Closed(_) => WorkerError::Closed,
-        })?;
-        Ok(Ticket(rx))
-    }
-
-    /// Embeds one text (enqueue and wait).
-    pub async fn embed(&self, text: String) -> Result<Embedded, WorkerError> {
-        self.enqueue(text).await?.wait().await
+    /// Runs one job (enqueue and wait).
+    pub async fn infer(&self, job: EngineJob) -> Result<Inferred, WorkerError> {
+        self.enqueue(job).await?.wait().await
     }
 }
 
-/// Forms batches: a batch leaves when it holds `max_batch_size` jobs or its
-/// oldest job has waited `max_wait`.
-async fn batcher(
-    mut rx: mpsc::Receiver<Pending>,
-    out: mpsc::Sender<Vec<Pending>>,
-    max_batch_size: usize,
-    max_wait: Duration,
+fn preprocess_loop(
+    pre: Arc<Preprocessor>,
+    mut rx: mpsc::Receiver<Submission>,
+    out: mpsc::Sender<(Submission, Prepared)>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let deadline = first.enqueued + max_wait;
-        let mut batch = Vec::with_capacity(max_batch_size);
-        batch.push(first);
-        while batch.len() < max_batch_size {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(p)) => batch.push(p),
-                Ok(None) | Err(_) => break,
+    while let Some(sub) = rx.blocking_recv() {
+        match pre.prepare(&sub.job.input) {
+            Ok(prepared) => {
+                if out.blocking_send((sub, prepared)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = sub.reply.send(Err(e));
             }
         }
-        // Callers that gave up (dropped their ticket) cost no inference.
-        batch.retain(|p| !p.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        if out.send(batch).await.is_err() {
-            tracing::error!("every inference thread has exited; batcher stops");
-            return;
-        }
     }
 }
 
-fn inference_loop(mut embedder: Embedder, rx: Arc<Mutex<mpsc::Receiver<Vec<Pending>>>>) {
-    let model = embedder.model().spec.name.clone();
+/// The batcher: owns the [`Scheduler`], forms a batch whenever an inference
+/// thread can take one and the scheduler says one is due.
+async fn batcher(
+    mut rx: mpsc::Receiver<(Submission, Prepared)>,
+    out: mpsc::Sender<BatchMsg>,
+    mut sched: Scheduler<Queued>,
+    model: String,
+) {
+    let depth = metrics::gauge!("sluice_queue_depth", "model" => model.clone());
+    let push = |sched: &mut Scheduler<Queued>, (sub, prepared): (Submission, Prepared)| {
+        let cost = prepared.cost();
+        let Submission { job, enqueued, permit, reply } = sub;
+        sched.push(Entry {
+            item: Queued { prepared, permit, reply },
+            tenant: job.tenant,
+            priority: job.priority,
+            cost,
+            enqueued,
+            deadline: job.deadline,
+            cancel: job.cancel,
+            solo: job.solo,
+        });
+    };
+    let mut open = true;
+    loop {
+        if sched.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv().await {
+                Some(m) => push(&mut sched, m),
+                None => return,
+            }
+        }
+        // Wait for an inference thread to be able to take a batch; keep
+        // queueing meanwhile, so the batch is as full as it can be.
+        let permit = loop {
+            tokio::select! {
+                biased;
+                p = out.reserve() => match p {
+                    Ok(p) => break p,
+                    Err(_) => {
+                        tracing::error!(model, "every inference thread has exited; batcher stops");
+                        return;
+                    }
+                },
+                m = rx.recv(), if open => match m {
+                    Some(m) => push(&mut sched, m),
+                    None => open = false,
+                },
+            }
+        };
+        // Wait until a batch is due: full, or its oldest job waited max_wait.
+        loop {
+            while let Ok(m) = rx.try_recv() {
+                push(&mut sched, m);
+            }
+            for (e, why) in sched.sweep(Instant::now()) {
+                let (err, reason) = match why {
+                    Dropped::Expired => (WorkerError::Expired, "expired"),
+                    Dropped::Cancelled => (WorkerError::Cancelled, "cancelled"),
+                };
+                metrics::counter!("sluice_jobs_dropped_total", "model" => model.clone(), "reason" => reason)
+                    .increment(1);
+                let _ = e.item.reply.send(Err(err));
+            }
+            depth.set(sched.len() as f64);
+            if sched.is_empty() || !open || sched.due(Instant::now()) {
+                break;
+            }
+            let wake = sched.next_due().expect("non-empty scheduler has an oldest job");
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => push(&mut sched, m),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        if sched.is_empty() {
+            continue;
+        }
+        let batch = sched.take_batch(Instant::now());
+        depth.set(sched.len() as f64);
+        let padding_ratio = batch.padding_ratio();
+        metrics::histogram!("sluice_batch_padding_ratio", "model" => model.clone()).record(padding_ratio);
+        metrics::histogram!("sluice_batch_tokens", "model" => model.clone())
+            .record((batch.padded_len * batch.entries.len()) as f64);
+        permit.send(BatchMsg { entries: batch.entries, padding_ratio });
+    }
+}
+
+fn inference_loop(mut runner: Runner, rx: Arc<Mutex<mpsc::Receiver<BatchMsg>>>, breaker: Arc<Breaker>, model: String) {
+    let breaker_gauge = metrics::gauge!("sluice_breaker_state", "model" => model.clone());
     loop {
         // One idle thread waits on the channel while the others wait on the
         // lock; whoever gets a batch releases the lock before running it.
-        let batch = {
+        let msg = {
             let mut guard = rx.lock().unwrap_or_else(|p| p.into_inner());
             guard.blocking_recv()
         };
-        let Some(batch) = batch else { return };
+        let Some(BatchMsg { entries, padding_ratio }) = msg else { return };
         let started = Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| run_batch(&mut embedder, &batch)));
+        let batch_size = entries.len() as u32;
+        let (prepared, rest): (Vec<Prepared>, Vec<(Instant, usize, Reply)>) = entries
+            .into_iter()
+            .map(|e| {
+                let Queued { prepared, permit, reply } = e.item;
+                // Running jobs no longer count against the admission bound.
+                drop(permit);
+                let tokens = match &prepared {
+                    Prepared::Tokens { ids, .. } => ids.len(),
+                    Prepared::Tensors(_) => 0,
+                };
+                (prepared, (e.enqueued, tokens, reply))
+            })
+            .unzip();
+        let refs: Vec<&Prepared> = prepared.iter().collect();
+        let outcome = catch_unwind(AssertUnwindSafe(|| runner.run(&refs)));
         let inference = started.elapsed();
-        let batch_size = batch.len() as u32;
         metrics::histogram!("sluice_batch_size", "model" => model.clone()).record(batch_size as f64);
         metrics::histogram!("sluice_inference_seconds", "model" => model.clone()).record(inference.as_secs_f64());
-        let results = match outcome {
-            Ok(results) => results,
+        let results: Vec<Result<Output, WorkerError>> = match outcome {
+            Ok(Ok(results)) => {
+                // Jobs of a tensor batch fail one by one; a batch where
+                // every job failed counts against the model's health.
+                let healthy = results.iter().any(Result::is_ok);
+                breaker_gauge.set(breaker.record(healthy).gauge());
+                results
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(model, batch_size, error = %e, "batch failed");
+                breaker_gauge.set(breaker.record(false).gauge());
+                let msg = e.to_string();
+                rest.iter().map(|_| Err(WorkerError::Inference(msg.clone()))).collect()
+            }
             Err(_) => {
                 tracing::error!(model, batch_size, "inference panicked; failing the batch");
-                batch.iter().map(|_| Err(WorkerError::Inference("inference panicked".into()))).collect()
+                breaker_gauge.set(breaker.record(false).gauge());
+                rest.iter().map(|_| Err(WorkerError::Inference("inference panicked".into()))).collect()
             }
         };
-        for (pending, result) in batch.into_iter().zip(results) {
-            let reply = result.map(|(embedding, input_tokens)| Embedded {
-                embedding,
-                input_tokens,
+        for ((enqueued, tokens, reply), result) in rest.into_iter().zip(results) {
+            let _ = reply.send(result.map(|output| Inferred {
+                output,
+                input_tokens: tokens as u32,
                 batch_size,
-                queued: started.saturating_duration_since(pending.enqueued),
+                padding_ratio,
+                queued: started.saturating_duration_since(enqueued),
                 inference,
-            });
-            let _ = pending.reply.send(reply);
+            }));
         }
     }
-}
-
-/// Tokenizes and runs one batch. A text that fails to tokenize fails alone;
-/// a failed forward pass fails the whole batch.
-fn run_batch(embedder: &mut Embedder, batch: &[Pending]) -> Vec<Result<(Vec<f32>, u32), WorkerError>> {
-    let encoded: Vec<_> = batch.iter().map(|p| embedder.encode(&p.text)).collect();
-    let ok: Vec<_> = encoded.iter().filter_map(|e| e.as_ref().ok().cloned()).collect();
-    let mut vectors = match embedder.embed(&ok) {
-        Ok(v) => v.into_iter(),
-        Err(e) => {
-            let msg = e.to_string();
-            return batch.iter().map(|_| Err(WorkerError::Inference(msg.clone()))).collect();
-        }
-    };
-    encoded
-        .into_iter()
-        .map(|e| {
-            let e = e?;
-            let v = vectors.next().ok_or_else(|| WorkerError::Inference("missing output row".into()))?;
-            Ok((v, e.ids.len() as u32))
-        })
-        .collect()
 }

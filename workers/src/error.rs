@@ -37,6 +37,18 @@ pub enum WorkerError {
     /// The engine has shut down (or its inference thread died).
     #[error("inference engine is shut down")]
     Closed,
+
+    /// The input does not fit the model (tensor names, dtypes, shapes).
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// The job's deadline passed while it waited for a batch.
+    #[error("the job's deadline passed before inference started")]
+    Expired,
+
+    /// The job was cancelled while it waited for a batch.
+    #[error("the job was cancelled before inference started")]
+    Cancelled,
 }
 
 impl WorkerError {

@@ -1,17 +1,29 @@
 //! Sluice inference: the model repository, ONNX Runtime sessions on
 //! dedicated OS threads, and the batcher in front of them.
 //!
-//! Public API: [`ModelRepository`] finds and verifies model versions,
-//! [`InferenceHandle::start`] loads one and returns the cloneable handle
-//! that everything else uses to run jobs. Nothing here knows Kafka, Redis or
-//! HTTP: the pipeline crate wires those to this API.
+//! Public API: [`ModelRepository`] finds and verifies model versions;
+//! [`ModelPool`] serves every version of a set of models, routes jobs
+//! between them and reloads them without a restart; an [`InferenceHandle`]
+//! runs jobs on one version. Nothing here knows Kafka, Redis or HTTP: the
+//! pipeline crate wires those to this API.
 
-mod embed;
+mod backend;
+mod breaker;
 mod engine;
 mod error;
 mod model;
+mod pool;
+mod runtime;
+mod scheduler;
 
-pub use embed::{ExecutionProvider, SessionConfig};
-pub use engine::{Embedded, EngineConfig, InferenceHandle, Ticket};
+pub use backend::{InputSpec, Prepared};
+pub use breaker::{BreakerConfig, BreakerState};
+pub use engine::{EngineConfig, EngineJob, InferenceHandle, Inferred, Ticket};
 pub use error::WorkerError;
-pub use model::{EmbeddingSpec, ModelRepository, ModelSpec, ModelVersion, Pooling, Task, TokenizerSpec};
+pub use model::{
+    BatchingSpec, Canary, EmbeddingSpec, ModelCatalog, ModelListing, ModelRepository, ModelSpec, ModelVersion, Pooling,
+    Routing, Task, TensorSpec, TokenizerSpec,
+};
+pub use pool::{ModelPool, ReloadReport};
+pub use runtime::{ExecutionProvider, ProviderFallback, SessionConfig};
+pub use scheduler::Limits;

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use sluice_schemas::ErrorCode;
+use sluice_schemas::{ErrorCode, JobStatus};
 
 use crate::kafka::KafkaError;
 use crate::store::StoreError;
@@ -27,6 +27,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("no route for {0}")]
     NoRoute(String),
+    #[error("the job has already finished ({0}); a finished job is never changed")]
+    Finished(JobStatus),
     #[error("job queue unavailable: {0}")]
     Kafka(#[from] KafkaError),
     #[error("results store unavailable: {0}")]
@@ -42,6 +44,7 @@ impl ApiError {
             ApiError::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code.as_str()),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "no_route"),
+            ApiError::Finished(_) => (StatusCode::CONFLICT, "job_finished"),
             ApiError::Kafka(e) if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Store(StoreError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Kafka(_) | ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `POST /v1/jobs` | validate, produce to `<prefix>.jobs.<model>`, record `queued`, answer 202 |
 //! | `GET /v1/jobs/{id}` | the job's record (status, result), or 404 |
+//! | `DELETE /v1/jobs/{id}` | cancel a job that has not finished (409 if it has) |
 //! | `GET /healthz` | the process is alive |
 //! | `GET /readyz` | Kafka and the results store answer |
 //! | `GET /metrics` | Prometheus text |
@@ -14,7 +15,6 @@
 
 mod error;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -28,14 +28,14 @@ use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use sluice_schemas::{ErrorCode, JobRequest, JobResult, headers, topics, valid_job_id};
-use sluice_workers::ModelVersion;
+use sluice_workers::ModelCatalog;
 use tokio::net::TcpListener;
 
 pub use error::ApiError;
 
 use crate::kafka::Producer;
 use crate::shutdown::Shutdown;
-use crate::store::Store;
+use crate::store::{Cancel, Store};
 
 /// Settings of the gateway.
 #[derive(Debug, Clone)]
@@ -53,9 +53,9 @@ pub struct GatewayConfig {
 pub struct Gateway {
     producer: Producer,
     store: Store,
-    /// Served models by name: requests for others get `unknown_model`, and
-    /// inputs are checked against the model's limits before they reach Kafka.
-    models: Arc<HashMap<String, ModelVersion>>,
+    /// Served models: requests for others get `unknown_model`, and inputs
+    /// are checked against the model's limits before they reach Kafka.
+    catalog: Arc<ModelCatalog>,
     cfg: Arc<GatewayConfig>,
     metrics: PrometheusHandle,
 }
@@ -64,11 +64,11 @@ impl Gateway {
     pub fn new(
         producer: Producer,
         store: Store,
-        models: HashMap<String, ModelVersion>,
+        catalog: Arc<ModelCatalog>,
         cfg: GatewayConfig,
         metrics: PrometheusHandle,
     ) -> Gateway {
-        Gateway { producer, store, models: Arc::new(models), cfg: Arc::new(cfg), metrics }
+        Gateway { producer, store, catalog, cfg: Arc::new(cfg), metrics }
     }
 
     /// The HTTP routes.
@@ -76,7 +76,7 @@ impl Gateway {
         let limit = self.cfg.max_body_bytes;
         Router::new()
             .route("/v1/jobs", post(submit_job))
-            .route("/v1/jobs/{id}", get(get_job))
+            .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
             .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
             .route("/readyz", get(ready))
             .route("/metrics", get(prometheus))
@@ -116,15 +116,7 @@ async fn submit_job(
     obj.insert("submitted_at".into(), Value::String(Utc::now().to_rfc3339()));
     let req = JobRequest::from_value(value).map_err(|e| ApiError::Invalid { code: e.code, message: e.message })?;
 
-    let Some(model) = gw.models.get(&req.model) else {
-        let mut served: Vec<_> = gw.models.keys().map(String::as_str).collect();
-        served.sort();
-        return Err(ApiError::Invalid {
-            code: ErrorCode::UnknownModel,
-            message: format!("model `{}` is not served (served: {})", req.model, served.join(", ")),
-        });
-    };
-    model.check(&req).map_err(|(code, message)| ApiError::Invalid { code, message })?;
+    gw.catalog.check(&req).map_err(|(code, message)| ApiError::Invalid { code, message })?;
 
     let payload = serde_json::to_vec(&req).expect("JobRequest serialises. This is a bug.");
     let mut hdrs: Vec<(&str, &[u8])> = vec![(headers::TENANT, req.tenant.as_bytes())];
@@ -154,6 +146,20 @@ async fn get_job(State(gw): State<Gateway>, Path(id): Path<String>) -> Result<Js
         return Err(ApiError::NotFound(id));
     }
     gw.store.get(&id).await?.map(Json).ok_or(ApiError::NotFound(id))
+}
+
+async fn cancel_job(State(gw): State<Gateway>, Path(id): Path<String>) -> Result<Json<JobResult>, ApiError> {
+    if !valid_job_id(&id) {
+        return Err(ApiError::NotFound(id));
+    }
+    match gw.store.cancel(&id).await? {
+        Cancel::Cancelled(record) => {
+            metrics::counter!("sluice_jobs_cancelled_total", "model" => record.model.clone()).increment(1);
+            Ok(Json(record))
+        }
+        Cancel::Finished(record) => Err(ApiError::Finished(record.status)),
+        Cancel::NotFound => Err(ApiError::NotFound(id)),
+    }
 }
 
 async fn ready(State(gw): State<Gateway>) -> Response {

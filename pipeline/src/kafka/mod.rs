@@ -8,13 +8,15 @@
 
 mod embedded;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -160,28 +162,112 @@ impl Producer {
     }
 }
 
+/// What a consumer's owner is told about rebalances. Called on the thread
+/// that polls the consumer, inside the rebalance: keep it short.
+pub trait RebalanceHooks: Send + Sync + 'static {
+    /// These partitions are being taken away. Returns the offsets (`topic,
+    /// partition, next offset`) to commit before they go, and forgets them.
+    fn revoking(&self, partitions: &[(String, i32)]) -> Vec<(String, i32, i64)>;
+}
+
+struct GroupContext {
+    hooks: Arc<dyn RebalanceHooks>,
+    /// While set, newly assigned partitions are paused too.
+    paused: Arc<AtomicBool>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts: Vec<(String, i32)> =
+                tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            let commits = self.hooks.revoking(&parts);
+            if !commits.is_empty() {
+                match offsets_list(&commits) {
+                    Ok(list) => {
+                        if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                            tracing::warn!(error = %e, "commit before revocation failed; records will be redelivered");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "commit before revocation failed"),
+                }
+            }
+            tracing::info!(partitions = parts.len(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            if self.paused.load(Ordering::Acquire)
+                && let Err(e) = consumer.pause(tpl)
+            {
+                tracing::warn!(error = %e, "cannot pause newly assigned partitions");
+            }
+        }
+    }
+}
+
+fn offsets_list(offsets: &[(String, i32, i64)]) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (topic, partition, next) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+            .map_err(|e| KafkaError::Commit(e.to_string()))?;
+    }
+    Ok(tpl)
+}
+
 /// A member of a consumer group. Offsets are never committed automatically:
 /// the owner commits with [`Consumer::commit`] once the records' effects are
-/// durable (at-least-once).
+/// durable (at-least-once), and is asked for final offsets before a
+/// rebalance takes partitions away.
 pub struct Consumer {
-    inner: StreamConsumer,
+    inner: StreamConsumer<GroupContext>,
+    paused: Arc<AtomicBool>,
 }
 
 impl Consumer {
     /// Joins `group` and subscribes to `topics`.
-    pub fn new(brokers: &str, client_id: &str, group: &str, topics: &[String]) -> Result<Consumer, KafkaError> {
-        let inner: StreamConsumer = base_config(brokers, client_id)
+    pub fn new(
+        brokers: &str,
+        client_id: &str,
+        group: &str,
+        topics: &[String],
+        hooks: Arc<dyn RebalanceHooks>,
+    ) -> Result<Consumer, KafkaError> {
+        let paused = Arc::new(AtomicBool::new(false));
+        let inner: StreamConsumer<GroupContext> = base_config(brokers, client_id)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             // librdkafka prefetches up to this much per partition; bounded.
             .set("queued.max.messages.kbytes", "16384")
-            .create()
+            .create_with_context(GroupContext { hooks, paused: paused.clone() })
             .map_err(|e| KafkaError::Config(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         inner.subscribe(&names).map_err(|e| KafkaError::Consume(e.to_string()))?;
-        Ok(Consumer { inner })
+        Ok(Consumer { inner, paused })
+    }
+
+    /// Stops fetching from every assigned partition (and from partitions
+    /// assigned later) until [`Consumer::resume`]. Records already fetched
+    /// are dropped by librdkafka and fetched again after resuming. Returns
+    /// how many partitions were paused.
+    pub fn pause(&self) -> Result<usize, KafkaError> {
+        self.paused.store(true, Ordering::Release);
+        let assigned = self.inner.assignment().map_err(|e| KafkaError::Consume(e.to_string()))?;
+        self.inner.pause(&assigned).map_err(|e| KafkaError::Consume(e.to_string()))?;
+        Ok(assigned.count())
+    }
+
+    /// Undoes [`Consumer::pause`].
+    pub fn resume(&self) -> Result<(), KafkaError> {
+        self.paused.store(false, Ordering::Release);
+        let assigned = self.inner.assignment().map_err(|e| KafkaError::Consume(e.to_string()))?;
+        self.inner.resume(&assigned).map_err(|e| KafkaError::Consume(e.to_string()))
     }
 
     /// The next record of any assigned partition.
@@ -218,12 +304,7 @@ impl Consumer {
         if offsets.is_empty() {
             return Ok(());
         }
-        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-        for (topic, partition, next) in offsets {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
-                .map_err(|e| KafkaError::Commit(e.to_string()))?;
-        }
-        self.inner.commit(&tpl, mode).map_err(|e| KafkaError::Commit(e.to_string()))
+        self.inner.commit(&offsets_list(offsets)?, mode).map_err(|e| KafkaError::Commit(e.to_string()))
     }
 }
 

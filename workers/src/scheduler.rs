@@ -1,0 +1,537 @@
+//! Which queued jobs form the next batch. Pure logic, no I/O, no clocks of
+//! its own: the engine's batcher task owns one [`Scheduler`] and asks it.
+//!
+//! Policy, in order of precedence:
+//! 1. **Priority lanes** (high, normal, low). A lane whose oldest job has
+//!    waited longer than `starvation_after` is served before every other
+//!    lane, so lower lanes cannot starve.
+//! 2. **Fairness across tenants**: within a lane, tenants are visited
+//!    round-robin, one job per tenant per turn, and the rotation persists
+//!    across batches (deficit round-robin with a quantum of one job). Each
+//!    tenant present in the candidate window is guaranteed its share of the
+//!    batch before the remaining slots are filled.
+//! 3. **Length-aware grouping**: the head of the fair order anchors the
+//!    batch; the other slots go to the candidates whose token count is
+//!    closest to the anchor's, which keeps padding small. Every job becomes
+//!    an anchor in turn, so none is skipped forever.
+//! 4. **Budgets**: at most `max_batch_size` jobs and at most
+//!    `max_batch_tokens` padded tokens (longest input × jobs); one job alone
+//!    may exceed the token budget.
+//!
+//! A batch is due when the queue could fill it, or when its oldest job has
+//! waited `max_wait` (Triton's `max_queue_delay`). Expired and cancelled
+//! jobs are removed before a batch is formed, without inference.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_schemas::Priority;
+
+/// Batching limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most jobs in one batch.
+    pub max_batch_size: usize,
+    /// Most padded tokens (longest input × jobs) in one batch.
+    pub max_batch_tokens: usize,
+    /// Longest the oldest queued job waits for its batch to fill.
+    pub max_wait: Duration,
+    /// A lane whose oldest job waited this long is served first.
+    pub starvation_after: Duration,
+    /// Group jobs of similar length (`false`: fair arrival order).
+    pub length_aware: bool,
+    /// Candidates considered per batch, as a multiple of `max_batch_size`.
+    pub window_batches: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch_size: 32,
+            max_batch_tokens: 16_384,
+            max_wait: Duration::from_millis(5),
+            starvation_after: Duration::from_secs(2),
+            length_aware: true,
+            window_batches: 4,
+        }
+    }
+}
+
+/// One queued job.
+pub struct Entry<T> {
+    pub item: T,
+    pub tenant: String,
+    pub priority: Priority,
+    /// Tokens of the input (1 for inputs that are not token sequences).
+    pub cost: usize,
+    pub enqueued: Instant,
+    /// Not started by then: the job expires.
+    pub deadline: Option<Instant>,
+    /// Set by the owner to cancel the job while it waits.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Run in a batch of its own (a retry after a failed batch, so that one
+    /// bad input cannot keep failing the jobs batched with it).
+    pub solo: bool,
+}
+
+/// Why a job left the queue without running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    Expired,
+    Cancelled,
+}
+
+/// A formed batch and how much of it is padding.
+pub struct Batch<T> {
+    pub entries: Vec<Entry<T>>,
+    /// Longest input of the batch (what every input is padded to).
+    pub padded_len: usize,
+}
+
+impl<T> Batch<T> {
+    /// Share of the padded batch that is padding, 0.0..1.0.
+    pub fn padding_ratio(&self) -> f64 {
+        let padded = self.padded_len * self.entries.len();
+        if padded == 0 {
+            return 0.0;
+        }
+        let real: usize = self.entries.iter().map(|e| e.cost).sum();
+        1.0 - real as f64 / padded as f64
+    }
+}
+
+const LANES: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+fn lane_index(p: Priority) -> usize {
+    match p {
+        Priority::High => 0,
+        Priority::Normal => 1,
+        Priority::Low => 2,
+    }
+}
+
+struct Lane<T> {
+    queues: HashMap<String, VecDeque<Entry<T>>>,
+    /// Tenants with queued jobs, in round-robin order.
+    rotation: VecDeque<String>,
+}
+
+/// The queued jobs of one engine.
+pub struct Scheduler<T> {
+    lanes: [Lane<T>; 3],
+    len: usize,
+    tokens: usize,
+    limits: Limits,
+}
+
+/// Where a candidate sits: lane, tenant, position in the tenant's queue.
+#[derive(Clone)]
+struct Candidate {
+    lane: usize,
+    rank: usize,
+    tenant: String,
+    pos: usize,
+    cost: usize,
+    solo: bool,
+}
+
+impl<T> Scheduler<T> {
+    pub fn new(limits: Limits) -> Scheduler<T> {
+        assert!(limits.max_batch_size > 0, "max_batch_size must be positive. This is a bug.");
+        Scheduler {
+            lanes: std::array::from_fn(|_| Lane { queues: HashMap::new(), rotation: VecDeque::new() }),
+            len: 0,
+            tokens: 0,
+            limits,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn push(&mut self, entry: Entry<T>) {
+        let lane = &mut self.lanes[lane_index(entry.priority)];
+        let q = lane.queues.entry(entry.tenant.clone()).or_default();
+        if q.is_empty() {
+            lane.rotation.push_back(entry.tenant.clone());
+        }
+        self.len += 1;
+        self.tokens += entry.cost;
+        q.push_back(entry);
+    }
+
+    /// When the oldest queued job was enqueued.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.lanes.iter().flat_map(|l| l.queues.values()).filter_map(|q| q.front()).map(|e| e.enqueued).min()
+    }
+
+    /// Whether a batch should be formed now: the queue can fill one, or the
+    /// oldest job has waited `max_wait`.
+    pub fn due(&self, now: Instant) -> bool {
+        if self.len >= self.limits.max_batch_size || self.tokens >= self.limits.max_batch_tokens {
+            return !self.is_empty();
+        }
+        self.oldest().is_some_and(|t| now.saturating_duration_since(t) >= self.limits.max_wait)
+    }
+
+    /// When a partial batch becomes due, if nothing else arrives.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.oldest().map(|t| t + self.limits.max_wait)
+    }
+
+    /// Removes expired and cancelled jobs.
+    pub fn sweep(&mut self, now: Instant) -> Vec<(Entry<T>, Dropped)> {
+        let mut out = Vec::new();
+        for lane in &mut self.lanes {
+            for q in lane.queues.values_mut() {
+                let mut kept = VecDeque::with_capacity(q.len());
+                for e in q.drain(..) {
+                    let reason = if e.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire)) {
+                        Some(Dropped::Cancelled)
+                    } else if e.deadline.is_some_and(|d| d <= now) {
+                        Some(Dropped::Expired)
+                    } else {
+                        None
+                    };
+                    match reason {
+                        Some(r) => out.push((e, r)),
+                        None => kept.push_back(e),
+                    }
+                }
+                *q = kept;
+            }
+            lane.queues.retain(|_, q| !q.is_empty());
+            let queues = &lane.queues;
+            lane.rotation.retain(|t| queues.contains_key(t));
+        }
+        for (e, _) in &out {
+            self.len -= 1;
+            self.tokens -= e.cost;
+        }
+        out
+    }
+
+    /// Forms the next batch (empty when nothing is queued).
+    pub fn take_batch(&mut self, now: Instant) -> Batch<T> {
+        let candidates = self.candidates(now);
+        let Some(anchor) = candidates.first().cloned() else {
+            return Batch { entries: Vec::new(), padded_len: 0 };
+        };
+        let chosen = self.choose(&candidates, &anchor);
+        self.remove(chosen)
+    }
+
+    /// Candidates in fair order: lanes by effective rank, tenants
+    /// round-robin within a lane, each tenant's jobs in arrival order.
+    fn candidates(&self, now: Instant) -> Vec<Candidate> {
+        let window = self.limits.max_batch_size * self.limits.window_batches.max(1);
+        let mut lane_order: Vec<(usize, Option<Instant>, usize)> = (0..LANES.len())
+            .filter(|&i| !self.lanes[i].rotation.is_empty())
+            .map(|i| {
+                let oldest = self.lanes[i].queues.values().filter_map(|q| q.front()).map(|e| e.enqueued).min();
+                let starved = oldest.is_some_and(|t| now.saturating_duration_since(t) >= self.limits.starvation_after);
+                // Starved lanes go first (oldest first among them), then by priority.
+                if starved { (0, oldest, i) } else { (1 + i, None, i) }
+            })
+            .collect();
+        lane_order.sort();
+        let mut out = Vec::with_capacity(window);
+        for (rank, (_, _, lane_i)) in lane_order.into_iter().enumerate() {
+            let lane = &self.lanes[lane_i];
+            let mut pos = vec![0usize; lane.rotation.len()];
+            let mut progressed = true;
+            while out.len() < window && progressed {
+                progressed = false;
+                for (ti, tenant) in lane.rotation.iter().enumerate() {
+                    let q = &lane.queues[tenant];
+                    if let Some(e) = q.get(pos[ti]) {
+                        out.push(Candidate {
+                            lane: lane_i,
+                            rank,
+                            tenant: tenant.clone(),
+                            pos: pos[ti],
+                            cost: e.cost,
+                            solo: e.solo,
+                        });
+                        pos[ti] += 1;
+                        progressed = true;
+                        if out.len() == window {
+                            break;
+                        }
+                    }
+                }
+            }
+            if out.len() == window {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Picks the batch among `candidates` (the first is the anchor).
+    fn choose(&self, candidates: &[Candidate], anchor: &Candidate) -> Vec<Candidate> {
+        let l = &self.limits;
+        if anchor.solo {
+            return vec![anchor.clone()];
+        }
+        let mut order: Vec<&Candidate> = candidates[1..].iter().filter(|c| !c.solo).collect();
+        if l.length_aware {
+            // Stable: ties keep the fair order.
+            order.sort_by_key(|c| (c.rank, c.cost.abs_diff(anchor.cost)));
+        }
+        let tenants: std::collections::HashSet<(usize, &str)> =
+            candidates.iter().map(|c| (c.lane, c.tenant.as_str())).collect();
+        let quota = (l.max_batch_size / tenants.len().max(1)).max(1);
+        let mut taken: HashMap<(usize, &str), usize> = HashMap::new();
+        taken.insert((anchor.lane, anchor.tenant.as_str()), 1);
+        let mut chosen = vec![anchor.clone()];
+        let mut max_len = anchor.cost;
+        let mut used = vec![false; order.len()];
+        // First pass: every tenant up to its quota; second: fill what is left.
+        for with_quota in [true, false] {
+            for (i, c) in order.iter().enumerate() {
+                if chosen.len() >= l.max_batch_size {
+                    break;
+                }
+                if used[i] {
+                    continue;
+                }
+                let key = (c.lane, c.tenant.as_str());
+                if with_quota && taken.get(&key).copied().unwrap_or(0) >= quota {
+                    continue;
+                }
+                let new_max = max_len.max(c.cost);
+                if new_max * (chosen.len() + 1) > l.max_batch_tokens {
+                    continue;
+                }
+                used[i] = true;
+                *taken.entry(key).or_default() += 1;
+                max_len = new_max;
+                chosen.push((*c).clone());
+            }
+        }
+        chosen
+    }
+
+    /// Removes the chosen entries and moves their tenants to the back of
+    /// their lane's rotation.
+    fn remove(&mut self, chosen: Vec<Candidate>) -> Batch<T> {
+        // Remove from the back of each queue first so positions stay valid.
+        let mut by_queue: HashMap<(usize, String), Vec<(usize, usize)>> = HashMap::new();
+        for (order, c) in chosen.iter().enumerate() {
+            by_queue.entry((c.lane, c.tenant.clone())).or_default().push((c.pos, order));
+        }
+        let mut slots: Vec<Option<Entry<T>>> = (0..chosen.len()).map(|_| None).collect();
+        for ((lane_i, tenant), mut positions) in by_queue {
+            positions.sort_by_key(|p| std::cmp::Reverse(p.0));
+            let lane = &mut self.lanes[lane_i];
+            let q = lane.queues.get_mut(&tenant).expect("candidate queue exists. This is a bug.");
+            for (pos, order) in positions {
+                slots[order] = q.remove(pos);
+            }
+            let empty = q.is_empty();
+            lane.rotation.retain(|t| *t != tenant);
+            if empty {
+                lane.queues.remove(&tenant);
+            } else {
+                lane.rotation.push_back(tenant);
+            }
+        }
+        let entries: Vec<Entry<T>> =
+            slots.into_iter().map(|e| e.expect("every chosen entry was removed. This is a bug.")).collect();
+        for e in &entries {
+            self.len -= 1;
+            self.tokens -= e.cost;
+        }
+        let padded_len = entries.iter().map(|e| e.cost).max().unwrap_or(0);
+        Batch { entries, padded_len }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(size: usize, tokens: usize) -> Limits {
+        Limits { max_batch_size: size, max_batch_tokens: tokens, ..Limits::default() }
+    }
+
+    fn entry(id: u32, tenant: &str, priority: Priority, cost: usize, at: Instant) -> Entry<u32> {
+        Entry {
+            item: id,
+            tenant: tenant.into(),
+            priority,
+            cost,
+            enqueued: at,
+            deadline: None,
+            cancel: None,
+            solo: false,
+        }
+    }
+
+    fn ids(b: &Batch<u32>) -> Vec<u32> {
+        b.entries.iter().map(|e| e.item).collect()
+    }
+
+    #[test]
+    fn due_when_full_or_oldest_waited() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Limits { max_wait: Duration::from_millis(10), ..limits(2, 1000) });
+        assert!(!s.due(t0));
+        s.push(entry(1, "a", Priority::Normal, 5, t0));
+        assert!(!s.due(t0 + Duration::from_millis(9)));
+        assert!(s.due(t0 + Duration::from_millis(10)));
+        assert_eq!(s.next_due(), Some(t0 + Duration::from_millis(10)));
+        s.push(entry(2, "a", Priority::Normal, 5, t0));
+        assert!(s.due(t0), "full batch is due at once");
+    }
+
+    #[test]
+    fn a_noisy_tenant_cannot_crowd_out_a_quiet_one() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Limits { length_aware: false, ..limits(4, 1000) });
+        for i in 0..100 {
+            s.push(entry(i, "noisy", Priority::Normal, 10, t0));
+        }
+        s.push(entry(1000, "quiet", Priority::Normal, 10, t0 + Duration::from_millis(1)));
+        let b = s.take_batch(t0);
+        assert!(ids(&b).contains(&1000), "quiet tenant served in the first batch: {:?}", ids(&b));
+        assert_eq!(b.entries.len(), 4);
+    }
+
+    #[test]
+    fn rotation_persists_across_batches() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Limits { length_aware: false, ..limits(1, 1000) });
+        for i in 0..3 {
+            s.push(entry(i, "a", Priority::Normal, 1, t0));
+            s.push(entry(10 + i, "b", Priority::Normal, 1, t0));
+        }
+        let order: Vec<u32> = (0..6).map(|_| ids(&s.take_batch(t0))[0]).collect();
+        assert_eq!(order, vec![0, 10, 1, 11, 2, 12]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn high_priority_goes_first_but_normal_does_not_starve() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Limits {
+            starvation_after: Duration::from_millis(100),
+            length_aware: false,
+            ..limits(2, 1000)
+        });
+        s.push(entry(1, "a", Priority::Normal, 1, t0));
+        s.push(entry(2, "a", Priority::Low, 1, t0));
+        for i in 0..10 {
+            s.push(entry(100 + i, "a", Priority::High, 1, t0 + Duration::from_millis(50)));
+        }
+        assert_eq!(ids(&s.take_batch(t0 + Duration::from_millis(60))), vec![100, 101]);
+        // Normal's oldest has now waited past starvation_after: it goes first.
+        let b = s.take_batch(t0 + Duration::from_millis(150));
+        assert_eq!(ids(&b)[0], 1, "{:?}", ids(&b));
+    }
+
+    #[test]
+    fn length_aware_grouping_cuts_padding() {
+        let t0 = Instant::now();
+        let lens = [8, 200, 10, 190, 9, 210, 11, 205];
+        let run = |aware: bool| {
+            let mut s = Scheduler::new(Limits { length_aware: aware, ..limits(4, 100_000) });
+            for (i, &c) in lens.iter().enumerate() {
+                s.push(entry(i as u32, "a", Priority::Normal, c, t0));
+            }
+            let a = s.take_batch(t0);
+            let b = s.take_batch(t0);
+            (a.padding_ratio() + b.padding_ratio()) / 2.0
+        };
+        let (aware, arrival) = (run(true), run(false));
+        assert!(aware < 0.15, "length-aware padding {aware}");
+        assert!(arrival > 0.4, "arrival-order padding {arrival}");
+    }
+
+    #[test]
+    fn token_budget_limits_the_padded_batch() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(limits(32, 100));
+        for i in 0..10 {
+            s.push(entry(i, "a", Priority::Normal, 30, t0));
+        }
+        let b = s.take_batch(t0);
+        assert_eq!(b.entries.len(), 3, "3 × 30 fits in 100, 4 × 30 does not");
+        // One job over the budget still runs, alone.
+        let mut s = Scheduler::new(limits(32, 100));
+        s.push(entry(1, "a", Priority::Normal, 300, t0));
+        s.push(entry(2, "a", Priority::Normal, 5, t0));
+        assert_eq!(ids(&s.take_batch(t0)), vec![1]);
+        assert_eq!(ids(&s.take_batch(t0)), vec![2]);
+    }
+
+    #[test]
+    fn solo_jobs_run_alone() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(limits(8, 1000));
+        s.push(entry(1, "a", Priority::Normal, 5, t0));
+        let mut solo = entry(2, "a", Priority::Normal, 5, t0);
+        solo.solo = true;
+        s.push(solo);
+        s.push(entry(3, "a", Priority::Normal, 5, t0));
+        assert_eq!(ids(&s.take_batch(t0)), vec![1, 3], "the solo job is left out of others' batches");
+        assert_eq!(ids(&s.take_batch(t0)), vec![2]);
+    }
+
+    #[test]
+    fn expired_and_cancelled_jobs_are_swept() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(limits(8, 1000));
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut e = entry(1, "a", Priority::Normal, 1, t0);
+        e.deadline = Some(t0 + Duration::from_millis(5));
+        s.push(e);
+        let mut c = entry(2, "b", Priority::High, 1, t0);
+        c.cancel = Some(flag.clone());
+        s.push(c);
+        s.push(entry(3, "a", Priority::Normal, 1, t0));
+        assert!(s.sweep(t0).is_empty());
+        flag.store(true, Ordering::Release);
+        let mut dropped: Vec<(u32, Dropped)> =
+            s.sweep(t0 + Duration::from_millis(5)).into_iter().map(|(e, r)| (e.item, r)).collect();
+        dropped.sort_by_key(|d| d.0);
+        assert_eq!(dropped, vec![(1, Dropped::Expired), (2, Dropped::Cancelled)]);
+        assert_eq!(s.len(), 1);
+        assert_eq!(ids(&s.take_batch(t0)), vec![3]);
+        assert!(s.is_empty() && s.oldest().is_none());
+    }
+
+    #[test]
+    fn every_job_is_eventually_batched() {
+        // Random-ish lengths, tenants and lanes: nothing is lost or duplicated.
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(limits(7, 500));
+        let mut x: u64 = 12345;
+        for i in 0..1000u32 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let tenant = ["a", "b", "c"][(x >> 33) as usize % 3];
+            let prio = LANES[(x >> 40) as usize % 3];
+            s.push(entry(i, tenant, prio, 1 + (x >> 20) as usize % 120, t0));
+        }
+        let mut seen = vec![false; 1000];
+        while !s.is_empty() {
+            let b = s.take_batch(t0);
+            assert!(!b.entries.is_empty());
+            assert!(b.entries.len() <= 7);
+            assert!(b.entries.len() == 1 || b.padded_len * b.entries.len() <= 500);
+            for e in b.entries {
+                assert!(!seen[e.item as usize], "job {} twice", e.item);
+                seen[e.item as usize] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+}
