@@ -76,13 +76,18 @@ build: system-deps
 demo: setup build
 	@$(ORT_ENV); $(BIN)/sluice-load demo --sluice $(BIN)/sluice --models $(MODELS)
 
+# The pipeline's end-to-end tests run one at a time: each drives a whole
+# Sluice (several, in the fault tests) against one shared broker on 2 cores.
 test: setup tansu
 	cargo build --workspace --bins --tests
 	@$(ORT_ENV); \
 	deploy/local/services.sh start $(SERVICES_DIR); \
 	trap 'deploy/local/services.sh stop $(SERVICES_DIR)' EXIT; \
 	source $(SERVICES_DIR)/env; \
-	cargo test --workspace --no-fail-fast
+	status=0; \
+	cargo test --workspace --no-fail-fast --exclude sluice-pipeline || status=$$?; \
+	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 || status=$$?; \
+	exit $$status
 
 ## --- development -----------------------------------------------------------
 

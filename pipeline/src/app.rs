@@ -153,10 +153,10 @@ impl Sluice {
         };
 
         let worker_cfg = cfg.worker();
-        let producer = Producer::new(&bootstrap, &worker_cfg.worker_id, cfg.produce_timeout())?;
 
         // Workers: one consumer group per model.
         if let Some(pool) = &pool {
+            let producer = Producer::new(&bootstrap, &worker_cfg.worker_id, cfg.publish_timeout())?;
             for name in &names {
                 let group = format!("{prefix}.workers.{name}");
                 let tracker = Arc::new(SharedTracker::default());
@@ -192,8 +192,8 @@ impl Sluice {
             let listener =
                 TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
             http_addr = listener.local_addr().ok();
-            let router =
-                Gateway::new(producer.clone(), store.clone(), catalog, cfg.gateway(), metrics.clone()).router();
+            let producer = Producer::new(&bootstrap, "sluice-gateway", cfg.produce_timeout())?;
+            let router = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), metrics.clone()).router();
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = crate::gateway::serve(listener, router, sd).await {

@@ -107,6 +107,7 @@ pub struct WorkerSection {
     pub max_in_flight: usize,
     pub resume_below: usize,
     pub max_attempts: u32,
+    pub publish_timeout_ms: u64,
     pub commit_interval_ms: u64,
     pub drain_timeout_ms: u64,
 }
@@ -200,6 +201,12 @@ impl Config {
         Duration::from_millis(self.models.poll_interval_ms.max(100))
     }
 
+    /// Delivery timeout of the worker's results and dead letters.
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.worker.publish_timeout_ms)
+    }
+
+    /// Delivery timeout of the gateway's jobs.
     pub fn produce_timeout(&self) -> Duration {
         Duration::from_millis(self.kafka.produce_timeout_ms)
     }

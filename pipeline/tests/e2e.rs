@@ -45,7 +45,7 @@ fn config(prefix: &str, external: bool, extra: Value) -> Config {
     let mut overrides = json!({
         "kafka": {"topic_prefix": prefix, "partitions": 2},
         "store": {"key_prefix": format!("{prefix}:")},
-        "models": {"repository": env("SLUICE_MODEL_REPO")},
+        "models": {"repository": env("SLUICE_MODEL_REPO"), "serve": [MODEL], "poll_interval_ms": 300},
         "gateway": {"listen": "127.0.0.1:0", "max_body_bytes": 65536},
         "worker": {"commit_interval_ms": 100, "id": format!("{prefix}-worker")},
         "engine": {"max_wait_ms": 2},
@@ -76,9 +76,13 @@ impl Harness {
     }
 
     async fn start_with(prefix: String, external: bool, extra: Value) -> Harness {
-        let sluice = Sluice::start(config(&prefix, external, extra), Role::Up).await.expect("sluice starts");
+        Self::start_role(prefix, Role::Up, external, extra).await
+    }
+
+    async fn start_role(prefix: String, role: Role, external: bool, extra: Value) -> Harness {
+        let sluice = Sluice::start(config(&prefix, external, extra), role).await.expect("sluice starts");
         Harness {
-            http: format!("http://{}", sluice.http_addr.expect("gateway listens")),
+            http: sluice.http_addr.map(|a| format!("http://{a}")).unwrap_or_default(),
             brokers: sluice.bootstrap.clone(),
             sluice: Some(sluice),
             prefix,
@@ -470,4 +474,430 @@ async fn embedded_mode_serves_kafka_and_rest_jobs() {
     let dlq = h.consume(&format!("{}.dlq", h.prefix), 1, 30).await;
     assert_eq!(dlq[0]["headers"]["sluice.error.code"], "invalid_json");
     h.stop().await;
+}
+
+async fn delete(h: &Harness, id: &str) -> (u16, Value) {
+    let r = h.client.delete(format!("{}/v1/jobs/{id}", h.http)).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn metrics_text(h: &Harness) -> String {
+    h.client.get(format!("{}/metrics", h.http)).send().await.unwrap().text().await.unwrap()
+}
+
+/// The value of a Prometheus sample whose line starts with `prefix` (0 if absent).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// Waits until `topic` holds a record keyed `key`; returns its value.
+async fn wait_for_record(h: &Harness, topic: &str, key: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let records = h.consume(topic, 1000, 3).await;
+        if let Some(r) = records.iter().find(|r| r["key"] == key) {
+            return serde_json::from_str(r["value"].as_str().unwrap()).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no record {key} on {topic}");
+    }
+}
+
+/// Cancelling: before any worker has seen the job, and while it waits in
+/// the engine for its batch. Finished jobs cannot be cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_can_be_cancelled_until_they_finish() {
+    let prefix = unique_prefix("cancel");
+    // A gateway with no worker: jobs stay queued.
+    let mut gw = Harness::start_role(prefix.clone(), Role::Gateway, true, json!({})).await;
+    let (code, _, body) =
+        gw.post(json!({"job_id": "c-1", "model": MODEL, "input": {"text": "cancel me"}}).to_string()).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(gw.get("/v1/jobs/c-1").await.1["status"], "queued");
+    let (code, body) = delete(&gw, "c-1").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    assert!(body["finished_at"].is_string());
+    let (code, body) = delete(&gw, "c-1").await;
+    assert_eq!((code, body["error"]["code"].as_str()), (409, Some("job_finished")), "{body}");
+    assert_eq!(delete(&gw, "never-submitted").await.0, 404);
+
+    // A worker whose batches wait 3 s to fill: a job cancelled while it
+    // waits in the engine never runs.
+    let mut worker = Harness::start_role(
+        prefix.clone(),
+        Role::Worker,
+        true,
+        json!({"engine": {"max_wait_ms": 3000, "max_batch_size": 64}}),
+    )
+    .await;
+    let cancelled = wait_for_record(&worker, &format!("{prefix}.results"), "c-1").await;
+    assert_eq!(cancelled["status"], "cancelled", "the worker publishes the cancelled record: {cancelled}");
+    assert!(cancelled.get("output").is_none());
+
+    let dropped_before = metric(
+        &metrics_text(&gw).await,
+        "sluice_jobs_dropped_total{model=\"all-minilm-l6-v2/1\",reason=\"cancelled\"}",
+    );
+    let (code, _, _) = gw
+        .post(json!({"job_id": "c-2", "model": MODEL, "input": {"text": "cancel me while batched"}}).to_string())
+        .await;
+    assert_eq!(code, 202);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.get("/v1/jobs/c-2").await.1["status"] != "running" {
+        assert!(Instant::now() < deadline, "c-2 never picked up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, body) = delete(&gw, "c-2").await;
+    assert_eq!(code, 200, "{body}");
+    let published = wait_for_record(&worker, &format!("{prefix}.results"), "c-2").await;
+    assert_eq!(published["status"], "cancelled", "{published}");
+    let done = gw.wait_done("c-2").await;
+    assert_eq!(done["status"], "cancelled");
+    assert!(done.get("output").is_none());
+    let dropped_after = metric(
+        &metrics_text(&gw).await,
+        "sluice_jobs_dropped_total{model=\"all-minilm-l6-v2/1\",reason=\"cancelled\"}",
+    );
+    assert!(dropped_after > dropped_before, "the engine dropped the cancelled job before inference");
+
+    // A finished job is never changed.
+    let (_, _, body) =
+        gw.post(json!({"job_id": "c-3", "model": MODEL, "input": {"text": "finish me"}}).to_string()).await;
+    assert_eq!(body["job_id"], "c-3");
+    worker.stop().await;
+    let mut worker = Harness::start_role(prefix.clone(), Role::Worker, true, json!({})).await;
+    assert_eq!(gw.wait_done("c-3").await["status"], "succeeded");
+    let (code, body) = delete(&gw, "c-3").await;
+    assert_eq!((code, body["error"]["code"].as_str()), (409, Some("job_finished")));
+    assert_eq!(gw.get("/v1/jobs/c-3").await.1["status"], "succeeded");
+    worker.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_inputs_are_served_from_the_inference_cache() {
+    let mut h = Harness::start("cache", true).await;
+    let body = |id: &str| json!({"job_id": id, "model": MODEL, "input": {"text": "cache this sentence"}}).to_string();
+    h.post(body("k-1")).await;
+    let first = h.wait_done("k-1").await;
+    assert!(first["timings"]["batch_size"].as_u64().unwrap() >= 1, "ran inference: {first}");
+    h.post(body("k-2")).await;
+    let second = h.wait_done("k-2").await;
+    assert_eq!(second["status"], "succeeded");
+    assert_eq!(second["timings"]["batch_size"], 0, "served from the cache: {second}");
+    assert_eq!(second["output"], first["output"]);
+    assert!(metric(&metrics_text(&h).await, "sluice_cache_hits_total{model=\"all-minilm-l6-v2\"}") >= 1.0);
+    // Another version is another cache entry.
+    let pinned =
+        json!({"job_id": "k-3", "model": MODEL, "model_version": "2", "input": {"text": "cache this sentence"}});
+    h.post(pinned.to_string()).await;
+    let third = h.wait_done("k-3").await;
+    assert_eq!(third["model_version"], "2");
+    assert!(third["timings"]["batch_size"].as_u64().unwrap() >= 1, "int8 version ran: {third}");
+    assert_ne!(third["output"], first["output"]);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_pauses_at_the_in_flight_bound_and_loses_nothing() {
+    let prefix = unique_prefix("pause");
+    let mut h = Harness::start_with(prefix, true, json!({"worker": {"max_in_flight": 4, "resume_below": 2}})).await;
+    let n = 150;
+    let records: Vec<Value> = (0..n)
+        .map(|i| {
+            record(Some(&format!("p-{i}")), job(&format!("p-{i}"), &format!("flow control sentence {i}")).to_string())
+        })
+        .collect();
+    h.produce(&h.jobs_topic(), None, records).await;
+    for i in 0..n {
+        assert_eq!(h.wait_done(&format!("p-{i}")).await["status"], "succeeded");
+    }
+    let pauses = metric(
+        &metrics_text(&h).await,
+        "sluice_partition_pauses_total{model=\"all-minilm-l6-v2\",reason=\"in_flight\"}",
+    );
+    assert!(pauses >= 1.0, "the consumer paused at 4 in flight ({pauses} pauses)");
+    h.stop().await;
+}
+
+/// A model whose inference keeps failing opens its breaker: the consumer
+/// stops, no job is failed, and the jobs run once a fixed version arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_model_stops_consumption_and_fails_no_job() {
+    let repo = std::env::temp_dir().join(format!("sluice-e2e-breaker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    let make = |version: &str, kind: &str| {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../workers/scripts/make_test_models.py");
+        let out = Command::new(env("SLUICE_TEST_PYTHON"))
+            .arg(script)
+            .args(["--out", repo.to_str().unwrap(), "--name", "flaky", "--version", version, "--kind", kind])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    make("1", "broken");
+    let extra = json!({
+        "models": {"repository": repo.to_str().unwrap(), "serve": ["flaky"]},
+        "engine": {"breaker_min_batches": 3, "breaker_cool_down_ms": 600000},
+        "worker": {"max_in_flight": 8, "resume_below": 4},
+    });
+    let mut h = Harness::start_with(unique_prefix("breaker"), true, extra).await;
+    let topic = format!("{}.jobs.flaky", h.prefix);
+    let n = 40;
+    let records: Vec<Value> = (0..n)
+        .map(|i| {
+            let body = json!({"job_id": format!("b-{i}"), "tenant": "acme", "model": "flaky",
+                "input": {"tensors": {"x": {"dtype": "float32", "shape": [1, 4], "data": [i, i, i, i]}}}});
+            record(Some(&format!("b-{i}")), body.to_string())
+        })
+        .collect();
+    h.produce(&topic, None, records).await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = metrics_text(&h).await;
+        let open = metric(&m, "sluice_breaker_state{model=\"flaky/1\"}") == 2.0;
+        if open && metric(&m, "sluice_paused_partitions{model=\"flaky\"}") >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the breaker never opened and paused consumption");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut seen = 0;
+    for i in 0..n {
+        let (code, body) = h.get(&format!("/v1/jobs/b-{i}")).await;
+        if code == 200 {
+            seen += 1;
+            assert_eq!(body["status"], "running", "no job fails while the model is unhealthy: {body}");
+        }
+    }
+    assert!(seen <= 16, "consumption stopped near the in-flight bound: {seen} jobs picked up");
+
+    make("2", "double");
+    for i in 0..n {
+        let body = h.wait_done(&format!("b-{i}")).await;
+        assert_eq!(body["status"], "succeeded", "{body}");
+        assert_eq!(body["model_version"], "2");
+        assert_eq!(body["output"]["tensors"]["y"]["data"], json!(vec![2.0 * i as f64; 4]));
+    }
+    h.stop().await;
+    std::fs::remove_dir_all(repo).unwrap();
+}
+
+/// A `sluice worker` process (the real binary), configured by a file.
+struct WorkerProcess {
+    child: std::process::Child,
+    _config: PathBuf,
+}
+
+impl WorkerProcess {
+    fn start(prefix: &str, extra_toml: &str) -> WorkerProcess {
+        let config = std::env::temp_dir().join(format!("{prefix}.toml"));
+        let toml = format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\n\
+             [store]\nredis = \"{}\"\nkey_prefix = \"{prefix}:\"\n\
+             [models]\nrepository = \"{}\"\nserve = [\"{MODEL}\"]\n{extra_toml}",
+            env("SLUICE_TEST_BROKERS"),
+            env("SLUICE_TEST_REDIS"),
+            env("SLUICE_MODEL_REPO"),
+        );
+        std::fs::write(&config, toml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["worker", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sluice worker starts");
+        WorkerProcess { child, _config: config }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) {
+        // SIGTERM: the graceful path.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Statuses of `ids` in the results store, read directly from Redis.
+async fn statuses(store: &sluice_pipeline::store::Store, ids: &[String]) -> Vec<Option<String>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(store.get(id).await.unwrap().map(|r| r.status.as_str().to_owned()));
+    }
+    out
+}
+
+async fn redis_store(prefix: &str) -> sluice_pipeline::store::Store {
+    let cfg = sluice_pipeline::store::StoreConfig {
+        ttl: Duration::from_secs(3600),
+        memory_capacity: 1,
+        key_prefix: format!("{prefix}:"),
+        cache_ttl: Duration::ZERO,
+        cache_capacity: 1,
+    };
+    sluice_pipeline::store::Store::redis(&env("SLUICE_TEST_REDIS"), &cfg).await.unwrap()
+}
+
+/// SIGKILL a worker mid-stream, start another: every job ends with one
+/// result, none is lost, and the results topic holds every job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_loses_no_job() {
+    let prefix = unique_prefix("sigkill");
+    let store = redis_store(&prefix).await;
+    // Topics are created by the worker; start it first, then publish.
+    let worker = WorkerProcess::start(&prefix, "");
+    let h = Harness {
+        sluice: None,
+        http: String::new(),
+        brokers: env("SLUICE_TEST_BROKERS"),
+        prefix: prefix.clone(),
+        client: reqwest::Client::new(),
+    };
+    let n = 1000;
+    let ids: Vec<String> = (0..n).map(|i| format!("k9-{i}")).collect();
+    // Wait for the topics, then publish the backlog.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sluice_pipeline::kafka::high_watermarks(&h.brokers, &h.jobs_topic()).await.map(|w| w.len()).unwrap_or(0) == 0
+    {
+        assert!(Instant::now() < deadline, "worker never created its topics");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| record(Some(id), job(id, &format!("crash test sentence {i}")).to_string()))
+        .collect();
+    h.produce(&h.jobs_topic(), None, records).await;
+
+    // Kill it once a good part of the backlog is done.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = statuses(&store, &ids).await.iter().filter(|s| s.as_deref() == Some("succeeded")).count();
+        if done >= n / 4 {
+            println!("killing the worker with SIGKILL after {done} of {n} jobs");
+            break;
+        }
+        assert!(Instant::now() < deadline, "worker too slow: {done} done");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worker.kill9();
+
+    let worker = WorkerProcess::start(&prefix, "");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let s = statuses(&store, &ids).await;
+        let done = s.iter().filter(|s| s.as_deref() == Some("succeeded")).count();
+        let failed: Vec<_> =
+            s.iter().filter(|s| s.as_deref().is_some_and(|s| s != "succeeded" && s != "running")).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        if done == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {done} of {n} finished after the restart");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    worker.terminate();
+
+    let results = h.consume(&format!("{prefix}.results"), 3 * n, 20).await;
+    let mut per_job: std::collections::HashMap<String, usize> = Default::default();
+    for r in &results {
+        *per_job.entry(r["key"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    let duplicates: usize = per_job.values().map(|c| c - 1).sum();
+    println!("results topic: {} records, {} distinct jobs, {duplicates} duplicates", results.len(), per_job.len());
+    assert_eq!(per_job.len(), n, "every job's result is on the results topic");
+    assert!(duplicates <= 512, "duplicates bounded by what was in flight at the crash: {duplicates}");
+}
+
+/// With 100,000 jobs waiting in Kafka, the worker's memory stays flat: the
+/// backlog stays in Kafka, not in the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_100k_jobs_does_not_grow_worker_memory() {
+    let prefix = unique_prefix("backlog");
+    let h = Harness {
+        sluice: None,
+        http: String::new(),
+        brokers: env("SLUICE_TEST_BROKERS"),
+        prefix: prefix.clone(),
+        client: reqwest::Client::new(),
+    };
+    let topic = h.jobs_topic();
+    let script = r#"
+import json, sys
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+brokers, prefix, topic = sys.argv[1], sys.argv[2], sys.argv[3]
+a = AdminClient({"bootstrap.servers": brokers})
+for f in a.create_topics([NewTopic(topic, 4, 1), NewTopic(prefix + ".results", 4, 1), NewTopic(prefix + ".dlq", 4, 1)]).values():
+    f.result()
+p = Producer({"bootstrap.servers": brokers, "linger.ms": 50, "enable.idempotence": True})
+for i in range(100000):
+    v = json.dumps({"job_id": f"bl-{i}", "tenant": "t", "model": "all-minilm-l6-v2", "input": {"text": f"backlog sentence number {i}"}})
+    while True:
+        try:
+            p.produce(topic, key=f"bl-{i}", value=v)
+            break
+        except BufferError:
+            p.poll(0.1)
+    p.poll(0)
+assert p.flush(120) == 0
+"#;
+    let out =
+        Command::new(env("SLUICE_TEST_PYTHON")).args(["-c", script, &h.brokers, &prefix, &topic]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let backlog: i64 = sluice_pipeline::kafka::high_watermarks(&h.brokers, &topic).await.unwrap().iter().sum();
+    assert_eq!(backlog, 100_000);
+
+    let worker = WorkerProcess::start(&prefix, "[worker]\nmax_in_flight = 512\n");
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        samples.push((started.elapsed().as_secs_f64(), worker.rss_kib()));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let store = redis_store(&prefix).await;
+    let probe: Vec<String> = (0..2000).map(|i| format!("bl-{i}")).collect();
+    let done = statuses(&store, &probe).await.iter().filter(|s| s.as_deref() == Some("succeeded")).count();
+    worker.terminate();
+
+    // Warm-up: model sessions and the first batches. After it, RSS must stay flat.
+    let warm = samples.iter().find(|(t, _)| *t >= 10.0).map(|s| s.1).unwrap();
+    let peak = samples.iter().filter(|(t, _)| *t >= 10.0).map(|s| s.1).max().unwrap();
+    println!(
+        "backlog 100000: RSS {} MiB at 10 s, peak {} MiB over 10-30 s, {done} of the first 2000 jobs done",
+        warm / 1024,
+        peak / 1024
+    );
+    assert!(done > 100, "the worker made progress: {done}");
+    assert!(
+        peak.saturating_sub(warm) < 96 * 1024,
+        "RSS grew {} MiB while working off the backlog",
+        (peak - warm) / 1024
+    );
 }
