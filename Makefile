@@ -23,12 +23,13 @@ ORT_ENV = export ORT_DYLIB_PATH="$$(ls $(VENV)/lib/python3*/site-packages/onnxru
 
 APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server curl ca-certificates
 
-.PHONY: help setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
+.PHONY: bench help setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
 
 help:
 	@echo "make demo    install what is missing, build, run Sluice embedded and push real jobs through it"
 	@echo "make test    install what is missing, start Redis + tansu, run every test, stop them"
 	@echo "make models  export the MiniLM model into $(MODELS)"
+	@echo "make bench   batching benchmark: raw ONNX Runtime ceiling vs the engine"
 	@echo "make lint    rustfmt check + clippy"
 
 ## --- installation (idempotent) ---------------------------------------------
@@ -90,6 +91,11 @@ test: setup tansu
 	exit $$status
 
 ## --- development -----------------------------------------------------------
+
+# Batching benchmark (release build): raw ONNX Runtime ceiling vs the engine,
+# length-aware vs arrival-order batching, one run, same inputs.
+bench: setup
+	@$(ORT_ENV); cargo bench -p sluice-workers --bench batching
 
 services-start: tansu
 	deploy/local/services.sh start $(SERVICES_DIR)

@@ -2,7 +2,7 @@
 //! batcher, and inference threads that own the ONNX Runtime sessions.
 //!
 //! ```text
-//! InferenceHandle ─► admission (queue_capacity permits) ─► preprocess thread ─► batcher task ─(1 batch)─► inference thread(s)
+//! InferenceHandle ─► admission (queue_capacity permits) ─► preprocess thread ─► batcher task ─(on demand)─► inference thread(s)
 //!  (clone = a Sender)   full: enqueue waits,                tokenize / check      Scheduler:               blocking_recv → run
 //!                       try_enqueue → Overloaded                                  lanes, tenants, lengths
 //! ```
@@ -15,7 +15,7 @@
 //! replaced model version finishes its in-flight batches on its old session.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -187,24 +187,28 @@ impl InferenceHandle {
             max_wait: b.max_wait_ms.map(Duration::from_millis).unwrap_or(cfg.max_wait),
             starvation_after: cfg.starvation_after,
             length_aware: cfg.length_aware,
-            window_batches: 4,
+            window_batches: 16,
+            max_skips: 4,
         };
         let label = model.label();
         let breaker = Arc::new(Breaker::new(cfg.breaker.clone()));
-        // Bound: one batch waits here while the threads are busy, so the next
-        // batch is ready the moment a thread frees up (TEI's prefetch).
+        let threads = cfg.inference_threads.max(1);
+        let idle = Arc::new(Idle { busy: AtomicUsize::new(0), threads, notify: tokio::sync::Notify::new() });
+        // Bound: one batch in hand-over. Batches are formed only when a thread
+        // is free (see `Idle`), so none waits here for long.
         let (batch_tx, batch_rx) = mpsc::channel::<BatchMsg>(1);
         let batch_rx = Arc::new(Mutex::new(batch_rx));
         let mut ready = Vec::new();
-        for i in 0..cfg.inference_threads.max(1) {
+        for i in 0..threads {
             let (ready_tx, ready_rx) = oneshot::channel();
-            let (model, session, rx, breaker) = (model.clone(), cfg.session.clone(), batch_rx.clone(), breaker.clone());
+            let (model, session, rx, breaker, idle) =
+                (model.clone(), cfg.session.clone(), batch_rx.clone(), breaker.clone(), idle.clone());
             std::thread::Builder::new()
                 .name(format!("infer-{}-{i}", model.spec.name))
                 .spawn(move || match Runner::load(&model, &session) {
                     Ok((runner, inputs)) => {
                         let _ = ready_tx.send(Ok(inputs));
-                        inference_loop(runner, rx, breaker, model.label());
+                        inference_loop(runner, rx, idle, breaker, model.label());
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -228,7 +232,7 @@ impl InferenceHandle {
             .name(format!("prep-{}", model.spec.name))
             .spawn(move || preprocess_loop(p, submit_rx, sched_tx))
             .map_err(|e| WorkerError::Load { model: label.clone(), message: format!("spawn thread: {e}") })?;
-        tokio::spawn(batcher(sched_rx, batch_tx, Scheduler::new(limits), label.clone()));
+        tokio::spawn(batcher(sched_rx, batch_tx, idle, Scheduler::new(limits), label.clone()));
         tracing::info!(model = %label, threads = cfg.inference_threads.max(1), "inference engine ready");
         Ok(InferenceHandle {
             tx,
@@ -317,6 +321,7 @@ fn preprocess_loop(
 async fn batcher(
     mut rx: mpsc::Receiver<(Submission, Prepared)>,
     out: mpsc::Sender<BatchMsg>,
+    idle: Arc<Idle>,
     mut sched: Scheduler<Queued>,
     model: String,
 ) {
@@ -333,6 +338,7 @@ async fn batcher(
             deadline: job.deadline,
             cancel: job.cancel,
             solo: job.solo,
+            skipped: 0,
         });
     };
     let mut open = true;
@@ -346,8 +352,24 @@ async fn batcher(
                 None => return,
             }
         }
-        // Wait for an inference thread to be able to take a batch; keep
-        // queueing meanwhile, so the batch is as full as it can be.
+        // Form the batch only when an inference thread is about to be idle:
+        // a batch formed early (while every thread is busy) would be chosen
+        // from fewer jobs and group lengths worse; keep queueing meanwhile.
+        while !idle.any_idle() {
+            let notified = idle.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if idle.any_idle() {
+                break;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                m = rx.recv(), if open => match m {
+                    Some(m) => push(&mut sched, m),
+                    None => open = false,
+                },
+            }
+        }
         let permit = loop {
             tokio::select! {
                 biased;
@@ -404,7 +426,27 @@ async fn batcher(
     }
 }
 
-fn inference_loop(mut runner: Runner, rx: Arc<Mutex<mpsc::Receiver<BatchMsg>>>, breaker: Arc<Breaker>, model: String) {
+/// How many inference threads are running a batch; the batcher waits for
+/// one to be free before it forms the next batch.
+struct Idle {
+    busy: AtomicUsize,
+    threads: usize,
+    notify: tokio::sync::Notify,
+}
+
+impl Idle {
+    fn any_idle(&self) -> bool {
+        self.busy.load(Ordering::Acquire) < self.threads
+    }
+}
+
+fn inference_loop(
+    mut runner: Runner,
+    rx: Arc<Mutex<mpsc::Receiver<BatchMsg>>>,
+    idle: Arc<Idle>,
+    breaker: Arc<Breaker>,
+    model: String,
+) {
     let breaker_gauge = metrics::gauge!("sluice_breaker_state", "model" => model.clone());
     loop {
         // One idle thread waits on the channel while the others wait on the
@@ -414,6 +456,7 @@ fn inference_loop(mut runner: Runner, rx: Arc<Mutex<mpsc::Receiver<BatchMsg>>>, 
             guard.blocking_recv()
         };
         let Some(BatchMsg { entries, padding_ratio }) = msg else { return };
+        idle.busy.fetch_add(1, Ordering::AcqRel);
         let started = Instant::now();
         let batch_size = entries.len() as u32;
         let (prepared, rest): (Vec<Prepared>, Vec<(Instant, usize, Reply)>) = entries
@@ -464,5 +507,7 @@ fn inference_loop(mut runner: Runner, rx: Arc<Mutex<mpsc::Receiver<BatchMsg>>>, 
                 inference,
             }));
         }
+        idle.busy.fetch_sub(1, Ordering::AcqRel);
+        idle.notify.notify_one();
     }
 }

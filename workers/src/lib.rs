@@ -13,6 +13,7 @@ mod engine;
 mod error;
 mod model;
 mod pool;
+mod raw;
 mod runtime;
 mod scheduler;
 
@@ -25,5 +26,6 @@ pub use model::{
     Routing, Task, TensorSpec, TokenizerSpec,
 };
 pub use pool::{ModelPool, ReloadReport};
+pub use raw::RawSession;
 pub use runtime::{ExecutionProvider, ProviderFallback, SessionConfig};
 pub use scheduler::Limits;

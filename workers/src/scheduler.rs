@@ -44,6 +44,9 @@ pub struct Limits {
     pub length_aware: bool,
     /// Candidates considered per batch, as a multiple of `max_batch_size`.
     pub window_batches: usize,
+    /// How many batches may pass over the job first in line for a better
+    /// grouped batch, before that job anchors one.
+    pub max_skips: u32,
 }
 
 impl Default for Limits {
@@ -54,7 +57,8 @@ impl Default for Limits {
             max_wait: Duration::from_millis(5),
             starvation_after: Duration::from_secs(2),
             length_aware: true,
-            window_batches: 4,
+            window_batches: 16,
+            max_skips: 4,
         }
     }
 }
@@ -74,6 +78,9 @@ pub struct Entry<T> {
     /// Run in a batch of its own (a retry after a failed batch, so that one
     /// bad input cannot keep failing the jobs batched with it).
     pub solo: bool,
+    /// Batches formed without this job while it was first in line; past
+    /// `Limits::max_skips` it anchors the next batch.
+    pub skipped: u32,
 }
 
 /// Why a job left the queue without running.
@@ -135,6 +142,7 @@ struct Candidate {
     pos: usize,
     cost: usize,
     solo: bool,
+    skipped: u32,
 }
 
 impl<T> Scheduler<T> {
@@ -225,6 +233,11 @@ impl<T> Scheduler<T> {
             return Batch { entries: Vec::new(), padded_len: 0 };
         };
         let chosen = self.choose(&candidates, &anchor);
+        if !chosen.iter().any(|c| c.lane == anchor.lane && c.tenant == anchor.tenant && c.pos == anchor.pos) {
+            let q =
+                self.lanes[anchor.lane].queues.get_mut(&anchor.tenant).expect("anchor queue exists. This is a bug.");
+            q[anchor.pos].skipped += 1;
+        }
         self.remove(chosen)
     }
 
@@ -259,6 +272,7 @@ impl<T> Scheduler<T> {
                             pos: pos[ti],
                             cost: e.cost,
                             solo: e.solo,
+                            skipped: e.skipped,
                         });
                         pos[ti] += 1;
                         progressed = true;
@@ -281,30 +295,53 @@ impl<T> Scheduler<T> {
         if anchor.solo {
             return vec![anchor.clone()];
         }
-        let mut order: Vec<&Candidate> = candidates[1..].iter().filter(|c| !c.solo).collect();
+        // Indices into `candidates` (0 is the anchor), solo jobs left out.
+        let mut order: Vec<usize> = (1..candidates.len()).filter(|&i| !candidates[i].solo).collect();
+        let mut used = vec![false; candidates.len()];
+        let mut chosen = Vec::new();
         if l.length_aware {
             // Stable: ties keep the fair order.
-            order.sort_by_key(|c| (c.rank, c.cost.abs_diff(anchor.cost)));
+            order.sort_by_key(|&i| (candidates[i].rank, candidates[i].cost.abs_diff(anchor.cost)));
+            // One tenant in the anchor's lane: no fairness to keep there, so
+            // take the block of similar lengths that pads least — anywhere in
+            // the lane while the first job in line has not been passed over
+            // too often, else around it.
+            let same_rank: Vec<usize> = order.iter().copied().filter(|&i| candidates[i].rank == anchor.rank).collect();
+            if same_rank.iter().all(|&i| candidates[i].tenant == anchor.tenant) {
+                let pinned = anchor.skipped >= l.max_skips;
+                chosen = least_padded_block(candidates, &same_rank, l.max_batch_size, l.max_batch_tokens, pinned);
+            }
         }
-        let tenants: std::collections::HashSet<(usize, &str)> =
-            candidates.iter().map(|c| (c.lane, c.tenant.as_str())).collect();
-        let quota = (l.max_batch_size / tenants.len().max(1)).max(1);
+        if chosen.is_empty() {
+            chosen.push(0);
+        }
+        for &i in &chosen {
+            used[i] = true;
+        }
+        // A tenant's fair share is counted among the tenants of its own lane:
+        // priority decides between lanes, fairness within one.
+        let mut tenants_of_rank: HashMap<usize, std::collections::HashSet<&str>> = HashMap::new();
+        for c in candidates {
+            tenants_of_rank.entry(c.rank).or_default().insert(c.tenant.as_str());
+        }
+        let quota = |rank: usize| (l.max_batch_size / tenants_of_rank[&rank].len().max(1)).max(1);
         let mut taken: HashMap<(usize, &str), usize> = HashMap::new();
-        taken.insert((anchor.lane, anchor.tenant.as_str()), 1);
-        let mut chosen = vec![anchor.clone()];
-        let mut max_len = anchor.cost;
-        let mut used = vec![false; order.len()];
+        for &i in &chosen {
+            *taken.entry((candidates[i].lane, candidates[i].tenant.as_str())).or_default() += 1;
+        }
+        let mut max_len = chosen.iter().map(|&i| candidates[i].cost).max().unwrap_or(0);
         // First pass: every tenant up to its quota; second: fill what is left.
         for with_quota in [true, false] {
-            for (i, c) in order.iter().enumerate() {
+            for &i in &order {
                 if chosen.len() >= l.max_batch_size {
                     break;
                 }
                 if used[i] {
                     continue;
                 }
+                let c = &candidates[i];
                 let key = (c.lane, c.tenant.as_str());
-                if with_quota && taken.get(&key).copied().unwrap_or(0) >= quota {
+                if with_quota && taken.get(&key).copied().unwrap_or(0) >= quota(c.rank) {
                     continue;
                 }
                 let new_max = max_len.max(c.cost);
@@ -314,10 +351,10 @@ impl<T> Scheduler<T> {
                 used[i] = true;
                 *taken.entry(key).or_default() += 1;
                 max_len = new_max;
-                chosen.push((*c).clone());
+                chosen.push(i);
             }
         }
-        chosen
+        chosen.into_iter().map(|i| candidates[i].clone()).collect()
     }
 
     /// Removes the chosen entries and moves their tenants to the back of
@@ -355,6 +392,44 @@ impl<T> Scheduler<T> {
     }
 }
 
+/// Among the anchor (index 0) and `others`, the contiguous run by length
+/// that holds as many jobs as fit and pads least; with `pinned`, only runs
+/// that contain the anchor. Returns indices into `candidates`.
+fn least_padded_block(
+    candidates: &[Candidate],
+    others: &[usize],
+    max_size: usize,
+    max_tokens: usize,
+    pinned: bool,
+) -> Vec<usize> {
+    let mut sorted: Vec<usize> = std::iter::once(0).chain(others.iter().copied()).collect();
+    sorted.sort_by_key(|&i| candidates[i].cost);
+    let k = sorted.iter().position(|&i| i == 0).expect("the anchor is in the list");
+    let cost = |i: usize| candidates[sorted[i]].cost;
+    let prefix: Vec<usize> = std::iter::once(0)
+        .chain(sorted.iter().scan(0, |acc, &i| {
+            *acc += candidates[i].cost;
+            Some(*acc)
+        }))
+        .collect();
+    for width in (1..=max_size.min(sorted.len())).rev() {
+        let (first, last) =
+            if pinned { (k.saturating_sub(width - 1), k.min(sorted.len() - width)) } else { (0, sorted.len() - width) };
+        let best = (first..=last)
+            .filter(|&start| width == 1 || cost(start + width - 1) * width <= max_tokens)
+            // Least padding per job; among equals, the shorter run (taking
+            // the shortest run first cuts a backlog the way sorting would).
+            .min_by_key(|&start| {
+                let waste = cost(start + width - 1) * width - (prefix[start + width] - prefix[start]);
+                (waste / width.max(1), start)
+            });
+        if let Some(start) = best {
+            return sorted[start..start + width].to_vec();
+        }
+    }
+    vec![0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +448,7 @@ mod tests {
             deadline: None,
             cancel: None,
             solo: false,
+            skipped: 0,
         }
     }
 
@@ -457,6 +533,27 @@ mod tests {
     }
 
     #[test]
+    fn one_tenant_gets_the_least_padded_blocks_and_the_first_in_line_is_not_passed_over_forever() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Limits { max_skips: 2, ..limits(3, 100_000) });
+        // The job first in line is 300 long, alone among shorter ones.
+        for (i, c) in [300, 50, 10, 200, 52, 12, 11, 49, 210, 205, 51, 13].into_iter().enumerate() {
+            s.push(entry(i as u32, "a", Priority::Normal, c, t0));
+        }
+        let mut batches: Vec<Vec<u32>> = Vec::new();
+        while !s.is_empty() {
+            let mut b = ids(&s.take_batch(t0));
+            b.sort();
+            batches.push(b);
+        }
+        // Tightest runs first: 10/11/12 (or 49/50/51...), and the 300 no later than the third batch.
+        let first_300 = batches.iter().position(|b| b.contains(&0)).unwrap();
+        assert!(first_300 <= 2, "{batches:?}");
+        assert!(batches.contains(&vec![2, 5, 6]) || batches.contains(&vec![5, 6, 11]), "{batches:?}");
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 12);
+    }
+
+    #[test]
     fn token_budget_limits_the_padded_batch() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(limits(32, 100));
@@ -469,8 +566,10 @@ mod tests {
         let mut s = Scheduler::new(limits(32, 100));
         s.push(entry(1, "a", Priority::Normal, 300, t0));
         s.push(entry(2, "a", Priority::Normal, 5, t0));
-        assert_eq!(ids(&s.take_batch(t0)), vec![1]);
-        assert_eq!(ids(&s.take_batch(t0)), vec![2]);
+        let mut runs = vec![ids(&s.take_batch(t0)), ids(&s.take_batch(t0))];
+        runs.sort();
+        assert_eq!(runs, vec![vec![1], vec![2]]);
+        assert!(s.is_empty());
     }
 
     #[test]
