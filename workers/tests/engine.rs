@@ -433,3 +433,21 @@ async fn failing_inference_opens_the_breaker_until_a_healthy_version_serves() {
     assert_eq!(tensor(&out, "y").data, vec![4.0; 4]);
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// An execution provider that cannot be registered (this build has no CUDA,
+/// or ONNX Runtime is a CPU build): refused by default, or run on the CPU
+/// when the policy says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_execution_provider_fails_or_falls_back_by_policy() {
+    use sluice_workers::{ExecutionProvider, ProviderFallback, SessionConfig};
+    let model = repo().latest(MODEL).unwrap();
+    let cuda = |fallback| EngineConfig {
+        session: SessionConfig { provider: ExecutionProvider::Cuda { device_id: 0 }, fallback, ..Default::default() },
+        ..Default::default()
+    };
+    let err = InferenceHandle::start(model.clone(), cuda(ProviderFallback::Fail)).await.err().expect("refused");
+    assert!(err.to_string().contains("CUDA"), "{err}");
+    let engine = InferenceHandle::start(model, cuda(ProviderFallback::Cpu)).await.expect("falls back to the CPU");
+    let out = engine.infer(EngineJob::text("This is an example sentence")).await.unwrap();
+    assert!((out.embedding().unwrap()[0] - 0.0676569).abs() < 1e-4);
+}
