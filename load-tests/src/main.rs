@@ -223,6 +223,38 @@ async fn demo(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -
 
     report(&sentences, &outcomes, submitted, elapsed)?;
 
+    println!("\n== versions, tensor models and the cache");
+    let int8 = run.submit(json!({"tenant": "demo", "model": MODEL, "model_version": "2", "input": {"text": "This is an example sentence"}})).await?;
+    let int8 = run.wait(&int8).await?;
+    println!(
+        "   pinned int8 version {}: cosine to fp32 {:.4}",
+        int8["model_version"].as_str().unwrap_or("?"),
+        stats::cosine(&embedding(&int8)?, &got)
+    );
+    let again = run.submit_rest("This is an example sentence").await?;
+    let again = run.wait(&again).await?;
+    println!(
+        "   the same sentence again: batch_size {} (0 = served from the inference cache), same vector: {}",
+        again["timings"]["batch_size"],
+        embedding(&again)? == got
+    );
+    let x: Vec<f64> = vec![-2.0, -1.0, 0.0, 1.0, 2.0];
+    let sig = run
+        .submit(json!({"tenant": "demo", "model": "sigmoid",
+            "input": {"tensors": {"x": {"dtype": "float32", "shape": [3, 4, 5], "data": x.repeat(12)}}}}))
+        .await;
+    match sig {
+        Ok(id) => {
+            let r = run.wait(&id).await?;
+            let y = &r["output"]["tensors"]["y"]["data"];
+            println!(
+                "   tensor model `sigmoid`: x = {x:?} → y = [{:.4}, {:.4}, {:.4}, {:.4}, {:.4}, …]",
+                y[0], y[1], y[2], y[3], y[4]
+            );
+        }
+        Err(e) => println!("   tensor model `sigmoid` not served here: {e}"),
+    }
+
     println!("\n== a bad request gets a clear error");
     let r =
         http.post(format!("{}/v1/jobs", child.http)).body(r#"{"model":"gpt-9","input":{"text":"hi"}}"#).send().await?;
@@ -241,12 +273,11 @@ struct Run<'a> {
 
 impl Run<'_> {
     async fn submit_rest(&self, text: &str) -> anyhow::Result<String> {
-        let r = self
-            .http
-            .post(format!("{}/v1/jobs", self.base))
-            .json(&json!({"tenant": "demo", "model": MODEL, "input": {"text": text}}))
-            .send()
-            .await?;
+        self.submit(json!({"tenant": "demo", "model": MODEL, "input": {"text": text}})).await
+    }
+
+    async fn submit(&self, body: Value) -> anyhow::Result<String> {
+        let r = self.http.post(format!("{}/v1/jobs", self.base)).json(&body).send().await?;
         let status = r.status();
         let body: Value = r.json().await?;
         ensure!(status.as_u16() == 202, "POST /v1/jobs answered {status}: {body}");
