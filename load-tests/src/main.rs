@@ -246,11 +246,14 @@ async fn demo(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -
     match sig {
         Ok(id) => {
             let r = run.wait(&id).await?;
-            let y = &r["output"]["tensors"]["y"]["data"];
-            println!(
-                "   tensor model `sigmoid`: x = {x:?} → y = [{:.4}, {:.4}, {:.4}, {:.4}, {:.4}, …]",
-                y[0], y[1], y[2], y[3], y[4]
-            );
+            let y: Vec<String> = r["output"]["tensors"]["y"]["data"]
+                .as_array()
+                .context("no tensor output")?
+                .iter()
+                .take(5)
+                .map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            println!("   tensor model `sigmoid`: x = {x:?} → y = [{}, …]", y.join(", "));
         }
         Err(e) => println!("   tensor model `sigmoid` not served here: {e}"),
     }
