@@ -901,3 +901,49 @@ assert p.flush(120) == 0
         (peak - warm) / 1024
     );
 }
+
+/// Two workers share a model's consumer group; one leaves mid-stream (its
+/// partitions are revoked after it commits what it finished) and the other
+/// takes over: every job ends succeeded, and each result is published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_group_rebalance_loses_and_repeats_nothing() {
+    let prefix = unique_prefix("rebalance");
+    let mut a = Harness::start_role(prefix.clone(), Role::Worker, true, json!({"worker": {"id": "worker-a"}})).await;
+    let mut b = Harness::start_role(prefix.clone(), Role::Worker, true, json!({"worker": {"id": "worker-b"}})).await;
+    let mut gw = Harness::start_role(prefix.clone(), Role::Gateway, true, json!({})).await;
+    let n = 300;
+    let records: Vec<Value> = (0..n)
+        .map(|i| {
+            record(Some(&format!("rb-{i}")), job(&format!("rb-{i}"), &format!("rebalance sentence {i}")).to_string())
+        })
+        .collect();
+    gw.produce(&gw.jobs_topic(), None, records).await;
+    // Both members work; then one leaves while jobs are in flight.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = gw.get(&format!("/v1/jobs/rb-{}", n / 3)).await.1["status"] == "succeeded";
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    let mut by_worker: std::collections::HashMap<String, usize> = Default::default();
+    for i in 0..n {
+        let body = gw.wait_done(&format!("rb-{i}")).await;
+        assert_eq!(body["status"], "succeeded", "{body}");
+        *by_worker.entry(body["worker_id"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    let results = gw.consume(&format!("{prefix}.results"), 2 * n, 10).await;
+    let mut keys: Vec<&str> = results.iter().map(|r| r["key"].as_str().unwrap()).collect();
+    let total = keys.len();
+    keys.sort();
+    keys.dedup();
+    println!("rebalance: results by worker {by_worker:?}; {total} published, {} distinct", keys.len());
+    assert_eq!(keys.len(), n);
+    assert_eq!(total, n, "no result published twice");
+    assert!(by_worker.len() == 2, "both members worked: {by_worker:?}");
+    b.stop().await;
+    gw.stop().await;
+}
