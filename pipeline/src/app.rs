@@ -193,7 +193,9 @@ impl Sluice {
                 TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
             http_addr = listener.local_addr().ok();
             let producer = Producer::new(&bootstrap, "sluice-gateway", cfg.produce_timeout())?;
-            let router = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), metrics.clone()).router();
+            let gateway = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), metrics.clone());
+            tasks.extend(gateway.spawn_background(&bootstrap, shutdown.clone()));
+            let router = gateway.router();
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = crate::gateway::serve(listener, router, sd).await {

@@ -10,7 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use sluice_workers::{BreakerConfig, EngineConfig, ExecutionProvider, ProviderFallback, SessionConfig};
 
-use crate::gateway::GatewayConfig;
+use crate::gateway::{ApiKey, GatewayConfig};
 use crate::store::StoreConfig;
 use crate::worker::WorkerConfig;
 
@@ -118,6 +118,17 @@ pub struct GatewaySection {
     pub listen: String,
     pub default_tenant: String,
     pub max_body_bytes: usize,
+    pub max_items_per_request: usize,
+    pub max_batch_bytes: usize,
+    pub max_batch_lines: usize,
+    pub max_in_flight: usize,
+    pub max_backlog: i64,
+    pub backlog_poll_ms: u64,
+    pub max_wait_secs: u64,
+    pub max_waiters: usize,
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+    pub api_keys: Vec<ApiKey>,
 }
 
 impl Config {
@@ -190,10 +201,22 @@ impl Config {
     }
 
     pub fn gateway(&self) -> GatewayConfig {
+        let g = &self.gateway;
         GatewayConfig {
             topic_prefix: self.kafka.topic_prefix.clone(),
-            default_tenant: self.gateway.default_tenant.clone(),
-            max_body_bytes: self.gateway.max_body_bytes,
+            default_tenant: g.default_tenant.clone(),
+            max_body_bytes: g.max_body_bytes,
+            max_batch_bytes: g.max_batch_bytes,
+            max_items_per_request: g.max_items_per_request,
+            max_batch_lines: g.max_batch_lines,
+            max_in_flight: g.max_in_flight,
+            max_backlog: g.max_backlog,
+            backlog_poll: Duration::from_millis(g.backlog_poll_ms.max(50)),
+            max_wait: Duration::from_secs(g.max_wait_secs),
+            max_waiters: g.max_waiters,
+            rate_per_second: g.rate_per_second,
+            rate_burst: g.rate_burst,
+            api_keys: g.api_keys.clone(),
         }
     }
 

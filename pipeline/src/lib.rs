@@ -13,6 +13,7 @@ pub mod config;
 pub mod gateway;
 pub mod kafka;
 mod offsets;
+pub mod publish;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

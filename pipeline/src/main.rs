@@ -27,8 +27,55 @@ enum Command {
     Worker(RunArgs),
     /// The REST gateway only.
     Gateway(RunArgs),
-    /// Print the effective configuration (all layers merged) as TOML-ish JSON.
+    /// Print the effective configuration (all layers merged) as JSON.
     Config(RunArgs),
+    /// Publish jobs from a JSONL file (one JobRequest per line) to Kafka.
+    Publish(PublishArgs),
+    /// Wait for a job through the REST API and print its record.
+    Poll(PollArgs),
+    /// Print the SHA-256 of an API key, as `gateway.api_keys` wants it.
+    HashKey {
+        /// The key (read from standard input when absent, so it stays out of
+        /// the shell history).
+        key: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// JSONL file: one job per line; job_id, tenant and submitted_at may be left out.
+    file: PathBuf,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "SLUICE__KAFKA__BROKERS")]
+    brokers: Option<String>,
+    /// Topic prefix.
+    #[arg(long, env = "SLUICE__KAFKA__TOPIC_PREFIX")]
+    topic_prefix: Option<String>,
+    /// Tenant of lines that name none.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// Jobs per second (default: as fast as the broker takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Sends in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+struct PollArgs {
+    /// The job id.
+    id: String,
+    /// Base URL of the REST API.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// API key (when the gateway requires one).
+    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Give up after this many seconds (an unknown id is looked for until then:
+    /// a job published to Kafka has no record until a worker picks it up).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -92,6 +139,17 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             return Ok(());
         }
+        Command::Publish(a) => return publish(cli.config.as_deref(), a).await,
+        Command::Poll(a) => return poll(a).await,
+        Command::HashKey { key } => {
+            let key = match key {
+                Some(k) => k.clone(),
+                None => std::io::read_to_string(std::io::stdin())?.trim().to_owned(),
+            };
+            anyhow::ensure!(!key.is_empty(), "empty key");
+            println!("{}", sluice_pipeline::gateway::hash_key(&key));
+            return Ok(());
+        }
     };
     let cfg = Config::load(cli.config.as_deref(), args.overrides()).context("invalid configuration")?;
     let sluice = Sluice::start(cfg, role).await.context("cannot start sluice")?;
@@ -122,4 +180,83 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("shutting down: draining in-flight jobs");
     sluice.stop().await;
     Ok(())
+}
+
+async fn publish(config: Option<&std::path::Path>, a: &PublishArgs) -> anyhow::Result<()> {
+    let mut kafka = Map::new();
+    if let Some(b) = &a.brokers {
+        kafka.insert("brokers".into(), json!(b));
+    }
+    if let Some(p) = &a.topic_prefix {
+        kafka.insert("topic_prefix".into(), json!(p));
+    }
+    let cfg = Config::load(config, json!({ "kafka": kafka })).context("invalid configuration")?;
+    anyhow::ensure!(!cfg.kafka.brokers.is_empty(), "--brokers (or SLUICE__KAFKA__BROKERS) is required");
+    let (jobs, invalid) = sluice_pipeline::publish::read_jobs(&a.file, &a.tenant)?;
+    for line in &invalid {
+        eprintln!("skipped {line}");
+    }
+    let producer = sluice_pipeline::kafka::Producer::new(&cfg.kafka.brokers, "sluice-publish", cfg.produce_timeout())?;
+    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} jobs  {per_sec}  eta {eta}")
+            .expect("static template"),
+    );
+    let summary =
+        sluice_pipeline::publish::publish(jobs, &producer, &cfg.kafka.topic_prefix, a.rate, a.concurrency, |n| {
+            bar.set_position(n)
+        })
+        .await;
+    bar.finish_and_clear();
+    for f in &summary.failed {
+        eprintln!("failed {f}");
+    }
+    let secs = summary.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "published {} jobs in {:.2} s ({:.0}/s); {} invalid lines skipped; {} failed",
+        summary.published,
+        secs,
+        summary.published as f64 / secs,
+        invalid.len(),
+        summary.failed.len()
+    );
+    anyhow::ensure!(summary.failed.is_empty(), "{} jobs were not published", summary.failed.len());
+    Ok(())
+}
+
+async fn poll(a: &PollArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).as_secs().min(60);
+        let mut req = client
+            .get(format!("{}/v1/jobs/{}", a.url.trim_end_matches('/'), a.id))
+            .query(&[("wait", left)])
+            .timeout(std::time::Duration::from_secs(left + 10));
+        if let Some(k) = &a.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.context("cannot reach the REST API")?;
+        let status = resp.status();
+        let body: Value = resp.json().await.context("the REST API did not answer JSON")?;
+        if status == reqwest::StatusCode::NOT_FOUND && std::time::Instant::now() < deadline {
+            // Jobs published straight to Kafka have no record until a worker
+            // picks them up: keep looking until the timeout.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            continue;
+        }
+        if !status.is_success() {
+            eprintln!("{}", serde_json::to_string_pretty(&body)?);
+            std::process::exit(2);
+        }
+        let state = body["status"].as_str().unwrap_or_default().to_owned();
+        if !matches!(state.as_str(), "queued" | "running") {
+            println!("{}", serde_json::to_string_pretty(&body)?);
+            std::process::exit(if state == "succeeded" { 0 } else { 1 });
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!("job {} still {state} after {} s", a.id, a.timeout);
+            std::process::exit(2);
+        }
+    }
 }

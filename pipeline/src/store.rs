@@ -43,6 +43,33 @@ pub enum Put {
     Kept(JobStatus),
 }
 
+/// Outcome of [`Store::create`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Create {
+    /// The record was written: a new job.
+    Created,
+    /// A job with this id exists already; this is its record.
+    Exists(Box<JobResult>),
+}
+
+/// Notification channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    /// A job was cancelled: workers holding it drop it.
+    Cancel,
+    /// A job reached a terminal status: long-polls answer.
+    Done,
+}
+
+impl Channel {
+    fn name(self) -> &'static str {
+        match self {
+            Channel::Cancel => "cancel",
+            Channel::Done => "done",
+        }
+    }
+}
+
 /// Outcome of [`Store::cancel`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cancel {
@@ -119,6 +146,83 @@ impl Store {
         }
     }
 
+    /// Writes `record` (a `queued` record from the gateway) only if no record
+    /// of its job exists; otherwise returns the existing one. This makes a
+    /// client-given `job_id` idempotent.
+    pub async fn create(&self, record: &JobResult) -> Result<Create, StoreError> {
+        match self {
+            Store::Redis(r) => r.create(record).await,
+            Store::Memory(m) => Ok(m.create(record)),
+        }
+    }
+
+    /// Removes a job's record if it is still `queued` (undoes [`Store::create`]
+    /// when the job could not be produced, so that the client may retry).
+    pub async fn remove_queued(&self, job_id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.remove_queued(job_id).await,
+            Store::Memory(m) => {
+                m.remove_queued(job_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// The records of `job_ids`, in order (`None` where there is none).
+    pub async fn get_many(&self, job_ids: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
+        match self {
+            Store::Redis(r) => r.get_many(job_ids).await,
+            Store::Memory(m) => Ok(job_ids.iter().map(|id| m.get_meta(id).map(|(r, _)| r)).collect()),
+        }
+    }
+
+    /// Stores a document (e.g. a batch) of `kind` under `id`, with the record TTL.
+    pub async fn put_doc(&self, kind: &str, id: &str, json: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.put_doc(kind, id, json).await,
+            Store::Memory(m) => {
+                m.put_doc(kind, id, json);
+                Ok(())
+            }
+        }
+    }
+
+    /// A document stored with [`Store::put_doc`].
+    pub async fn get_doc(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Redis(r) => r.get_doc(kind, id).await,
+            Store::Memory(m) => Ok(m.get_doc(kind, id)),
+        }
+    }
+
+    /// Tells long-polling readers that `job_id` reached a terminal status.
+    pub async fn notify_done(&self, job_id: &str) -> Result<(), StoreError> {
+        self.notify(Channel::Done, job_id).await
+    }
+
+    /// Job ids that reach a terminal status from now on (best effort, like
+    /// [`Store::cancellations`]; readers re-read the store).
+    pub fn completions(&self) -> mpsc::Receiver<String> {
+        self.subscribe(Channel::Done)
+    }
+
+    async fn notify(&self, channel: Channel, job_id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.notify(channel, job_id).await,
+            Store::Memory(m) => {
+                m.notify(channel, job_id);
+                Ok(())
+            }
+        }
+    }
+
+    fn subscribe(&self, channel: Channel) -> mpsc::Receiver<String> {
+        match self {
+            Store::Redis(r) => r.subscribe(channel),
+            Store::Memory(m) => m.subscribe(channel),
+        }
+    }
+
     /// Cancels a job that has not finished, and notifies the workers.
     pub async fn cancel(&self, job_id: &str) -> Result<Cancel, StoreError> {
         for _ in 0..3 {
@@ -130,10 +234,8 @@ impl Store {
             cancelled.status = JobStatus::Cancelled;
             cancelled.finished_at = Some(chrono::Utc::now());
             if self.put(&cancelled).await? == Put::Written {
-                match self {
-                    Store::Redis(r) => r.notify_cancel(job_id).await?,
-                    Store::Memory(m) => m.notify_cancel(job_id),
-                }
+                self.notify(Channel::Cancel, job_id).await?;
+                self.notify(Channel::Done, job_id).await?;
                 return Ok(Cancel::Cancelled(cancelled));
             }
             // It finished (or changed) under us: look again.
@@ -148,10 +250,7 @@ impl Store {
     /// missed notice only means the job runs, and its result is then
     /// refused by the store because the job is already cancelled.
     pub fn cancellations(&self) -> mpsc::Receiver<String> {
-        match self {
-            Store::Redis(r) => r.cancellations(),
-            Store::Memory(m) => m.cancellations(),
-        }
+        self.subscribe(Channel::Cancel)
     }
 
     /// A cached output for `key` (model, version and input digest).
@@ -263,8 +362,83 @@ impl RedisStore {
         format!("{}job:{job_id}", self.prefix)
     }
 
-    fn cancel_channel(&self) -> String {
-        format!("{}cancel", self.prefix)
+    fn channel(&self, channel: Channel) -> String {
+        format!("{}{}", self.prefix, channel.name())
+    }
+
+    async fn create(&self, record: &JobResult) -> Result<Create, StoreError> {
+        let json = serde_json::to_string(record).expect("JobResult serialises. This is a bug.");
+        let mut conn = self.conn.clone();
+        let existing: Option<String> = redis::cmd("EVAL")
+            .arg(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], 'record') end \
+                 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'record', ARGV[2]) \
+                 redis.call('PEXPIRE', KEYS[1], ARGV[3]) return false",
+            )
+            .arg(1)
+            .arg(self.key(&record.job_id))
+            .arg(record.status.as_str())
+            .arg(json)
+            .arg(self.ttl_ms)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match existing {
+            None => Ok(Create::Created),
+            Some(raw) => serde_json::from_str(&raw)
+                .map(|r| Create::Exists(Box::new(r)))
+                .map_err(|e| StoreError::Corrupt { job_id: record.job_id.clone(), message: e.to_string() }),
+        }
+    }
+
+    async fn remove_queued(&self, job_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("EVAL")
+            .arg("if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('DEL', KEYS[1]) end return 1")
+            .arg(1)
+            .arg(self.key(job_id))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn get_many(&self, job_ids: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
+        let mut out = Vec::with_capacity(job_ids.len());
+        // Pipelined in chunks: one round trip per 1000 records.
+        for chunk in job_ids.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HGET").arg(self.key(id)).arg("record");
+            }
+            let mut conn = self.conn.clone();
+            let raws: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            for (id, raw) in chunk.iter().zip(raws) {
+                out.push(
+                    raw.map(|s| serde_json::from_str(&s))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt { job_id: id.clone(), message: e.to_string() })?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_doc(&self, kind: &str, id: &str, json: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}{kind}:{id}", self.prefix))
+            .arg(json)
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn get_doc(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET").arg(format!("{}{kind}:{id}", self.prefix)).query_async(&mut conn).await.map_err(unavailable)
     }
 
     async fn put(&self, record: &JobResult) -> Result<Put, StoreError> {
@@ -321,10 +495,10 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
-    async fn notify_cancel(&self, job_id: &str) -> Result<(), StoreError> {
+    async fn notify(&self, channel: Channel, job_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         redis::cmd("PUBLISH")
-            .arg(self.cancel_channel())
+            .arg(self.channel(channel))
             .arg(job_id)
             .query_async::<i64>(&mut conn)
             .await
@@ -332,18 +506,18 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
-    fn cancellations(&self) -> mpsc::Receiver<String> {
-        // Bound: notices the worker has not looked at yet; when full, newer
-        // notices are dropped (best effort, see `Store::cancellations`).
+    fn subscribe(&self, channel: Channel) -> mpsc::Receiver<String> {
+        // Bound: notices the subscriber has not looked at yet; when full,
+        // newer notices are dropped (best effort, see `Store::cancellations`).
         let (tx, rx) = mpsc::channel(1024);
-        let (client, channel) = (self.client.clone(), self.cancel_channel());
+        let (client, channel) = (self.client.clone(), self.channel(channel));
         tokio::spawn(async move {
             let mut attempt = 0u32;
             while !tx.is_closed() {
                 match client.get_async_pubsub().await {
                     Ok(mut pubsub) => {
                         if let Err(e) = pubsub.subscribe(&channel).await {
-                            tracing::warn!(error = %e, "cancel channel: subscribe failed");
+                            tracing::warn!(error = %e, channel, "subscribe failed");
                         } else {
                             attempt = 0;
                             use futures::StreamExt;
@@ -357,7 +531,7 @@ impl RedisStore {
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cancel channel: cannot connect"),
+                    Err(e) => tracing::warn!(error = %e, channel, "notification channel: cannot connect"),
                 }
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis((100u64 << attempt.min(5)).min(3_000))).await;
@@ -407,6 +581,10 @@ pub struct MemoryStore {
     cache: Arc<Mutex<Bounded<Output>>>,
     /// Cancellation notices (bounded: a slow listener misses old notices).
     cancels: broadcast::Sender<String>,
+    /// Completion notices (bounded likewise).
+    done: broadcast::Sender<String>,
+    /// Documents (batches), bounded like the records.
+    docs: Arc<Mutex<Bounded<String>>>,
     ttl: Duration,
     cache_ttl: Duration,
     capacity: usize,
@@ -434,6 +612,8 @@ impl MemoryStore {
             inner: Arc::new(Mutex::new(MemoryInner { records: HashMap::new(), order: VecDeque::new(), next_seq: 0 })),
             cache: Arc::new(Mutex::new(Bounded::new(cfg.cache_capacity.max(1)))),
             cancels: broadcast::channel(1024).0,
+            done: broadcast::channel(1024).0,
+            docs: Arc::new(Mutex::new(Bounded::new(cfg.memory_capacity.max(1)))),
             ttl: cfg.ttl,
             cache_ttl: cfg.cache_ttl,
             capacity: cfg.memory_capacity.max(1),
@@ -445,9 +625,13 @@ impl MemoryStore {
     }
 
     fn put(&self, record: &JobResult) -> Put {
+        let mut g = self.lock();
+        self.put_locked(&mut g, record)
+    }
+
+    fn put_locked(&self, g: &mut MemoryInner, record: &JobResult) -> Put {
         let now = Instant::now();
         let expires = now + self.ttl;
-        let mut g = self.lock();
         match g.records.get_mut(&record.job_id) {
             Some(e) if e.expires > now => {
                 if !e.record.status.may_become(record.status) {
@@ -494,13 +678,45 @@ impl MemoryStore {
         }
     }
 
-    fn notify_cancel(&self, job_id: &str) {
-        let _ = self.cancels.send(job_id.to_owned());
+    fn sender(&self, channel: Channel) -> &broadcast::Sender<String> {
+        match channel {
+            Channel::Cancel => &self.cancels,
+            Channel::Done => &self.done,
+        }
     }
 
-    fn cancellations(&self) -> mpsc::Receiver<String> {
+    fn notify(&self, channel: Channel, job_id: &str) {
+        let _ = self.sender(channel).send(job_id.to_owned());
+    }
+
+    fn create(&self, record: &JobResult) -> Create {
+        let mut g = self.lock();
+        if let Some(e) = g.records.get(&record.job_id).filter(|e| e.expires > Instant::now()) {
+            return Create::Exists(Box::new(e.record.clone()));
+        }
+        self.put_locked(&mut g, record);
+        Create::Created
+    }
+
+    fn remove_queued(&self, job_id: &str) {
+        let mut g = self.lock();
+        if g.records.get(job_id).is_some_and(|e| e.record.status == JobStatus::Queued) {
+            g.records.remove(job_id);
+        }
+    }
+
+    fn put_doc(&self, kind: &str, id: &str, json: &str) {
+        let expires = Instant::now() + self.ttl;
+        self.docs.lock().unwrap_or_else(|p| p.into_inner()).put(format!("{kind}:{id}"), json.to_owned(), expires);
+    }
+
+    fn get_doc(&self, kind: &str, id: &str) -> Option<String> {
+        self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&format!("{kind}:{id}"))
+    }
+
+    fn subscribe(&self, channel: Channel) -> mpsc::Receiver<String> {
         let (tx, rx) = mpsc::channel(1024);
-        let mut sub = self.cancels.subscribe();
+        let mut sub = self.sender(channel).subscribe();
         tokio::spawn(async move {
             loop {
                 match sub.recv().await {

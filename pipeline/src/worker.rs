@@ -463,7 +463,13 @@ impl Ctx {
     async fn finish_job(&self, record: JobResult) -> Result<(), Abandoned> {
         debug_assert!(record.validate().is_ok(), "{:?}", record.validate());
         match self.durably("store result", || self.store.put(&record)).await? {
-            Put::Written => self.publish(&record).await,
+            Put::Written => {
+                // Wakes long-polls; best effort (they re-read the store anyway).
+                if let Err(e) = self.store.notify_done(&record.job_id).await {
+                    tracing::debug!(error = %e, "completion notice not sent");
+                }
+                self.publish(&record).await
+            }
             // Someone else finished it first (a cancel, or a redelivery that
             // raced us): their record stands; make sure it is published.
             Put::Kept(_) => self.publish_stored(&record.job_id).await,

@@ -12,6 +12,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -155,6 +156,27 @@ impl Harness {
 
     async fn post(&self, body: impl Into<reqwest::Body>) -> (u16, reqwest::header::HeaderMap, Value) {
         let r = self.client.post(format!("{}/v1/jobs", self.http)).body(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, headers, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Any request, with an optional API key.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<String>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.client.request(method, format!("{}{path}", self.http));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         (status, headers, r.json().await.unwrap_or(Value::Null))
@@ -946,4 +968,367 @@ async fn a_consumer_group_rebalance_loses_and_repeats_nothing() {
     assert!(by_worker.len() == 2, "both members worked: {by_worker:?}");
     b.stop().await;
     gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The gateway: routes, arrays, idempotency, long-polls, keys and tenants,
+// rate limits, back-pressure, batches, the command line.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route_and_every_route_answers() {
+    let mut h = Harness::start("openapi", true).await;
+    let (code, _, served) = h.call(reqwest::Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(code, 200);
+    let committed: Value =
+        serde_json::from_str(include_str!("../src/gateway/openapi.json")).expect("the committed document is JSON");
+    assert_eq!(served, committed, "the served document is the committed one");
+    for (path, item) in committed["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys().filter(|m| *m != "parameters") {
+            let concrete = path.replace("{id}", "no-such-id");
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (code, _, body) = h.call(m, &concrete, None, Some("{}".into())).await;
+            assert_ne!(code, 405, "{method} {path} is routed");
+            assert_ne!(body["error"]["code"], "no_route", "{method} {path} is routed: {body}");
+        }
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrays_idempotent_ids_and_long_polls() {
+    let prefix = unique_prefix("arrays");
+    // A gateway without workers: jobs stay queued while we look at them.
+    let mut gw =
+        Harness::start_role(prefix.clone(), Role::Gateway, true, json!({"gateway": {"max_items_per_request": 4}}))
+            .await;
+    let post = |body: Value| gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(body.to_string()));
+    let item = |id: &str| json!({"job_id": id, "model": MODEL, "input": {"text": format!("array item {id}")}});
+
+    let (code, _, body) = post(json!([item("a-1"), item("a-2"), item("a-3")])).await;
+    assert_eq!(code, 202, "{body}");
+    let ids: Vec<&str> = body["jobs"].as_array().unwrap().iter().map(|j| j["job_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["a-1", "a-2", "a-3"]);
+    let (code, _, body) = post(json!([item("b-1"), {"model": MODEL}, item("b-3")])).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (422, Some("schema_violation")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("[1]: "), "{body}");
+    assert_eq!(gw.get("/v1/jobs/b-1").await.0, 404, "nothing of an invalid array is accepted");
+    let (code, _, body) = post(json!([item("c-1"), item("c-2"), item("c-3"), item("c-4"), item("c-5")])).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (413, Some("too_many_items")), "{body}");
+    let (code, _, _) = post(json!([])).await;
+    assert_eq!(code, 422);
+
+    // Same client-given id again: the existing job, not a second one.
+    let (code, _, again) = post(item("a-1")).await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!((again["job_id"].as_str(), again["status"].as_str()), (Some("a-1"), Some("queued")));
+
+    // Long-poll on a job nobody runs: answered when the wait is over.
+    let started = Instant::now();
+    let (code, _, body) = gw.call(reqwest::Method::GET, "/v1/jobs/a-2?wait=1", None, None).await;
+    assert_eq!((code, body["status"].as_str()), (200, Some("queued")));
+    assert!(started.elapsed() >= Duration::from_millis(900), "held for the wait: {:?}", started.elapsed());
+    for bad in ["wait=abc", "wait=-1", "later=1"] {
+        let (code, _, body) = gw.call(reqwest::Method::GET, &format!("/v1/jobs/a-2?{bad}"), None, None).await;
+        assert_eq!(code, 422, "{bad}: {body}");
+    }
+
+    // With a worker, a long-poll returns as soon as the job is done.
+    let mut worker = Harness::start_role(prefix.clone(), Role::Worker, true, json!({})).await;
+    let (code, _, _) = post(item("lp-1")).await;
+    assert_eq!(code, 202);
+    let started = Instant::now();
+    let (code, _, body) = gw.call(reqwest::Method::GET, "/v1/jobs/lp-1?wait=30", None, None).await;
+    assert_eq!((code, body["status"].as_str()), (200, Some("succeeded")), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(25), "woken by the completion, not the timeout");
+    for id in ["a-1", "a-2", "a-3"] {
+        assert_eq!(gw.wait_done(id).await["status"], "succeeded");
+    }
+    let results = gw.consume(&format!("{prefix}.results"), 100, 5).await;
+    assert_eq!(results.iter().filter(|r| r["key"] == "a-1").count(), 1, "a-1 ran once");
+    worker.stop().await;
+    gw.stop().await;
+}
+
+fn keys_config() -> Value {
+    let hash = |k: &str| sluice_pipeline::gateway::hash_key(k);
+    json!({"gateway": {"api_keys": [
+        {"tenant": "acme", "sha256": hash("acme-key")},
+        {"tenant": "globex", "sha256": hash("globex-key")},
+        {"tenant": "noisy", "sha256": hash("noisy-key"), "rate_per_second": 5, "rate_burst": 5},
+        {"tenant": "quiet", "sha256": hash("quiet-key"), "rate_per_second": 5, "rate_burst": 5},
+    ]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_map_to_tenants_and_tenants_never_see_each_other() {
+    use reqwest::Method;
+    let mut h = Harness::start_with(unique_prefix("tenants"), true, keys_config()).await;
+    let job = |id: &str| json!({"job_id": id, "model": MODEL, "input": {"text": "tenant isolation"}}).to_string();
+
+    let (code, _, body) = h.call(Method::POST, "/v1/jobs", None, Some(job("t-1"))).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    let (code, _, _) = h.call(Method::POST, "/v1/jobs", Some("wrong-key"), Some(job("t-1"))).await;
+    assert_eq!(code, 401);
+    assert_eq!(h.call(Method::GET, "/v1/jobs/t-1", None, None).await.0, 401);
+    assert_eq!(h.call(Method::GET, "/healthz", None, None).await.0, 200, "probes need no key");
+
+    let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some("acme-key"), Some(job("t-1"))).await;
+    assert_eq!(code, 202, "{body}");
+    let spoof = json!({"tenant": "globex", "model": MODEL, "input": {"text": "x"}}).to_string();
+    let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some("acme-key"), Some(spoof)).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (403, Some("tenant_mismatch")));
+
+    // globex cannot read, cancel or reuse acme's job.
+    let (code, _, body) = h.call(Method::GET, "/v1/jobs/t-1", Some("globex-key"), None).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")));
+    assert_eq!(h.call(Method::GET, "/v1/jobs/t-1?wait=1", Some("globex-key"), None).await.0, 404);
+    assert_eq!(h.call(Method::DELETE, "/v1/jobs/t-1", Some("globex-key"), None).await.0, 404);
+    let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some("globex-key"), Some(job("t-1"))).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (409, Some("job_id_in_use")));
+    let (code, _, body) = h.call(Method::GET, "/v1/jobs/t-1?wait=30", Some("acme-key"), None).await;
+    assert_eq!((code, body["tenant"].as_str(), body["status"].as_str()), (200, Some("acme"), Some("succeeded")));
+
+    // Nor its batches.
+    let lines = "{\"custom_id\": \"x\", \"model\": \"all-minilm-l6-v2\", \"input\": {\"text\": \"batch line\"}}\n";
+    let (code, _, body) = h.call(Method::POST, "/v1/batches", Some("acme-key"), Some(lines.into())).await;
+    assert_eq!(code, 202, "{body}");
+    let batch = body["id"].as_str().unwrap().to_owned();
+    for path in [format!("/v1/batches/{batch}"), format!("/v1/batches/{batch}/results")] {
+        assert_eq!(h.call(Method::GET, &path, Some("globex-key"), None).await.0, 404, "{path}");
+        assert_eq!(h.call(Method::GET, &path, None, None).await.0, 401, "{path}");
+    }
+    assert_eq!(h.call(Method::GET, &format!("/v1/batches/{batch}"), Some("acme-key"), None).await.0, 200);
+    h.stop().await;
+}
+
+/// A tenant sending ten times its limit gets 429s; another tenant's requests
+/// all go through at normal latency; every job that was accepted runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_tenant_is_throttled_while_a_quiet_one_is_not() {
+    use reqwest::Method;
+    let h = Arc::new(Harness::start_with(unique_prefix("spike"), true, keys_config()).await);
+    let noisy = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            // 50 jobs within about a second: ten times 5 per second.
+            let mut accepted = Vec::new();
+            let mut limited = 0;
+            for i in 0..50 {
+                let body = json!({"job_id": format!("n-{i}"), "model": MODEL, "input": {"text": format!("noisy {i}")}});
+                let (code, headers, _) =
+                    h.call(Method::POST, "/v1/jobs", Some("noisy-key"), Some(body.to_string())).await;
+                match code {
+                    202 => accepted.push(format!("n-{i}")),
+                    429 => {
+                        limited += 1;
+                        let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+                        assert!((1..=2).contains(&retry), "Retry-After {retry}");
+                    }
+                    other => panic!("noisy got {other}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (accepted, limited)
+        })
+    };
+    let mut quiet_latency = Vec::new();
+    for i in 0..5 {
+        let body = json!({"job_id": format!("q-{i}"), "model": MODEL, "input": {"text": format!("quiet {i}")}});
+        let started = Instant::now();
+        let (code, _, resp) = h.call(Method::POST, "/v1/jobs", Some("quiet-key"), Some(body.to_string())).await;
+        quiet_latency.push(started.elapsed());
+        assert_eq!(code, 202, "the quiet tenant is never limited: {resp}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (accepted, limited) = noisy.await.unwrap();
+    let slowest = quiet_latency.iter().max().unwrap();
+    println!("spike: noisy {} accepted, {limited} rate-limited; quiet slowest submit {slowest:?}", accepted.len());
+    assert!(limited >= 30, "most of the noisy burst was refused: {limited}");
+    assert!(*slowest < Duration::from_secs(1), "quiet latency stayed normal: {quiet_latency:?}");
+    for id in accepted.iter().chain((0..5).map(|i| format!("q-{i}")).collect::<Vec<_>>().iter()) {
+        let key = if id.starts_with('n') { "noisy-key" } else { "quiet-key" };
+        let (code, _, body) = h.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), Some(key), None).await;
+        assert_eq!((code, body["status"].as_str()), (200, Some("succeeded")), "{id}: {body}");
+    }
+    Arc::try_unwrap(h).ok().expect("only reference").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_past_its_bound_is_answered_with_503() {
+    let extra = json!({"gateway": {"max_backlog": 5, "backlog_poll_ms": 100}});
+    let mut gw = Harness::start_role(unique_prefix("backpressure"), Role::Gateway, true, extra).await;
+    let job = |i: usize| json!({"model": MODEL, "input": {"text": format!("waiting {i}")}}).to_string();
+    for i in 0..10 {
+        assert_eq!(gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job(i))).await.0, 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, headers, body) = gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job(99))).await;
+        if code == 503 {
+            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains("waiting"), "{body}");
+            assert!(headers.contains_key("retry-after"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "backlog never refused new jobs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
+
+/// The broker goes away: submissions fail fast with 503, readiness says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_gives_503s_not_hung_requests() {
+    let dir = std::env::temp_dir().join(format!("sluice-e2e-tansu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tansu = std::env::var("TANSU").unwrap_or_else(|_| format!("{}/.cargo/bin/tansu", env("HOME")));
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut broker = Command::new(tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "sqlite://t.db",
+        ])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tansu runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "private tansu did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let extra = json!({"kafka": {"brokers": format!("127.0.0.1:{port}"), "produce_timeout_ms": 2000}});
+    let mut gw = Harness::start_role(unique_prefix("outage"), Role::Gateway, true, extra).await;
+    let job = json!({"model": MODEL, "input": {"text": "before the outage"}}).to_string();
+    assert_eq!(gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job)).await.0, 202);
+
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let started = Instant::now();
+    let job = json!({"job_id": "during-outage", "model": MODEL, "input": {"text": "during the outage"}}).to_string();
+    let (code, headers, body) = gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job.clone())).await;
+    let took = started.elapsed();
+    println!("outage: POST answered {code} in {took:?}");
+    assert_eq!((code, body["error"]["code"].as_str()), (503, Some("unavailable")), "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(took < Duration::from_secs(8), "bounded by the produce timeout: {took:?}");
+    // Not recorded as queued: the client may simply retry the same id.
+    assert_eq!(gw.get("/v1/jobs/during-outage").await.0, 404);
+    let (code, _, body) = gw.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(code, 503, "{body}");
+    assert_ne!(body["kafka"], "ok");
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_run_from_jsonl_to_jsonl_results() {
+    use reqwest::Method;
+    let mut h = Harness::start("batches", true).await;
+    let mut lines: Vec<Value> = (0..20)
+        .map(|i| json!({"custom_id": format!("row-{i}"), "model": MODEL, "input": {"text": format!("batch sentence {i}")}}))
+        .collect();
+    lines.push(
+        json!({"custom_id": "late", "model": MODEL, "input": {"text": "too late"}, "deadline": "2020-01-01T00:00:00Z"}),
+    );
+    let jsonl: String = lines.iter().map(|l| format!("{l}\n")).collect();
+
+    for (bad, needle) in [
+        (
+            "{\"custom_id\": \"a\", \"model\": \"all-minilm-l6-v2\", \"input\": {\"text\": \"x\"}}\n{\"custom_id\": \"a\", \"model\": \"all-minilm-l6-v2\", \"input\": {\"text\": \"y\"}}\n",
+            "line 2: custom_id \"a\" appears twice",
+        ),
+        ("{\"model\": \"all-minilm-l6-v2\", \"input\": {\"text\": \"x\"}}\n", "line 1: missing field `custom_id`"),
+        (
+            "{\"custom_id\": \"a\", \"job_id\": \"mine\", \"model\": \"all-minilm-l6-v2\", \"input\": {\"text\": \"x\"}}\n",
+            "line 1: job ids",
+        ),
+        ("{\"custom_id\": \"a\", \"model\": \"gpt-9\", \"input\": {\"text\": \"x\"}}\n", "line 1: model `gpt-9`"),
+        ("not json\n", "line 1: not valid JSON"),
+    ] {
+        let (code, _, body) = h.call(Method::POST, "/v1/batches", None, Some(bad.into())).await;
+        assert_eq!(code, 422, "{bad}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(needle), "{body}");
+    }
+    assert_eq!(h.call(Method::POST, "/v1/batches", None, Some("\n\n".into())).await.0, 400);
+
+    let (code, _, body) = h.call(Method::POST, "/v1/batches", None, Some(jsonl)).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["total"], 21);
+    let id = body["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let (code, _, status) = h.call(Method::GET, &format!("/v1/batches/{id}"), None, None).await;
+        assert_eq!(code, 200, "{status}");
+        if status["status"] == "completed" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "batch never completed: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status["counts"]["succeeded"], 20, "{status}");
+    assert_eq!(status["counts"]["expired"], 1, "{status}");
+
+    let text = h.client.get(format!("{}/v1/batches/{id}/results", h.http)).send().await.unwrap().text().await.unwrap();
+    let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 21);
+    for (i, row) in rows.iter().take(20).enumerate() {
+        assert_eq!(row["custom_id"], format!("row-{i}"), "in order");
+        assert_eq!(row["status"], "succeeded");
+        assert_eq!(row["output"]["embedding"].as_array().unwrap().len(), 384);
+    }
+    assert_eq!((rows[20]["custom_id"].as_str(), rows[20]["status"].as_str()), (Some("late"), Some("expired")));
+    assert_eq!(rows[20]["error"]["code"], "deadline_exceeded");
+    assert_eq!(h.call(Method::GET, "/v1/batches/batch_nope", None, None).await.0, 404);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_poll_from_the_command_line() {
+    let mut h = Harness::start("cli", true).await;
+    let file = std::env::temp_dir().join(format!("{}.jsonl", h.prefix));
+    let mut jsonl: String = (0..10)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"job_id": format!("cli-{i}"), "model": MODEL, "input": {"text": format!("from the CLI {i}")}})
+            )
+        })
+        .collect();
+    jsonl.push_str("{\"model\": \"all-minilm-l6-v2\"}\n");
+    std::fs::write(&file, jsonl).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("publish")
+        .arg(&file)
+        .args(["--brokers", &h.brokers, "--topic-prefix", &h.prefix, "--tenant", "cli", "--rate", "50"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("published 10 jobs"), "{stdout}");
+    assert!(stdout.contains("1 invalid lines skipped"), "{stdout}");
+    assert!(stderr.contains("skipped line 11: missing field `input`"), "{stderr}");
+
+    let poll = |id: &str, timeout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["poll", id, "--url", &h.http, "--timeout", timeout])
+            .output()
+            .unwrap()
+    };
+    let out = poll("cli-9", "60");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((record["status"].as_str(), record["tenant"].as_str()), (Some("succeeded"), Some("cli")));
+    assert_eq!(poll("cli-unknown", "2").status.code(), Some(2));
+    let _ = std::fs::remove_file(file);
+    h.stop().await;
 }

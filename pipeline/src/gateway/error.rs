@@ -1,5 +1,7 @@
 //! The gateway's errors and their one mapping to HTTP.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,41 +15,73 @@ use crate::store::StoreError;
 /// `{"error": {"code": "...", "message": "..."}}` with a stable code.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("request body is empty: expected a JSON object")]
-    EmptyBody,
+    #[error("request body is empty: expected {0}")]
+    EmptyBody(&'static str),
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("request body exceeds {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("{given} items in one request; at most {limit} are accepted")]
+    TooManyItems { given: usize, limit: usize },
     /// A job that fails validation; carries the job-level error code
     /// (`schema_violation`, `unknown_model`, `input_too_long`, ...).
     #[error("{message}")]
     Invalid { code: ErrorCode, message: String },
+    #[error("missing or unknown API key (send `Authorization: Bearer <key>` or `X-API-Key`)")]
+    Unauthorized,
+    #[error("the job names tenant {given:?}, but the API key belongs to another tenant")]
+    TenantMismatch { given: String },
+    #[error("job id {0:?} is already used by another tenant's job; choose another (UUIDs avoid this)")]
+    JobIdInUse(String),
     #[error("no job with id {0:?}")]
     NotFound(String),
+    #[error("no batch with id {0:?}")]
+    BatchNotFound(String),
     #[error("no route for {0}")]
     NoRoute(String),
     #[error("the job has already finished ({0}); a finished job is never changed")]
     Finished(JobStatus),
+    #[error("rate limit of tenant {tenant:?} exceeded; retry in {}s", secs(*retry_after))]
+    RateLimited { tenant: String, retry_after: Duration },
+    #[error("overloaded: {why}; retry in {}s", secs(*retry_after))]
+    Overloaded { why: String, retry_after: Duration },
     #[error("job queue unavailable: {0}")]
     Kafka(#[from] KafkaError),
     #[error("results store unavailable: {0}")]
     Store(#[from] StoreError),
 }
 
+fn secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
+}
+
 impl ApiError {
     /// `(HTTP status, stable code)` — the only place either is decided.
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::EmptyBody | ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            ApiError::EmptyBody(_) | ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::TooManyItems { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_items"),
             ApiError::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code.as_str()),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::TenantMismatch { .. } => (StatusCode::FORBIDDEN, "tenant_mismatch"),
+            ApiError::JobIdInUse(_) => (StatusCode::CONFLICT, "job_id_in_use"),
+            ApiError::NotFound(_) | ApiError::BatchNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::Finished(_) => (StatusCode::CONFLICT, "job_finished"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Kafka(e) if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Store(StoreError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Kafka(_) | ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::RateLimited { retry_after, .. } | ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
+            _ if self.status_and_code().0 == StatusCode::SERVICE_UNAVAILABLE => Some(Duration::from_secs(1)),
+            _ => None,
         }
     }
 }
@@ -58,9 +92,13 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(%status, code, error = %self, "request failed");
         }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            metrics::counter!("sluice_rate_limited_total").increment(1);
+        }
+        let retry_after = self.retry_after();
         let mut resp = (status, Json(json!({"error": {"code": code, "message": self.to_string()}}))).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(d) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs(d)));
         }
         resp
     }

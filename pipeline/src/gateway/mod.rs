@@ -1,54 +1,79 @@
 //! The REST gateway: accepts jobs into Kafka and serves their records from
-//! the results store.
-//!
-//! | route | what |
-//! |---|---|
-//! | `POST /v1/jobs` | validate, produce to `<prefix>.jobs.<model>`, record `queued`, answer 202 |
-//! | `GET /v1/jobs/{id}` | the job's record (status, result), or 404 |
-//! | `DELETE /v1/jobs/{id}` | cancel a job that has not finished (409 if it has) |
-//! | `GET /healthz` | the process is alive |
-//! | `GET /readyz` | Kafka and the results store answer |
-//! | `GET /metrics` | Prometheus text |
+//! the results store. Routes are listed once, in [`ROUTES`]-order in
+//! [`Gateway::router`], and described in `openapi.json` (served at
+//! `/openapi.json`; a test keeps the two equal).
 //!
 //! [`serve`] takes its listener and a shutdown signal, so tests bind port 0
 //! and drive it end to end.
 
+mod auth;
+mod batches;
 mod error;
+mod jobs;
+mod limits;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{Value, json};
-use sluice_schemas::{ErrorCode, JobRequest, JobResult, headers, topics, valid_job_id};
+use serde_json::json;
 use sluice_workers::ModelCatalog;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
+pub use auth::{ApiKey, hash_key};
 pub use error::ApiError;
+use jobs::Waiters;
+use limits::{Backlog, RateLimits};
 
-use crate::kafka::Producer;
+use crate::kafka::{LagProbe, Producer};
 use crate::shutdown::Shutdown;
-use crate::store::{Cancel, Store};
+use crate::store::Store;
 
-/// Settings of the gateway.
+/// The OpenAPI 3.1 description of the routes (also committed as a file).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route: path and methods. The router is built from this list, and
+/// the OpenAPI document must describe exactly these.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/v1/jobs", &["post"]),
+    ("/v1/jobs/{id}", &["get", "delete"]),
+    ("/v1/batches", &["post"]),
+    ("/v1/batches/{id}", &["get"]),
+    ("/v1/batches/{id}/results", &["get"]),
+    ("/healthz", &["get"]),
+    ("/readyz", &["get"]),
+    ("/metrics", &["get"]),
+    ("/openapi.json", &["get"]),
+];
+
+/// Settings of the gateway (see `config/default.toml` for each).
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Topic prefix shared with the workers.
     pub topic_prefix: String,
-    /// Tenant of jobs that name none (until API keys map keys to tenants).
     pub default_tenant: String,
-    /// Largest accepted request body; larger bodies get 413.
     pub max_body_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub max_items_per_request: usize,
+    pub max_batch_lines: usize,
+    pub max_in_flight: usize,
+    pub max_backlog: i64,
+    pub backlog_poll: Duration,
+    pub max_wait: Duration,
+    pub max_waiters: usize,
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+    pub api_keys: Vec<ApiKey>,
 }
 
-/// Shared state of the handlers.
+/// Shared state of the handlers (cheap to clone).
 #[derive(Clone)]
 pub struct Gateway {
     producer: Producer,
@@ -56,6 +81,12 @@ pub struct Gateway {
     /// Served models: requests for others get `unknown_model`, and inputs
     /// are checked against the model's limits before they reach Kafka.
     catalog: Arc<ModelCatalog>,
+    keys: Arc<auth::ApiKeys>,
+    limits: Arc<RateLimits>,
+    backlog: Arc<Backlog>,
+    /// Bound on submissions being handled at once; past it, 503.
+    in_flight: Arc<Semaphore>,
+    waiters: Arc<Waiters>,
     cfg: Arc<GatewayConfig>,
     metrics: PrometheusHandle,
 }
@@ -68,98 +99,101 @@ impl Gateway {
         cfg: GatewayConfig,
         metrics: PrometheusHandle,
     ) -> Gateway {
-        Gateway { producer, store, catalog, cfg: Arc::new(cfg), metrics }
+        if cfg.api_keys.is_empty() {
+            tracing::warn!("no API keys configured: the gateway is OPEN (any caller, any tenant)");
+        }
+        Gateway {
+            producer,
+            store,
+            catalog,
+            keys: Arc::new(auth::ApiKeys::new(&cfg.api_keys)),
+            limits: Arc::new(RateLimits::new(cfg.rate_per_second, cfg.rate_burst, &cfg.api_keys)),
+            backlog: Backlog::new(cfg.max_backlog),
+            in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+            waiters: Arc::new(Waiters::new(cfg.max_waiters)),
+            cfg: Arc::new(cfg),
+            metrics,
+        }
     }
 
     /// The HTTP routes.
     pub fn router(self) -> Router {
+        let batch_limit = DefaultBodyLimit::max(self.cfg.max_batch_bytes);
+        let routes: Vec<(&str, MethodRouter<Gateway>)> = vec![
+            ("/v1/jobs", post(jobs::submit)),
+            ("/v1/jobs/{id}", get(jobs::read).delete(jobs::cancel)),
+            ("/v1/batches", post(batches::create).layer(batch_limit)),
+            ("/v1/batches/{id}", get(batches::status)),
+            ("/v1/batches/{id}/results", get(batches::results)),
+            ("/healthz", get(|| async { Json(json!({"status": "ok"})) })),
+            ("/readyz", get(ready)),
+            ("/metrics", get(prometheus)),
+            ("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) })),
+        ];
+        debug_assert_eq!(
+            routes.iter().map(|r| r.0).collect::<Vec<_>>(),
+            ROUTES.iter().map(|r| r.0).collect::<Vec<_>>()
+        );
         let limit = self.cfg.max_body_bytes;
-        Router::new()
-            .route("/v1/jobs", post(submit_job))
-            .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
-            .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-            .route("/readyz", get(ready))
-            .route("/metrics", get(prometheus))
+        let mut router = Router::new();
+        for (path, route) in routes {
+            router = router.route(path, route);
+        }
+        router
             .fallback(|uri: Uri| async move { ApiError::NoRoute(uri.path().to_owned()) })
             .layer(DefaultBodyLimit::max(limit))
             .with_state(self)
+    }
+
+    /// Background work: backlog sampling per model, long-poll wake-ups,
+    /// pruning idle rate limiters. Ends at shutdown.
+    pub fn spawn_background(&self, brokers: &str, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let probes: Vec<(String, LagProbe)> = self
+            .catalog
+            .names()
+            .into_iter()
+            .filter_map(|m| {
+                let group = format!("{}.workers.{m}", self.cfg.topic_prefix);
+                let topic = sluice_schemas::topics::jobs(&self.cfg.topic_prefix, &m);
+                LagProbe::new(brokers, &group, &topic).ok().map(|p| (m, p))
+            })
+            .collect();
+        tasks.push(tokio::spawn(self.backlog.clone().run(probes, self.cfg.backlog_poll, shutdown.clone())));
+        let (waiters, notices, sd) = (self.waiters.clone(), self.store.completions(), shutdown.clone());
+        tasks.push(tokio::spawn(async move { waiters.run(notices, sd).await }));
+        let (limits, mut sd) = (self.limits.clone(), shutdown);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => limits.prune(),
+                    _ = sd.wait() => return,
+                }
+            }
+        }));
+        tasks
+    }
+
+    /// A slot among the submissions handled at once, or 503.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded {
+            why: format!("{} submissions are being handled", self.cfg.max_in_flight),
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    fn body_error(&self, e: BytesRejection, limit: usize) -> ApiError {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::InvalidJson(e.body_text())
+        }
     }
 }
 
 /// Serves `router` on `listener` until `shutdown` fires.
 pub async fn serve(listener: TcpListener, router: Router, mut shutdown: Shutdown) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.wait().await }).await
-}
-
-async fn submit_job(
-    State(gw): State<Gateway>,
-    headers_in: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(gw.cfg.max_body_bytes)
-        } else {
-            ApiError::InvalidJson(e.body_text())
-        }
-    })?;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::EmptyBody);
-    }
-    let mut value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let Some(obj) = value.as_object_mut() else {
-        return Err(ApiError::Invalid { code: ErrorCode::SchemaViolation, message: "expected a JSON object".into() });
-    };
-    obj.entry("job_id").or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
-    obj.entry("tenant").or_insert_with(|| Value::String(gw.cfg.default_tenant.clone()));
-    // The gateway's clock starts the queue time, whatever the client claims.
-    obj.insert("submitted_at".into(), Value::String(Utc::now().to_rfc3339()));
-    let req = JobRequest::from_value(value).map_err(|e| ApiError::Invalid { code: e.code, message: e.message })?;
-
-    gw.catalog.check(&req).map_err(|(code, message)| ApiError::Invalid { code, message })?;
-
-    let payload = serde_json::to_vec(&req).expect("JobRequest serialises. This is a bug.");
-    let mut hdrs: Vec<(&str, &[u8])> = vec![(headers::TENANT, req.tenant.as_bytes())];
-    if let Some(tp) = headers_in.get(headers::TRACEPARENT) {
-        hdrs.push((headers::TRACEPARENT, tp.as_bytes()));
-    }
-    let topic = topics::jobs(&gw.cfg.topic_prefix, &req.model);
-    gw.producer.send(&topic, Some(req.job_id.as_bytes()), &payload, &hdrs).await?;
-    // Once in Kafka the job is accepted; the `queued` record is for polling
-    // and may lose the race against a fast worker, which the store resolves.
-    if let Err(e) = gw.store.put(&JobResult::queued(&req)).await {
-        tracing::warn!(job_id = %req.job_id, error = %e, "job accepted but its queued record was not stored");
-    }
-    metrics::counter!("sluice_jobs_submitted_total", "model" => req.model.clone()).increment(1);
-
-    let poll_url = format!("/v1/jobs/{}", req.job_id);
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, poll_url.clone())],
-        Json(json!({"job_id": req.job_id, "status": "queued", "model": req.model, "poll_url": poll_url})),
-    )
-        .into_response())
-}
-
-async fn get_job(State(gw): State<Gateway>, Path(id): Path<String>) -> Result<Json<JobResult>, ApiError> {
-    if !valid_job_id(&id) {
-        return Err(ApiError::NotFound(id));
-    }
-    gw.store.get(&id).await?.map(Json).ok_or(ApiError::NotFound(id))
-}
-
-async fn cancel_job(State(gw): State<Gateway>, Path(id): Path<String>) -> Result<Json<JobResult>, ApiError> {
-    if !valid_job_id(&id) {
-        return Err(ApiError::NotFound(id));
-    }
-    match gw.store.cancel(&id).await? {
-        Cancel::Cancelled(record) => {
-            metrics::counter!("sluice_jobs_cancelled_total", "model" => record.model.clone()).increment(1);
-            Ok(Json(record))
-        }
-        Cancel::Finished(record) => Err(ApiError::Finished(record.status)),
-        Cancel::NotFound => Err(ApiError::NotFound(id)),
-    }
 }
 
 async fn ready(State(gw): State<Gateway>) -> Response {
@@ -177,4 +211,28 @@ async fn ready(State(gw): State<Gateway>) -> Response {
 
 async fn prometheus(State(gw): State<Gateway>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], gw.metrics.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed OpenAPI document describes exactly the routes.
+    #[test]
+    fn openapi_lists_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.1")), Some(true));
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in paths {
+            for method in item.as_object().unwrap().keys().filter(|k| *k != "parameters") {
+                documented.push((path.clone(), method.clone()));
+            }
+        }
+        documented.sort();
+        let mut routed: Vec<(String, String)> =
+            ROUTES.iter().flat_map(|(p, ms)| ms.iter().map(move |m| (p.to_string(), m.to_string()))).collect();
+        routed.sort();
+        assert_eq!(documented, routed);
+    }
 }

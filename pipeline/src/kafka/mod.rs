@@ -130,7 +130,19 @@ impl Producer {
         if let Some(k) = key {
             record = record.key(k);
         }
-        match self.inner.send(record, Timeout::After(self.timeout)).await {
+        // librdkafka enforces `message.timeout.ms` only on its own schedule
+        // (seconds late while a broker is unreachable); the caller's bound is
+        // kept here. A record that times out here may still be delivered
+        // later; every effect of a job is keyed by its id, so that is safe.
+        let sent = tokio::time::timeout(self.timeout, self.inner.send(record, Timeout::After(self.timeout))).await;
+        let Ok(sent) = sent else {
+            return Err(KafkaError::Produce {
+                topic: topic.to_owned(),
+                message: format!("not acknowledged within {:?}", self.timeout),
+                retryable: true,
+            });
+        };
+        match sent {
             Ok(d) => Ok((d.partition, d.offset)),
             Err((e, _)) => {
                 let retryable = !matches!(
@@ -351,4 +363,56 @@ pub async fn high_watermarks(brokers: &str, topic: &str) -> Result<Vec<i64>, Kaf
     })
     .await
     .map_err(|e| KafkaError::Metadata(e.to_string()))?
+}
+
+/// Measures a consumer group's lag on a topic: what is in the topic and not
+/// yet committed by the group. Uses a consumer that carries the group's id
+/// but never joins it.
+pub struct LagProbe {
+    consumer: Arc<rdkafka::consumer::BaseConsumer>,
+    topic: String,
+}
+
+impl LagProbe {
+    pub fn new(brokers: &str, group: &str, topic: &str) -> Result<LagProbe, KafkaError> {
+        let consumer: rdkafka::consumer::BaseConsumer = base_config(brokers, "sluice-lag")
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        Ok(LagProbe { consumer: Arc::new(consumer), topic: topic.to_owned() })
+    }
+
+    /// Records in the topic past the group's committed offsets (or past the
+    /// low watermark where the group has committed nothing).
+    pub async fn lag(&self) -> Result<i64, KafkaError> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let t = Duration::from_secs(5);
+            let err = |e: rdkafka::error::KafkaError| KafkaError::Metadata(e.to_string());
+            let md = consumer.fetch_metadata(Some(&topic), t).map_err(err)?;
+            let parts: Vec<i32> =
+                md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+            let mut tpl = TopicPartitionList::with_capacity(parts.len());
+            for p in &parts {
+                tpl.add_partition(&topic, *p);
+            }
+            let committed = consumer.committed_offsets(tpl, t).map_err(err)?;
+            let mut lag = 0i64;
+            for p in parts {
+                let (low, high) = consumer.fetch_watermarks(&topic, p, t).map_err(err)?;
+                let done = committed
+                    .find_partition(&topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(low);
+                lag += (high - done).max(0);
+            }
+            Ok(lag)
+        })
+        .await
+        .map_err(|e| KafkaError::Metadata(e.to_string()))?
+    }
 }

@@ -1,0 +1,110 @@
+//! API keys → tenants.
+//!
+//! Keys are configured by their SHA-256 (`sluice hash-key` prints it), so the
+//! configuration never holds a usable key; a request's key is hashed and
+//! looked up. Keys are never logged. With no keys configured the gateway is
+//! open: every caller may name any tenant and read any job (`sluice up`).
+
+use std::collections::HashMap;
+
+use axum::http::{HeaderMap, header};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::ApiError;
+
+/// One configured API key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The tenant the key acts as.
+    pub tenant: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    /// Jobs per second this tenant may submit (the default when absent).
+    #[serde(default)]
+    pub rate_per_second: Option<u32>,
+    /// Jobs this tenant may submit at once above its rate.
+    #[serde(default)]
+    pub rate_burst: Option<u32>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The tenant of the API key, or `None` in open mode.
+    pub tenant: Option<String>,
+}
+
+impl Caller {
+    /// Whether this caller may see a job or batch of `tenant`.
+    pub fn may_see(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+    }
+}
+
+/// Hex SHA-256 of a key, as configured.
+pub fn hash_key(key: &str) -> String {
+    Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The configured keys.
+#[derive(Debug, Default)]
+pub struct ApiKeys {
+    by_hash: HashMap<String, String>,
+}
+
+impl ApiKeys {
+    pub fn new(keys: &[ApiKey]) -> ApiKeys {
+        ApiKeys { by_hash: keys.iter().map(|k| (k.sha256.to_ascii_lowercase(), k.tenant.clone())).collect() }
+    }
+
+    /// Whether keys are required.
+    pub fn enabled(&self) -> bool {
+        !self.by_hash.is_empty()
+    }
+
+    /// The caller of a request: its key's tenant, or open mode.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        if !self.enabled() {
+            return Ok(Caller { tenant: None });
+        }
+        let key = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .ok_or(ApiError::Unauthorized)?;
+        let tenant = self.by_hash.get(&hash_key(key.trim())).ok_or(ApiError::Unauthorized)?;
+        Ok(Caller { tenant: Some(tenant.clone()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_map_to_tenants_and_open_mode_sees_everything() {
+        let keys = ApiKeys::new(&[ApiKey {
+            tenant: "acme".into(),
+            sha256: hash_key("s3cret"),
+            rate_per_second: None,
+            rate_burst: None,
+        }]);
+        let mut h = HeaderMap::new();
+        assert!(matches!(keys.authenticate(&h), Err(ApiError::Unauthorized)));
+        h.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
+        assert!(matches!(keys.authenticate(&h), Err(ApiError::Unauthorized)));
+        h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        let caller = keys.authenticate(&h).unwrap();
+        assert_eq!(caller.tenant.as_deref(), Some("acme"));
+        assert!(caller.may_see("acme") && !caller.may_see("other"));
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "s3cret".parse().unwrap());
+        assert!(keys.authenticate(&h).is_ok());
+
+        let open = ApiKeys::new(&[]).authenticate(&HeaderMap::new()).unwrap();
+        assert!(open.may_see("anyone"));
+    }
+}

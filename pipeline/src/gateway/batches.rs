@@ -1,0 +1,242 @@
+//! `/v1/batches`: a JSONL file of jobs in, one id out; progress by status;
+//! results streamed back as JSONL, each line with its `custom_id`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, stream};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sluice_schemas::{ErrorCode, JobRequest, JobResult, JobStatus};
+
+use super::{ApiError, Gateway};
+
+const KIND: &str = "batch";
+
+/// What [`Gateway::accept`] answered for one line.
+type Accepted = Result<(bool, Value), ApiError>;
+
+/// What the store keeps of a batch.
+#[derive(Debug, Serialize, Deserialize)]
+struct BatchDoc {
+    id: String,
+    tenant: String,
+    created_at: DateTime<Utc>,
+    lines: Vec<Line>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Line {
+    custom_id: String,
+    job_id: String,
+}
+
+/// `POST /v1/batches`: every line is a job (as for `POST /v1/jobs`) plus a
+/// `custom_id` unique within the batch. All lines are checked before any is
+/// accepted; errors name the line.
+pub(super) async fn create(
+    State(gw): State<Gateway>,
+    headers_in: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let caller = gw.keys.authenticate(&headers_in)?;
+    let _slot = gw.admit()?;
+    let body = body.map_err(|e| gw.body_error(e, gw.cfg.max_batch_bytes))?;
+    let text = std::str::from_utf8(&body).map_err(|e| ApiError::InvalidJson(format!("not UTF-8: {e}")))?;
+    let lines: Vec<(usize, &str)> =
+        text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty()).collect();
+    if lines.is_empty() {
+        return Err(ApiError::EmptyBody("JSONL: one job per line"));
+    }
+    if lines.len() > gw.cfg.max_batch_lines {
+        return Err(ApiError::TooManyItems { given: lines.len(), limit: gw.cfg.max_batch_lines });
+    }
+    let id = format!("batch_{}", uuid::Uuid::now_v7().simple());
+    let mut seen = HashSet::new();
+    let mut jobs = Vec::with_capacity(lines.len());
+    let mut doc_lines = Vec::with_capacity(lines.len());
+    for (n, line) in &lines {
+        let at = |message: String| ApiError::Invalid {
+            code: ErrorCode::SchemaViolation,
+            message: format!("line {n}: {message}"),
+        };
+        let mut value: Value = serde_json::from_str(line).map_err(|e| ApiError::Invalid {
+            code: ErrorCode::InvalidJson,
+            message: format!("line {n}: not valid JSON: {e}"),
+        })?;
+        let Some(obj) = value.as_object_mut() else { return Err(at("expected a JSON object".into())) };
+        let custom_id = match obj.remove("custom_id") {
+            Some(Value::String(c)) if (1..=64).contains(&c.chars().count()) => c,
+            Some(_) => return Err(at("custom_id must be a string of 1 to 64 characters".into())),
+            None => return Err(at("missing field `custom_id`".into())),
+        };
+        if !seen.insert(custom_id.clone()) {
+            return Err(at(format!("custom_id {custom_id:?} appears twice")));
+        }
+        if obj.contains_key("job_id") {
+            return Err(at("job ids of batch lines are made by the gateway; use custom_id".into()));
+        }
+        let job_id = format!("{id}-{n}");
+        let job = gw.prepare(value, &caller, Some(job_id.clone())).map_err(|e| match e {
+            ApiError::Invalid { code, message } => ApiError::Invalid { code, message: format!("line {n}: {message}") },
+            other => other,
+        })?;
+        doc_lines.push(Line { custom_id, job_id });
+        jobs.push(job);
+    }
+    gw.check_flow(&jobs)?;
+    let tenant = jobs[0].tenant.clone();
+    if jobs.iter().any(|j| j.tenant != tenant) {
+        return Err(ApiError::Invalid {
+            code: ErrorCode::SchemaViolation,
+            message: "all lines of a batch belong to one tenant".into(),
+        });
+    }
+    let doc = BatchDoc { id: id.clone(), tenant, created_at: Utc::now(), lines: doc_lines };
+    gw.store.put_doc(KIND, &id, &serde_json::to_string(&doc).expect("BatchDoc serialises. This is a bug.")).await?;
+
+    // Jobs go out concurrently; one that cannot be queued fails on its own
+    // line instead of failing lines already accepted.
+    let traceparent = headers_in.get(sluice_schemas::headers::TRACEPARENT).map(|v| v.as_bytes().to_vec());
+    let total = jobs.len();
+    let outcomes: Vec<(JobRequest, Accepted)> = {
+        let (gw, caller) = (gw.clone(), caller.clone());
+        stream::iter(jobs)
+            .map(move |job| {
+                let (gw, caller, tp) = (gw.clone(), caller.clone(), traceparent.clone());
+                async move {
+                    let r = gw.accept(&job, &caller, tp.as_deref()).await;
+                    (job, r)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await
+    };
+    let mut unqueued = 0;
+    for (job, outcome) in outcomes {
+        let Err(e) = outcome else { continue };
+        unqueued += 1;
+        let mut failed = JobResult::failed(
+            job.job_id.clone(),
+            job.tenant.clone(),
+            job.model.clone(),
+            ErrorCode::Internal,
+            format!("could not be queued: {e}"),
+            Utc::now(),
+        );
+        failed.metadata = job.metadata.clone();
+        if let Err(e) = gw.store.put(&failed).await {
+            tracing::warn!(job_id = %job.job_id, error = %e, "batch line neither queued nor failed");
+        }
+    }
+    metrics::counter!("sluice_batches_submitted_total").increment(1);
+    let body = json!({
+        "id": id,
+        "status": "in_progress",
+        "total": total,
+        "not_queued": unqueued,
+        "poll_url": format!("/v1/batches/{id}"),
+        "results_url": format!("/v1/batches/{id}/results"),
+    });
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/batches/{id}"))], Json(body)).into_response())
+}
+
+async fn load(gw: &Gateway, headers_in: &HeaderMap, id: &str) -> Result<BatchDoc, ApiError> {
+    let caller = gw.keys.authenticate(headers_in)?;
+    let raw = gw.store.get_doc(KIND, id).await?.ok_or_else(|| ApiError::BatchNotFound(id.to_owned()))?;
+    let doc: BatchDoc = serde_json::from_str(&raw).map_err(|e| {
+        ApiError::Store(crate::store::StoreError::Corrupt { job_id: id.to_owned(), message: e.to_string() })
+    })?;
+    if !caller.may_see(&doc.tenant) {
+        return Err(ApiError::BatchNotFound(id.to_owned()));
+    }
+    Ok(doc)
+}
+
+/// `GET /v1/batches/{id}`: counts by status and the batch's state
+/// (`in_progress` until every line is finished, then `completed`).
+pub(super) async fn status(
+    State(gw): State<Gateway>,
+    headers_in: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let doc = load(&gw, &headers_in, &id).await?;
+    let ids: Vec<String> = doc.lines.iter().map(|l| l.job_id.clone()).collect();
+    let mut counts: BTreeMap<&str, usize> = JobStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    let mut missing = 0;
+    for r in gw.store.get_many(&ids).await? {
+        match r {
+            Some(r) => *counts.entry(r.status.as_str()).or_default() += 1,
+            None => missing += 1,
+        }
+    }
+    let open = counts["queued"] + counts["running"];
+    Ok(Json(json!({
+        "id": doc.id,
+        "tenant": doc.tenant,
+        "created_at": doc.created_at,
+        "status": if open == 0 { "completed" } else { "in_progress" },
+        "total": doc.lines.len(),
+        "counts": counts,
+        // Records past their TTL in the store.
+        "missing": missing,
+        "results_url": format!("/v1/batches/{}/results", doc.id),
+    })))
+}
+
+/// `GET /v1/batches/{id}/results`: one JSONL line per batch line, in order,
+/// with `custom_id`, status and output or error (unfinished lines too, so a
+/// client sees what is still open).
+pub(super) async fn results(
+    State(gw): State<Gateway>,
+    headers_in: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let doc = load(&gw, &headers_in, &id).await?;
+    let store = gw.store.clone();
+    let chunks: Vec<Vec<Line>> = {
+        let mut lines = doc.lines.into_iter().peekable();
+        let mut out = Vec::new();
+        while lines.peek().is_some() {
+            out.push(lines.by_ref().take(500).collect());
+        }
+        out
+    };
+    let body = stream::iter(chunks).then(move |chunk| {
+        let store = store.clone();
+        async move {
+            let ids: Vec<String> = chunk.iter().map(|l| l.job_id.clone()).collect();
+            let records = store.get_many(&ids).await.map_err(std::io::Error::other)?;
+            let mut out = String::new();
+            for (line, record) in chunk.iter().zip(records) {
+                let mut v = json!({"custom_id": line.custom_id, "job_id": line.job_id});
+                match record {
+                    Some(r) => {
+                        v["status"] = json!(r.status);
+                        if let Some(version) = r.model_version {
+                            v["model_version"] = json!(version);
+                        }
+                        if let Some(o) = r.output {
+                            v["output"] = json!(o);
+                        }
+                        if let Some(e) = r.error {
+                            v["error"] = json!(e);
+                        }
+                    }
+                    None => v["status"] = json!("unknown"),
+                }
+                out.push_str(&v.to_string());
+                out.push('\n');
+            }
+            Ok::<_, std::io::Error>(Bytes::from(out))
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+}

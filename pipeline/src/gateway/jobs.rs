@@ -1,0 +1,311 @@
+//! `/v1/jobs`: submit (one job or an array), read (with long-poll), cancel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sluice_schemas::{ErrorCode, JobRequest, JobResult, headers, topics, valid_job_id};
+use tokio::sync::{mpsc, oneshot};
+
+use super::auth::Caller;
+use super::{ApiError, Gateway};
+use crate::shutdown::Shutdown;
+use crate::store::{Cancel, Create};
+
+/// `POST /v1/jobs`: one job (an object) or several (an array, all checked
+/// before any is accepted). A job whose client-given `job_id` exists already
+/// is not submitted again: its current record is returned (200).
+pub(super) async fn submit(
+    State(gw): State<Gateway>,
+    headers_in: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let caller = gw.keys.authenticate(&headers_in)?;
+    let _slot = gw.admit()?;
+    let body = body.map_err(|e| gw.body_error(e, gw.cfg.max_body_bytes))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::EmptyBody("a JSON object, or an array of them"));
+    }
+    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let (items, single) = match value {
+        Value::Array(items) => (items, false),
+        v @ Value::Object(_) => (vec![v], true),
+        _ => {
+            return Err(ApiError::Invalid {
+                code: ErrorCode::SchemaViolation,
+                message: "expected a JSON object, or an array of them".into(),
+            });
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::Invalid { code: ErrorCode::SchemaViolation, message: "the array is empty".into() });
+    }
+    if items.len() > gw.cfg.max_items_per_request {
+        return Err(ApiError::TooManyItems { given: items.len(), limit: gw.cfg.max_items_per_request });
+    }
+    let mut jobs = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let job = gw.prepare(item, &caller, None).map_err(|e| at_index(e, single, i))?;
+        jobs.push(job);
+    }
+    gw.check_flow(&jobs)?;
+
+    let traceparent = headers_in.get(headers::TRACEPARENT).map(|v| v.as_bytes().to_vec());
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        answers.push(gw.accept(job, &caller, traceparent.as_deref()).await?);
+    }
+    if single {
+        let (created, body) = answers.pop().expect("one job");
+        let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
+        let location = body["poll_url"].as_str().unwrap_or_default().to_owned();
+        return Ok((status, [(header::LOCATION, location)], Json(body)).into_response());
+    }
+    let jobs: Vec<Value> = answers.into_iter().map(|(_, body)| body).collect();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "jobs": jobs }))).into_response())
+}
+
+fn at_index(e: ApiError, single: bool, i: usize) -> ApiError {
+    match e {
+        ApiError::Invalid { code, message } if !single => {
+            ApiError::Invalid { code, message: format!("[{i}]: {message}") }
+        }
+        other => other,
+    }
+}
+
+impl Gateway {
+    /// A job from a request item: checked, tenant from the API key (or the
+    /// body in open mode), id made when absent, clock of the gateway.
+    pub(super) fn prepare(&self, item: Value, caller: &Caller, job_id: Option<String>) -> Result<JobRequest, ApiError> {
+        let Value::Object(mut obj) = item else {
+            return Err(ApiError::Invalid {
+                code: ErrorCode::SchemaViolation,
+                message: "expected a JSON object".into(),
+            });
+        };
+        match (&caller.tenant, obj.get("tenant")) {
+            (Some(t), Some(Value::String(given))) if given != t => {
+                return Err(ApiError::TenantMismatch { given: given.clone() });
+            }
+            (Some(t), _) => {
+                obj.insert("tenant".into(), Value::String(t.clone()));
+            }
+            (None, _) => {
+                obj.entry("tenant").or_insert_with(|| Value::String(self.cfg.default_tenant.clone()));
+            }
+        }
+        if let Some(id) = job_id {
+            obj.insert("job_id".into(), Value::String(id));
+        }
+        obj.entry("job_id").or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
+        // The gateway's clock starts the queue time, whatever the client claims.
+        obj.insert("submitted_at".into(), Value::String(Utc::now().to_rfc3339()));
+        let req = JobRequest::from_value(Value::Object(obj))
+            .map_err(|e| ApiError::Invalid { code: e.code, message: e.message })?;
+        self.catalog.check(&req).map_err(|(code, message)| ApiError::Invalid { code, message })?;
+        Ok(req)
+    }
+
+    /// Rate limits (per tenant, one cell per job) and backlog (per model).
+    pub(super) fn check_flow(&self, jobs: &[JobRequest]) -> Result<(), ApiError> {
+        let mut per_tenant: BTreeMap<&str, usize> = BTreeMap::new();
+        for j in jobs {
+            *per_tenant.entry(j.tenant.as_str()).or_default() += 1;
+            self.backlog.check(&j.model)?;
+        }
+        for (tenant, n) in per_tenant {
+            self.limits.check(tenant, n)?;
+        }
+        Ok(())
+    }
+
+    /// Records the job as `queued` and produces it to its topic; an existing
+    /// job with the same id is returned instead. Returns (new?, answer).
+    pub(super) async fn accept(
+        &self,
+        req: &JobRequest,
+        caller: &Caller,
+        traceparent: Option<&[u8]>,
+    ) -> Result<(bool, Value), ApiError> {
+        let poll_url = format!("/v1/jobs/{}", req.job_id);
+        match self.store.create(&JobResult::queued(req)).await? {
+            Create::Exists(existing) => {
+                if !caller.may_see(&existing.tenant) || existing.tenant != req.tenant {
+                    return Err(ApiError::JobIdInUse(req.job_id.clone()));
+                }
+                let mut body = serde_json::to_value(&existing).expect("JobResult serialises. This is a bug.");
+                body["poll_url"] = json!(poll_url);
+                return Ok((false, body));
+            }
+            Create::Created => {}
+        }
+        let payload = serde_json::to_vec(req).expect("JobRequest serialises. This is a bug.");
+        let mut hdrs: Vec<(&str, &[u8])> = vec![(headers::TENANT, req.tenant.as_bytes())];
+        if let Some(tp) = traceparent {
+            hdrs.push((headers::TRACEPARENT, tp));
+        }
+        let topic = topics::jobs(&self.cfg.topic_prefix, &req.model);
+        if let Err(e) = self.producer.send(&topic, Some(req.job_id.as_bytes()), &payload, &hdrs).await {
+            // Not in Kafka: forget the job so that the client can retry it.
+            if let Err(undo) = self.store.remove_queued(&req.job_id).await {
+                tracing::warn!(job_id = %req.job_id, error = %undo, "could not remove the record of an unqueued job");
+            }
+            return Err(e.into());
+        }
+        metrics::counter!("sluice_jobs_submitted_total", "model" => req.model.clone()).increment(1);
+        Ok((true, json!({"job_id": req.job_id, "status": "queued", "model": req.model, "poll_url": poll_url})))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReadQuery {
+    /// Seconds to wait for the job to finish (long-poll).
+    wait: Option<f64>,
+}
+
+/// `GET /v1/jobs/{id}[?wait=SECONDS]`: the job's record; with `wait`, held
+/// until the job finishes or the time is up (woken by a completion notice,
+/// not by polling).
+pub(super) async fn read(
+    State(gw): State<Gateway>,
+    headers_in: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<Json<JobResult>, ApiError> {
+    let caller = gw.keys.authenticate(&headers_in)?;
+    let Query(q) = query.map_err(|e| ApiError::Invalid {
+        code: ErrorCode::SchemaViolation,
+        message: format!("query: {}", e.body_text()),
+    })?;
+    let wait = q.wait.unwrap_or(0.0);
+    if !(0.0..=3600.0).contains(&wait) {
+        return Err(ApiError::Invalid {
+            code: ErrorCode::SchemaViolation,
+            message: format!("wait: {wait} is not a number of seconds between 0 and {}", gw.cfg.max_wait.as_secs()),
+        });
+    }
+    let wait = Duration::from_secs_f64(wait).min(gw.cfg.max_wait);
+    if !valid_job_id(&id) {
+        return Err(ApiError::NotFound(id));
+    }
+    // Register before reading, so a completion between the two is not missed.
+    let ticket = if wait.is_zero() {
+        None
+    } else {
+        Some(gw.waiters.register(&id).ok_or_else(|| ApiError::Overloaded {
+            why: "too many long-polls in progress".into(),
+            retry_after: Duration::from_secs(1),
+        })?)
+    };
+    let visible = |r: Option<JobResult>| r.filter(|r| caller.may_see(&r.tenant));
+    let record = visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
+    let Some((token, rx)) = ticket else { return record.map(Json) };
+    let record = match record {
+        Ok(r) if !r.status.is_terminal() => {
+            let _ = tokio::time::timeout(wait, rx).await;
+            visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()))
+        }
+        other => other,
+    };
+    gw.waiters.remove(&id, token);
+    record.map(Json)
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a job that has not finished.
+pub(super) async fn cancel(
+    State(gw): State<Gateway>,
+    headers_in: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobResult>, ApiError> {
+    let caller = gw.keys.authenticate(&headers_in)?;
+    if !valid_job_id(&id) {
+        return Err(ApiError::NotFound(id));
+    }
+    match gw.store.get(&id).await? {
+        Some(r) if caller.may_see(&r.tenant) => {}
+        _ => return Err(ApiError::NotFound(id)),
+    }
+    match gw.store.cancel(&id).await? {
+        Cancel::Cancelled(record) => {
+            metrics::counter!("sluice_jobs_cancelled_total", "model" => record.model.clone()).increment(1);
+            Ok(Json(record))
+        }
+        Cancel::Finished(record) => Err(ApiError::Finished(record.status)),
+        Cancel::NotFound => Err(ApiError::NotFound(id)),
+    }
+}
+
+/// Waiters by job id: (token, wake-up).
+type WaiterMap = HashMap<String, Vec<(u64, oneshot::Sender<()>)>>;
+
+/// Long-polls waiting for jobs to finish. Bounded: at most `max` at once.
+pub struct Waiters {
+    map: Mutex<WaiterMap>,
+    next: AtomicU64,
+    max: usize,
+}
+
+impl Waiters {
+    pub fn new(max: usize) -> Waiters {
+        Waiters { map: Mutex::new(HashMap::new()), next: AtomicU64::new(0), max }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaiterMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a waiter for `id`, unless `max` are waiting already.
+    fn register(&self, id: &str) -> Option<(u64, oneshot::Receiver<()>)> {
+        let mut g = self.lock();
+        if g.values().map(Vec::len).sum::<usize>() >= self.max {
+            return None;
+        }
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        g.entry(id.to_owned()).or_default().push((token, tx));
+        Some((token, rx))
+    }
+
+    fn remove(&self, id: &str, token: u64) {
+        let mut g = self.lock();
+        if let Some(v) = g.get_mut(id) {
+            v.retain(|(t, _)| *t != token);
+            if v.is_empty() {
+                g.remove(id);
+            }
+        }
+    }
+
+    fn wake(&self, id: &str) {
+        if let Some(waiters) = self.lock().remove(id) {
+            for (_, tx) in waiters {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Wakes waiters as completion notices arrive, until shutdown.
+    pub async fn run(&self, mut notices: mpsc::Receiver<String>, mut shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                id = notices.recv() => match id {
+                    Some(id) => self.wake(&id),
+                    None => return,
+                },
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+}
