@@ -1107,6 +1107,9 @@ async fn api_keys_map_to_tenants_and_tenants_never_see_each_other() {
 async fn a_noisy_tenant_is_throttled_while_a_quiet_one_is_not() {
     use reqwest::Method;
     let h = Arc::new(Harness::start_with(unique_prefix("spike"), true, keys_config()).await);
+    // Warm-up (the producer's first send fetches metadata and a producer id).
+    let warm = json!({"model": MODEL, "input": {"text": "warm-up"}}).to_string();
+    assert_eq!(h.call(Method::POST, "/v1/jobs", Some("acme-key"), Some(warm)).await.0, 202);
     let noisy = {
         let h = h.clone();
         tokio::spawn(async move {
