@@ -878,7 +878,7 @@ brokers, prefix, topic = sys.argv[1], sys.argv[2], sys.argv[3]
 a = AdminClient({"bootstrap.servers": brokers})
 for f in a.create_topics([NewTopic(topic, 4, 1), NewTopic(prefix + ".results", 4, 1), NewTopic(prefix + ".dlq", 4, 1)]).values():
     f.result()
-p = Producer({"bootstrap.servers": brokers, "linger.ms": 50, "enable.idempotence": True})
+p = Producer({"bootstrap.servers": brokers, "linger.ms": 50, "enable.idempotence": True, "max.in.flight.requests.per.connection": 1})
 for i in range(100000):
     v = json.dumps({"job_id": f"bl-{i}", "tenant": "t", "model": "all-minilm-l6-v2", "input": {"text": f"backlog sentence number {i}"}})
     while True:

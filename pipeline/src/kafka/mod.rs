@@ -102,6 +102,10 @@ impl Producer {
         let ms = timeout.as_millis().max(1).to_string();
         let inner: FutureProducer = base_config(brokers, client_id)
             .set("enable.idempotence", "true")
+            // One request in flight per connection: tansu 0.6 (our test
+            // broker) races on concurrent idempotent batches for one
+            // partition and panics. Throughput comes from batching (linger).
+            .set("max.in.flight.requests.per.connection", "1")
             .set("linger.ms", "5")
             // Bound on records buffered in this process while the broker is
             // slow or away; a full buffer makes `send` wait, then time out.

@@ -19,7 +19,8 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 
 def produce(args):
-    p = Producer({"bootstrap.servers": args.brokers, "enable.idempotence": True})
+    # One request in flight: tansu 0.6 races on concurrent idempotent batches.
+    p = Producer({"bootstrap.servers": args.brokers, "enable.idempotence": True, "max.in.flight.requests.per.connection": 1})
     delivered = []
 
     def on_delivery(err, msg):
