@@ -79,6 +79,9 @@ demo: setup build
 
 # The pipeline's end-to-end tests run one at a time: each drives a whole
 # Sluice (several, in the fault tests) against one shared broker on 2 cores.
+# `make test TEST_ARGS=--nocapture` also prints what the tests measure
+# (SIGKILL duplicates, backlog RSS, hot reload, canary share, spike, ...).
+TEST_ARGS ?=
 test: setup tansu
 	cargo build --workspace --bins --tests
 	@$(ORT_ENV); \
@@ -86,8 +89,8 @@ test: setup tansu
 	trap 'deploy/local/services.sh stop $(SERVICES_DIR)' EXIT; \
 	source $(SERVICES_DIR)/env; \
 	status=0; \
-	cargo test --workspace --no-fail-fast --exclude sluice-pipeline || status=$$?; \
-	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 || status=$$?; \
+	cargo test --workspace --no-fail-fast --exclude sluice-pipeline -- $(TEST_ARGS) || status=$$?; \
+	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 $(TEST_ARGS) || status=$$?; \
 	exit $$status
 
 ## --- development -----------------------------------------------------------
