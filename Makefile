@@ -79,12 +79,15 @@ demo: setup build
 
 # The pipeline's end-to-end tests run one at a time: each drives a whole
 # Sluice (several, in the fault tests) against one shared broker on 2 cores.
-# `make test TEST_ARGS=--nocapture` also prints what the tests measure
+# Every run starts from empty broker and Redis state (the tests' topics
+# would otherwise pile up in tansu's SQLite file run after run and slow its
+# fetches down). `make test TEST_ARGS=--nocapture` also prints what the tests measure
 # (SIGKILL duplicates, backlog RSS, hot reload, canary share, spike, ...).
 TEST_ARGS ?=
 test: setup tansu
 	cargo build --workspace --bins --tests
 	@$(ORT_ENV); \
+	deploy/local/services.sh stop $(SERVICES_DIR); rm -rf $(SERVICES_DIR); \
 	deploy/local/services.sh start $(SERVICES_DIR); \
 	trap 'deploy/local/services.sh stop $(SERVICES_DIR)' EXIT; \
 	source $(SERVICES_DIR)/env; \
