@@ -3,7 +3,8 @@
 //! Everything that crosses a process boundary is defined here and nowhere
 //! else: the job a producer puts on Kafka ([`JobRequest`] v1), the record a
 //! worker writes back ([`JobResult`] with its [`JobStatus`]), the stable error
-//! [`ErrorCode`]s, the Kafka header names and the topic naming scheme.
+//! [`ErrorCode`]s, the Kafka header names, the topic naming scheme, and the
+//! layout of finished jobs at rest ([`results_table`]: Arrow and SQL).
 //!
 //! The JSON Schema files under `schemas/json/` describe the same contracts for
 //! clients in other languages; `tests/contracts.rs` checks every example under
@@ -16,6 +17,7 @@ mod error_code;
 pub mod headers;
 mod request;
 mod result;
+pub mod results_table;
 pub mod topics;
 
 pub use error_code::ErrorCode;

@@ -1,0 +1,441 @@
+//! SQL analytics: DataFusion over the lake and the shards.
+//!
+//! Two tables are visible to queries:
+//!
+//! - `results`: the Parquet lake (a listing table; `model` and `date` come
+//!   from the `model=…/date=…` directories), every column of
+//!   [`lake_schema`] plus those two.
+//! - `shards`: the union of every SQL shard's `results` table, with the same
+//!   column names and types as `results` where both have them (timestamps
+//!   converted from epoch milliseconds, `date` derived from `finished_at`).
+//!   Each shard is a `datafusion-table-providers` table, so projections,
+//!   filters and limits run inside the shard's own database and DataFusion
+//!   merges what comes back.
+//!
+//! Queries are read-only (DDL, DML, `COPY` and `SET`-like statements are
+//! refused before anything runs), bounded in time and rows, and optionally
+//! scoped to one tenant: a scoped query sees the two tables through a
+//! `tenant = '<t>'` filter and cannot name anything else, because nothing
+//! else is registered in its session.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow_schema::{DataType, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::catalog::view::ViewTable;
+use datafusion::common::TableReference;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, col, lit};
+use datafusion_table_providers_common::sql::db_connection_pool::Mode;
+use datafusion_table_providers_postgres::PostgresTableFactory;
+use datafusion_table_providers_postgres::pool::PostgresConnectionPool;
+use datafusion_table_providers_sqlite::SqliteTableFactory;
+use datafusion_table_providers_sqlite::pool::SqliteConnectionPoolFactory;
+use futures::StreamExt;
+use secrecy::SecretString;
+use sluice_schemas::results_table::{PARTITION_COLUMNS, lake_schema, shard_schema};
+use tokio::sync::Mutex;
+
+use crate::shards::{ShardSet, ShardStrategy, redact};
+
+/// Why a query was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The SQL does not parse or does not plan (unknown column, type error…).
+    #[error("{0}")]
+    Invalid(String),
+    /// The statement would change something: only queries are allowed.
+    #[error("only read-only queries are allowed: {0}")]
+    ReadOnly(String),
+    #[error("the query ran past its {0:?} limit")]
+    Timeout(Duration),
+    /// A shard could not be reached to plan the query.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Running the query failed (a shard went away mid-query, I/O…).
+    #[error("the query failed: {0}")]
+    Execution(String),
+    #[error("analytics setup: {0}")]
+    Setup(String),
+}
+
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> QueryError {
+        match e.find_root() {
+            DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => {
+                QueryError::Invalid(e.strip_backtrace())
+            }
+            DataFusionError::NotImplemented(_) => QueryError::Invalid(e.strip_backtrace()),
+            _ => QueryError::Execution(e.strip_backtrace()),
+        }
+    }
+}
+
+/// Limits of one query.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryLimits {
+    /// Rows returned at most; the answer says when it was cut.
+    pub max_rows: usize,
+    /// Wall time from planning to the last row.
+    pub timeout: Duration,
+}
+
+/// Whose rows a query may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every tenant's (the operator's `sluice sql`).
+    All,
+    /// One tenant's (`POST /v1/sql`).
+    Tenant(String),
+}
+
+/// A query's answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub rows: usize,
+    /// More rows existed than `max_rows`.
+    pub truncated: bool,
+    pub elapsed: Duration,
+}
+
+impl Answer {
+    /// A text table, for terminals.
+    pub fn to_table(&self) -> String {
+        arrow::util::pretty::pretty_format_batches(&self.batches)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|e| format!("(cannot format: {e})"))
+    }
+
+    /// Rows as JSON objects.
+    pub fn to_json_rows(&self) -> Result<serde_json::Value, QueryError> {
+        let mut w = arrow::json::ArrayWriter::new(Vec::new());
+        let refs: Vec<&RecordBatch> = self.batches.iter().collect();
+        w.write_batches(&refs).map_err(|e| QueryError::Execution(e.to_string()))?;
+        w.finish().map_err(|e| QueryError::Execution(e.to_string()))?;
+        let bytes = w.into_inner();
+        if bytes.is_empty() {
+            return Ok(serde_json::Value::Array(vec![]));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| QueryError::Execution(e.to_string()))
+    }
+
+    /// CSV with a header line.
+    pub fn to_csv(&self) -> Result<Vec<u8>, QueryError> {
+        let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(Vec::new());
+        if self.batches.is_empty() {
+            // Still say which columns there would have been.
+            let names: Vec<&str> = self.schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Ok(format!("{}\n", names.join(",")).into_bytes());
+        }
+        for b in &self.batches {
+            w.write(b).map_err(|e| QueryError::Execution(e.to_string()))?;
+        }
+        Ok(w.into_inner())
+    }
+
+    /// An Arrow IPC stream.
+    pub fn to_arrow_ipc(&self) -> Result<Vec<u8>, QueryError> {
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &self.schema)
+            .map_err(|e| QueryError::Execution(e.to_string()))?;
+        for b in &self.batches {
+            w.write(b).map_err(|e| QueryError::Execution(e.to_string()))?;
+        }
+        w.into_inner().map_err(|e| QueryError::Execution(e.to_string()))
+    }
+}
+
+/// Where the data is.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The lake's root (as given to [`crate::Lake::open`]); `None`: no lake.
+    pub lake: Option<PathBuf>,
+    /// Shard URLs, in shard order (`sqlite:<path>` or `postgres://…`).
+    pub shards: Vec<String>,
+}
+
+struct Views {
+    results: LogicalPlan,
+    shards: LogicalPlan,
+}
+
+/// The analytics engine: cheap to share, one DataFusion session per query.
+pub struct Analytics {
+    sources: Sources,
+    limits: QueryLimits,
+    /// Used only to create the shards' tables before the first query.
+    shard_set: Option<ShardSet>,
+    /// The table plans, built on the first query that reaches every shard.
+    views: Mutex<Option<Arc<Views>>>,
+}
+
+fn sqlite_path(url: &str) -> Option<&str> {
+    url.strip_prefix("sqlite:").map(|p| p.trim_start_matches("//"))
+}
+
+/// A `postgres://user:pass@host:port/db?sslmode=…` URL as the key/value
+/// parameters `datafusion-table-providers` takes.
+fn pg_params(url: &str) -> Result<std::collections::HashMap<String, SecretString>, QueryError> {
+    let bad = || QueryError::Setup(format!("cannot parse shard URL {}", redact(url)));
+    let rest = url.split_once("://").ok_or_else(bad)?.1;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, db) = rest.split_once('/').unwrap_or((rest, "postgres"));
+    let (creds, hostport) = authority.rsplit_once('@').unwrap_or(("", authority));
+    let (user, pass) = creds.split_once(':').map_or((creds, None), |(u, p)| (u, Some(p)));
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+    let mut p = std::collections::HashMap::new();
+    let mut put = |k: &str, v: &str| {
+        p.insert(k.to_owned(), SecretString::from(v.to_owned()));
+    };
+    put("host", host);
+    put("port", port);
+    put("db", db);
+    put("sslmode", "prefer");
+    if !user.is_empty() {
+        put("user", user);
+    }
+    if let Some(pass) = pass {
+        put("pass", pass);
+    }
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        if let Some(("sslmode", v)) = kv.split_once('=') {
+            put("sslmode", v);
+        }
+    }
+    Ok(p)
+}
+
+impl Analytics {
+    pub fn new(sources: Sources, limits: QueryLimits) -> Result<Analytics, QueryError> {
+        if sources.shards.is_empty() && sources.lake.is_none() {
+            return Err(QueryError::Setup("neither a lake nor shards to query".into()));
+        }
+        // Routing does not matter here; any valid strategy will do.
+        let shard_set = match sources.shards.is_empty() {
+            true => None,
+            false => Some(
+                ShardSet::open(&sources.shards, ShardStrategy::HashMod, Duration::from_secs(3))
+                    .map_err(|e| QueryError::Setup(e.to_string()))?,
+            ),
+        };
+        Ok(Analytics { sources, limits, shard_set, views: Mutex::new(None) })
+    }
+
+    pub fn limits(&self) -> QueryLimits {
+        self.limits
+    }
+
+    fn lake_table(&self) -> Result<Arc<dyn TableProvider>, QueryError> {
+        let schema = lake_schema();
+        let Some(root) = &self.sources.lake else {
+            return Ok(Arc::new(datafusion::datasource::empty::EmptyTable::new(Arc::new(with_partitions(&schema)))));
+        };
+        let dir = crate::Lake::open(root).map_err(|e| QueryError::Setup(e.to_string()))?.results_dir();
+        let url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(PARTITION_COLUMNS.iter().map(|c| (c.to_string(), DataType::Utf8)).collect());
+        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
+        Ok(Arc::new(ListingTable::try_new(config)?))
+    }
+
+    async fn shard_table(&self, i: usize) -> Result<Arc<dyn TableProvider>, QueryError> {
+        let url = &self.sources.shards[i];
+        let unavailable =
+            |e: &dyn std::fmt::Display| QueryError::Unavailable(format!("shard {i} ({}): {e}", redact(url)));
+        let shard_set = self.shard_set.as_ref().expect("shards are configured");
+        shard_set.migrate(i).await.map_err(|e| unavailable(&e))?;
+        let table = TableReference::bare("results");
+        if let Some(path) = sqlite_path(url) {
+            let pool = SqliteConnectionPoolFactory::new(path, Mode::File, Duration::from_secs(5))
+                .with_schema(table.clone(), shard_schema())
+                .build()
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let t = SqliteTableFactory::new(Arc::new(pool)).table_provider(table).await.map_err(|e| unavailable(&e))?;
+            Ok(Arc::new(ShardTable(t)))
+        } else {
+            let pool = PostgresConnectionPool::new(pg_params(url)?).await.map_err(|e| unavailable(&e))?;
+            let t =
+                PostgresTableFactory::new(Arc::new(pool)).table_provider(table).await.map_err(|e| unavailable(&e))?;
+            Ok(Arc::new(ShardTable(t)))
+        }
+    }
+
+    /// The two tables' plans, built once.
+    async fn views(&self) -> Result<Arc<Views>, QueryError> {
+        let mut guard = self.views.lock().await;
+        if let Some(v) = guard.as_ref() {
+            return Ok(Arc::clone(v));
+        }
+        let base = SessionContext::new();
+        base.register_table("lake", self.lake_table()?)?;
+        let mut branches = Vec::new();
+        for i in 0..self.sources.shards.len() {
+            base.register_table(format!("shard_{i}"), self.shard_table(i).await?)?;
+            branches.push(format!(
+                "SELECT job_id, tenant, model, model_version, status, error_code, error_message, \
+                 queued_ms, inference_ms, batch_size, input_tokens, worker_id, \
+                 {ts}(submitted_at_ms) {utc} AS submitted_at, {ts}(finished_at_ms) {utc} AS finished_at, \
+                 kafka_offset, to_char({ts}(finished_at_ms), '%Y-%m-%d') AS date FROM shard_{i}",
+                ts = "to_timestamp_millis",
+                utc = "AT TIME ZONE 'UTC'"
+            ));
+        }
+        let results = base.sql("SELECT * FROM lake").await?.into_unoptimized_plan();
+        let shards = if branches.is_empty() {
+            // No shards: an empty table with the same columns.
+            base.sql(
+                "SELECT job_id, tenant, model, model_version, status, error_code, error_message, queued_ms, \
+                 inference_ms, batch_size, input_tokens, worker_id, submitted_at, finished_at, kafka_offset, date \
+                 FROM lake WHERE false",
+            )
+            .await?
+            .into_unoptimized_plan()
+        } else {
+            base.sql(&branches.join(" UNION ALL ")).await?.into_unoptimized_plan()
+        };
+        let views = Arc::new(Views { results, shards });
+        *guard = Some(Arc::clone(&views));
+        Ok(views)
+    }
+
+    /// A session that can see exactly `results` and `shards`, through the
+    /// tenant filter when scoped.
+    async fn session(&self, scope: &Scope) -> Result<SessionContext, QueryError> {
+        let views = self.views().await?;
+        let config = SessionConfig::new().with_target_partitions(2).with_information_schema(false);
+        let ctx = SessionContext::new_with_config(config);
+        // DataFusion 55 mis-plans a filter that folds to `false` under an
+        // aggregate (e.g. the tenant filter AND a contradicting predicate):
+        // leave such filters in place; they cost a scan that finds nothing.
+        ctx.remove_optimizer_rule("eliminate_filter");
+        for (name, plan) in [("results", &views.results), ("shards", &views.shards)] {
+            let plan = match scope {
+                Scope::All => plan.clone(),
+                Scope::Tenant(t) => {
+                    LogicalPlanBuilder::from(plan.clone()).filter(col("tenant").eq(lit(t.as_str())))?.build()?
+                }
+            };
+            ctx.register_table(name, Arc::new(ViewTable::new(plan, None)))?;
+        }
+        Ok(ctx)
+    }
+
+    /// Runs one read-only statement.
+    pub async fn query(&self, sql: &str, scope: &Scope) -> Result<Answer, QueryError> {
+        let started = Instant::now();
+        let limits = self.limits;
+        let ctx = self.session(scope).await?;
+        let plan = ctx.state().create_logical_plan(sql).await?;
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| QueryError::ReadOnly(e.strip_backtrace().trim_start_matches("Error during planning: ").into()))?;
+        let run = async {
+            let df = ctx.execute_logical_plan(plan).await?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let mut stream = df.execute_stream().await?;
+            let (mut batches, mut rows, mut truncated) = (Vec::new(), 0usize, false);
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                let room = limits.max_rows - rows;
+                if batch.num_rows() > room {
+                    truncated = true;
+                    if room > 0 {
+                        batches.push(batch.slice(0, room));
+                        rows += room;
+                    }
+                    break;
+                }
+                rows += batch.num_rows();
+                batches.push(batch);
+            }
+            Ok::<_, QueryError>(Answer { schema, batches, rows, truncated, elapsed: Duration::ZERO })
+        };
+        let mut answer =
+            tokio::time::timeout(limits.timeout, run).await.map_err(|_| QueryError::Timeout(limits.timeout))??;
+        answer.elapsed = started.elapsed();
+        Ok(answer)
+    }
+}
+
+/// A shard table as DataFusion sees it. Works around a rough edge of
+/// `datafusion-table-providers` 0.15: a scan that wants no columns but has
+/// pushed-down filters (`count(*) … WHERE …`) is answered with a column
+/// anyway, which fails planning; so an empty projection reads one column
+/// and drops it. Filters, projections and limits still run in the shard.
+#[derive(Debug)]
+struct ShardTable(Arc<dyn TableProvider>);
+
+#[async_trait::async_trait]
+impl TableProvider for ShardTable {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        self.0.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::logical_expr::Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+        match projection {
+            // No columns wanted (`count(*)`): read the narrowest one and
+            // drop it, so the scan's schema is what the plan expects.
+            Some(p) if p.is_empty() => {
+                let inner = self.0.scan(state, Some(&vec![0]), filters, limit).await?;
+                Ok(Arc::new(ProjectionExec::try_new(Vec::<ProjectionExpr>::new(), inner)?))
+            }
+            _ => self.0.scan(state, projection, filters, limit).await,
+        }
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&datafusion::logical_expr::Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.0.supports_filters_pushdown(filters)
+    }
+}
+
+fn with_partitions(schema: &arrow_schema::Schema) -> arrow_schema::Schema {
+    let mut fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for p in PARTITION_COLUMNS {
+        fields.push(arrow_schema::Field::new(p, DataType::Utf8, false));
+    }
+    arrow_schema::Schema::new(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_urls_become_provider_parameters() {
+        use secrecy::ExposeSecret;
+        let p = pg_params("postgres://sluice:pw@127.0.0.1:5433/shard1?sslmode=disable").unwrap();
+        let get = |k: &str| p.get(k).map(|v| v.expose_secret().to_owned());
+        assert_eq!(get("host").as_deref(), Some("127.0.0.1"));
+        assert_eq!(get("port").as_deref(), Some("5433"));
+        assert_eq!(get("db").as_deref(), Some("shard1"));
+        assert_eq!(get("user").as_deref(), Some("sluice"));
+        assert_eq!(get("pass").as_deref(), Some("pw"));
+        assert_eq!(get("sslmode").as_deref(), Some("disable"));
+    }
+}

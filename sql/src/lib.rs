@@ -1,0 +1,20 @@
+//! Sluice's results at rest.
+//!
+//! - [`lake`]: the Parquet results lake, partitioned `model=/date=`, with a
+//!   commit protocol that makes replays after a crash harmless.
+//! - [`shards`]: N SQL databases (SQLite or PostgreSQL through `sqlx`),
+//!   the shard strategies, idempotent batched upserts and the migrations
+//!   under `sql/migrations/`.
+//! - [`analytics`]: DataFusion over both, read-only, bounded, tenant-scoped.
+//!
+//! Nothing here talks to Kafka: the sinks in `sluice-pipeline` consume the
+//! results topic and hand rows to [`Lake::commit`] and [`ShardSet::upsert`],
+//! committing offsets only after those return.
+
+pub mod analytics;
+pub mod lake;
+pub mod shards;
+
+pub use analytics::{Analytics, Answer, QueryError, QueryLimits, Scope, Sources};
+pub use lake::{Lake, LakeError, Manifest};
+pub use shards::{ShardError, ShardSet, ShardStrategy};

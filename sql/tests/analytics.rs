@@ -1,0 +1,249 @@
+//! Analytics over a fixed dataset written through the real lake and shard
+//! writers: the golden queries in `sql/analytics/` must give their committed
+//! answers from the lake *and* from the shards; statements that write are
+//! refused; a tenant sees only its rows; limits hold.
+//!
+//! The shards are two SQLite files, plus one fresh database on each
+//! PostgreSQL cluster in `SLUICE_TEST_PG` (comma-separated URLs without a
+//! database) when set (`make test` sets it). Re-bless the golden files after an intended change with
+//! `SLUICE_BLESS=1 cargo test -p sluice-sql --test analytics`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use sluice_schemas::results_table::ResultRow;
+use sluice_sql::{Analytics, Lake, QueryError, QueryLimits, Scope, ShardSet, ShardStrategy, Sources};
+
+const MODELS: [&str; 2] = ["all-minilm-l6-v2", "logreg-iris"];
+const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
+
+/// 240 results over three hours of 2026-01-15, deterministic.
+fn dataset() -> Vec<ResultRow> {
+    let start = Utc.with_ymd_and_hms(2026, 1, 15, 10, 0, 0).unwrap();
+    (0..240i64)
+        .map(|i| {
+            let (status, code) = if i % 17 == 0 {
+                ("failed", Some("input_too_long"))
+            } else if i % 23 == 0 {
+                ("failed", Some("inference_failed"))
+            } else if i % 29 == 0 {
+                ("expired", Some("deadline_exceeded"))
+            } else {
+                ("succeeded", None)
+            };
+            let ran = status == "succeeded";
+            let finished = start + chrono::Duration::seconds(i * 45);
+            ResultRow {
+                job_id: format!("job-{i:04}"),
+                tenant: TENANTS[((i * 7) % 11 % 4) as usize].into(),
+                model: MODELS[usize::from(i % 3 == 0)].into(),
+                model_version: Some("1".into()),
+                status,
+                error_code: code,
+                error_message: code.map(|c| format!("{c} on job {i}")),
+                queued_ms: Some((i * 37) % 500),
+                inference_ms: ran.then_some(5 + (i * 13) % 40),
+                batch_size: ran.then_some([1, 2, 4, 8, 16, 32][(i % 6) as usize]),
+                input_tokens: Some(5 + i % 50),
+                worker_id: Some(format!("worker-{}", i % 2)),
+                submitted_at: Some(finished - chrono::Duration::milliseconds((i * 37) % 500 + 50)),
+                finished_at: finished,
+                embedding: (ran && i % 3 != 0).then(|| vec![0.1, 0.2, 0.3]),
+                output_json: None,
+                kafka_partition: (i % 3) as i32,
+                kafka_offset: i / 3,
+            }
+        })
+        .collect()
+}
+
+async fn shard_urls(dir: &Path) -> Vec<String> {
+    let mut urls: Vec<String> = (0..2).map(|i| format!("sqlite:{}/shard-{i}.db", dir.display())).collect();
+    if let Ok(pg) = std::env::var("SLUICE_TEST_PG") {
+        for cluster in pg.split(',').filter(|s| !s.is_empty()) {
+            urls.push(fresh_pg_database(cluster).await);
+        }
+    }
+    urls
+}
+
+/// A new, empty database on a PostgreSQL cluster.
+async fn fresh_pg_database(cluster: &str) -> String {
+    use sqlx::Connection;
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!("golden_{}_{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let mut c = sqlx::PgConnection::connect(&format!("{cluster}/postgres")).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"))).execute(&mut c).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut c).await.unwrap();
+    format!("{cluster}/{name}")
+}
+
+/// Writes the dataset through the lake (one commit per Kafka partition and
+/// 20 offsets) and the shards (jump hash), as the sinks would.
+async fn load(dir: &Path) -> Sources {
+    let rows = dataset();
+    let lake = Lake::open(dir.join("lake")).unwrap();
+    for p in 0..3 {
+        let mine: Vec<ResultRow> = rows.iter().filter(|r| r.kafka_partition == p).cloned().collect();
+        for chunk in mine.chunks(20) {
+            let (first, last) = (chunk[0].kafka_offset, chunk[chunk.len() - 1].kafka_offset);
+            lake.commit("golden.results", p, first, last, chunk).unwrap();
+        }
+    }
+    let urls = shard_urls(dir).await;
+    let shards = ShardSet::open(&urls, ShardStrategy::Jump, Duration::from_secs(3)).unwrap();
+    let mut per_shard = vec![Vec::new(); shards.len()];
+    for r in &rows {
+        per_shard[shards.route(r)].push(r);
+    }
+    for (i, rows) in per_shard.iter().enumerate() {
+        shards.upsert(i, rows).await.unwrap();
+        // A replay writes nothing.
+        assert_eq!(shards.upsert(i, rows).await.unwrap(), 0);
+    }
+    shards.close().await;
+    Sources { lake: Some(dir.join("lake")), shards: urls }
+}
+
+fn limits() -> QueryLimits {
+    QueryLimits { max_rows: 10_000, timeout: Duration::from_secs(60) }
+}
+
+fn analytics_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("analytics")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_queries_answer_the_same_from_the_lake_and_from_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let analytics = Analytics::new(load(dir.path()).await, limits()).unwrap();
+    let bless = std::env::var_os("SLUICE_BLESS").is_some();
+    let mut names: Vec<PathBuf> = std::fs::read_dir(analytics_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5, "the example queries are there");
+    for path in names {
+        let sql = std::fs::read_to_string(&path).unwrap();
+        let from_lake = analytics.query(&sql, &Scope::All).await.unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        let on_shards = sql.replace("FROM results", "FROM shards");
+        let from_shards =
+            analytics.query(&on_shards, &Scope::All).await.unwrap_or_else(|e| panic!("{path:?} on shards: {e}"));
+        let expected_path = path.with_extension("expected");
+        let got = from_lake.to_table();
+        if bless {
+            std::fs::write(&expected_path, format!("{got}\n")).unwrap();
+        }
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| panic!("{expected_path:?} is missing: run with SLUICE_BLESS=1 once"));
+        assert_eq!(got.trim_end(), expected.trim_end(), "{path:?} from the lake");
+        assert_eq!(from_shards.to_table(), got, "{path:?}: the shards disagree with the lake");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_agree_and_every_job_is_in_exactly_one_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let analytics = Analytics::new(load(dir.path()).await, limits()).unwrap();
+    let one = |a: &sluice_sql::Answer| a.to_json_rows().unwrap()[0].clone();
+    let lake = analytics.query("SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM results", &Scope::All).await;
+    let shards = analytics.query("SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM shards", &Scope::All).await;
+    assert_eq!(one(&lake.unwrap()), serde_json::json!({"n": 240, "d": 240}));
+    assert_eq!(one(&shards.unwrap()), serde_json::json!({"n": 240, "d": 240}));
+    // Partition columns come from the directories.
+    let parts = analytics
+        .query("SELECT model, date, count(*) AS n FROM results GROUP BY model, date ORDER BY model", &Scope::All)
+        .await
+        .unwrap();
+    assert_eq!(
+        parts.to_json_rows().unwrap(),
+        serde_json::json!([
+            {"model": "all-minilm-l6-v2", "date": "2026-01-15", "n": 160},
+            {"model": "logreg-iris", "date": "2026-01-15", "n": 80},
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_write_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = load(dir.path()).await;
+    let analytics = Analytics::new(sources, limits()).unwrap();
+    let out = dir.path().join("copied.csv");
+    for sql in [
+        "CREATE TABLE t AS SELECT 1".to_owned(),
+        "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'".to_owned(),
+        "DROP TABLE results".to_owned(),
+        "INSERT INTO results SELECT * FROM results".to_owned(),
+        "DELETE FROM shards".to_owned(),
+        format!("COPY (SELECT * FROM results) TO '{}'", out.display()),
+        "SET datafusion.execution.batch_size = 1".to_owned(),
+        "CREATE VIEW v AS SELECT 1".to_owned(),
+    ] {
+        match analytics.query(&sql, &Scope::All).await {
+            Err(QueryError::ReadOnly(msg)) => assert!(!msg.is_empty()),
+            // Statements DataFusion cannot even plan are refused too.
+            Err(QueryError::Invalid(msg)) => assert!(!msg.is_empty(), "{sql}"),
+            other => panic!("{sql}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(!out.exists(), "COPY wrote nothing");
+    let n = analytics.query("SELECT count(*) AS n FROM results", &Scope::All).await.unwrap();
+    assert_eq!(n.to_json_rows().unwrap()[0]["n"], 240, "nothing was dropped");
+    assert!(matches!(
+        analytics.query("SELECT nope FROM results", &Scope::All).await,
+        Err(QueryError::Invalid(m)) if m.contains("nope")
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_sees_only_its_own_rows_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let analytics = Analytics::new(load(dir.path()).await, limits()).unwrap();
+    let acme = Scope::Tenant("acme".into());
+    let expected = dataset().iter().filter(|r| r.tenant == "acme").count();
+    for table in ["results", "shards"] {
+        let a = analytics
+            .query(&format!("SELECT count(*) AS n, count(DISTINCT tenant) AS t FROM {table}"), &acme)
+            .await
+            .unwrap();
+        assert_eq!(a.to_json_rows().unwrap()[0], serde_json::json!({"n": expected, "t": 1}), "{table}");
+        for filter in ["tenant = 'globex'", "tenant <> 'acme'", "tenant = 'globex' OR tenant <> 'acme'"] {
+            let q = format!("SELECT count(*) AS n FROM {table} WHERE {filter}");
+            let other = analytics.query(&q, &acme).await.unwrap_or_else(|e| panic!("{q}: {e}"));
+            assert_eq!(other.to_json_rows().unwrap()[0]["n"], 0, "{q}: another tenant's rows are invisible");
+            let all = analytics.query(&q, &Scope::All).await.unwrap_or_else(|e| panic!("{q}: {e}"));
+            assert!(all.to_json_rows().unwrap()[0]["n"].as_i64().unwrap() > 0, "{q}: unscoped, they are there");
+        }
+    }
+    // The unscoped tables behind the views cannot be named.
+    for sql in ["SELECT * FROM lake", "SELECT * FROM shard_0", "SELECT * FROM information_schema.tables"] {
+        assert!(matches!(analytics.query(sql, &acme).await, Err(QueryError::Invalid(_))), "{sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_and_time_are_bounded_and_every_format_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = load(dir.path()).await;
+    let few = Analytics::new(sources.clone(), QueryLimits { max_rows: 7, timeout: Duration::from_secs(60) }).unwrap();
+    let a = few.query("SELECT job_id, finished_at FROM results ORDER BY job_id", &Scope::All).await.unwrap();
+    assert_eq!((a.rows, a.truncated), (7, true));
+    let json = a.to_json_rows().unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 7);
+    assert_eq!(json[0]["job_id"], "job-0000");
+    let csv = String::from_utf8(a.to_csv().unwrap()).unwrap();
+    assert!(csv.starts_with("job_id,finished_at\njob-0000,2026-01-15T10:00:00"), "{csv}");
+    assert_eq!(csv.lines().count(), 8);
+    let ipc = a.to_arrow_ipc().unwrap();
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None).unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 7);
+
+    let slow = Analytics::new(sources, QueryLimits { max_rows: 10, timeout: Duration::from_millis(50) }).unwrap();
+    let cross = "SELECT count(*) FROM results a, results b, results c WHERE a.queued_ms + b.queued_ms > c.queued_ms";
+    assert!(matches!(slow.query(cross, &Scope::All).await, Err(QueryError::Timeout(_))));
+}
