@@ -21,7 +21,7 @@ export SLUICE_TEST_PYTHON := $(PY)
 # Resolved when a recipe runs (the venv may not exist when make starts).
 ORT_ENV = export ORT_DYLIB_PATH="$$(ls $(VENV)/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)"
 
-APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server curl ca-certificates
+APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates
 
 .PHONY: bench help setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
 

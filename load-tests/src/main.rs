@@ -82,12 +82,13 @@ struct Child {
 }
 
 impl Child {
-    async fn start(sluice: &Path, models: &Path) -> anyhow::Result<Child> {
+    async fn start(sluice: &Path, models: &Path, data: &Data) -> anyhow::Result<Child> {
         let ready = std::env::temp_dir().join(format!("sluice-demo-{}.json", std::process::id()));
         let _ = std::fs::remove_file(&ready);
         let child = tokio::process::Command::new(sluice)
             .args(["up", "--listen", "127.0.0.1:0", "--models"])
             .arg(models)
+            .args(data.args())
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -125,6 +126,28 @@ impl Child {
     }
 }
 
+/// Where this demo's results land: its own lake and two SQLite shards.
+struct Data {
+    dir: std::path::PathBuf,
+}
+
+impl Data {
+    fn new() -> anyhow::Result<Data> {
+        let dir = std::env::temp_dir().join(format!("sluice-demo-data-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Data { dir })
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec!["--lake".to_owned(), self.dir.join("lake").display().to_string()];
+        for i in 0..2 {
+            a.extend(["--shard".to_owned(), format!("sqlite:{}/shard-{i}.db", self.dir.display())]);
+        }
+        a
+    }
+}
+
 struct Outcome {
     via: &'static str,
     index: usize,
@@ -134,8 +157,9 @@ struct Outcome {
 async fn demo(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -> anyhow::Result<()> {
     let sentences = load_corpus(corpus)?;
     ensure!(!sentences.is_empty(), "empty corpus");
-    println!("== starting `sluice up` (embedded broker, in-process store)");
-    let child = Child::start(sluice, models).await?;
+    println!("== starting `sluice up` (embedded broker, in-process store, local lake and SQLite shards)");
+    let data = Data::new()?;
+    let child = Child::start(sluice, models, &data).await?;
     println!("   REST API {}   Kafka bootstrap {}", child.http, child.bootstrap);
     let http = reqwest::Client::new();
     let run = Run { http: &http, base: &child.http };
@@ -224,8 +248,12 @@ async fn demo(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -
     report(&sentences, &outcomes, submitted, elapsed)?;
 
     println!("\n== versions, tensor models and the cache");
+    // Jobs so far: the example plus every sentence twice; counted on below
+    // to know when the sinks have landed everything.
+    let mut jobs = outcomes.len() as i64 + 1;
     let int8 = run.submit(json!({"tenant": "demo", "model": MODEL, "model_version": "2", "input": {"text": "This is an example sentence"}})).await?;
     let int8 = run.wait(&int8).await?;
+    jobs += 1;
     println!(
         "   pinned int8 version {}: cosine to fp32 {:.4}",
         int8["model_version"].as_str().unwrap_or("?"),
@@ -233,6 +261,7 @@ async fn demo(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -
     );
     let again = run.submit_rest("This is an example sentence").await?;
     let again = run.wait(&again).await?;
+    jobs += 1;
     println!(
         "   the same sentence again: batch_size {} (0 = served from the inference cache), same vector: {}",
         again["timings"]["batch_size"],
@@ -246,6 +275,7 @@ async fn demo(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -
     match sig {
         Ok(id) => {
             let r = run.wait(&id).await?;
+            jobs += 1;
             let y: Vec<String> = r["output"]["tensors"]["y"]["data"]
                 .as_array()
                 .context("no tensor output")?
@@ -263,8 +293,46 @@ async fn demo(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -
         http.post(format!("{}/v1/jobs", child.http)).body(r#"{"model":"gpt-9","input":{"text":"hi"}}"#).send().await?;
     println!("   POST /v1/jobs {{\"model\":\"gpt-9\",…}} → {} {}", r.status().as_u16(), r.text().await?);
 
-    println!("\n== stopping sluice (SIGTERM: drain, commit, leave the group)");
+    println!("\n== results at rest: waiting for the lake and shard sinks to land every job");
+    let sql = |q: &str| {
+        let (http, base) = (&http, &child.http);
+        let body = json!({"query": q}).to_string();
+        async move {
+            let r = http.post(format!("{base}/v1/sql")).body(body).send().await?;
+            let status = r.status();
+            let v: Value = r.json().await?;
+            ensure!(status.is_success(), "POST /v1/sql: {status} {v}");
+            anyhow::Ok(v["rows"][0]["n"].as_i64().unwrap_or(0))
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut lake, mut shards) = (0, 0);
+    while lake < jobs || shards < jobs {
+        ensure!(Instant::now() < deadline, "sinks landed only {lake} (lake) / {shards} (shards) of {jobs} jobs");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        lake = sql("SELECT count(*) AS n FROM results").await?;
+        shards = sql("SELECT count(*) AS n FROM shards").await?;
+    }
+    println!("   POST /v1/sql: {lake} jobs in the Parquet lake, {shards} in the SQL shards");
+
+    println!("\n== stopping sluice (SIGTERM: drain, flush the sinks, commit, leave the groups)");
     child.stop().await?;
+
+    let query = "SELECT model, model_version AS version, count(*) AS jobs, \
+                 round(percentile_cont(0.5) WITHIN GROUP (ORDER BY queued_ms + inference_ms)) AS p50_ms, \
+                 round(percentile_cont(0.95) WITHIN GROUP (ORDER BY queued_ms + inference_ms)) AS p95_ms, \
+                 round(avg(batch_size), 1) AS avg_batch FROM results GROUP BY model, model_version ORDER BY jobs DESC, model, version";
+    for table in ["results", "shards"] {
+        let q = query.replace("FROM results", &format!("FROM {table}"));
+        println!(
+            "\n== sluice sql: jobs and latency per model, from the {}",
+            if table == "results" { "Parquet lake (`results`)" } else { "SQL shards (`shards`)" }
+        );
+        let out = tokio::process::Command::new(sluice).arg("sql").args(data.args()).arg(&q).output().await?;
+        ensure!(out.status.success(), "sluice sql failed: {}", String::from_utf8_lossy(&out.stderr));
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let _ = std::fs::remove_dir_all(&data.dir);
     println!("demo OK");
     Ok(())
 }

@@ -11,10 +11,14 @@ use sluice_workers::{ModelCatalog, ModelPool, ModelRepository, WorkerError};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use sluice_sql::shards::redact;
+use sluice_sql::{Analytics, Lake, LakeError, QueryError, ShardError, ShardSet, Sources};
+
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::kafka::{self, Consumer, EmbeddedBroker, KafkaError, Producer};
 use crate::shutdown::{self, Trigger};
+use crate::sinks::{self, LakeSink, ShardSink, SinkHooks};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 use crate::worker::{SharedTracker, Worker};
@@ -29,6 +33,8 @@ pub enum Role {
     Worker,
     /// Gateway only.
     Gateway,
+    /// The results sinks only (lake and/or shards).
+    Sink,
 }
 
 /// Why Sluice could not start.
@@ -46,6 +52,14 @@ pub enum StartError {
     Model(#[from] WorkerError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(transparent)]
+    Analytics(#[from] QueryError),
 }
 
 /// A running Sluice; [`Sluice::stop`] shuts it down in order.
@@ -60,6 +74,10 @@ pub struct Sluice {
     pub store_kind: &'static str,
     /// Served models: name → versions.
     pub models: Vec<(String, String)>,
+    /// The results lake this process writes or queries.
+    pub lake: Option<PathBuf>,
+    /// The SQL shards this process writes or queries (passwords hidden).
+    pub shards: Vec<String>,
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
     /// Dropped last: the stages talk to it until they have stopped.
@@ -87,6 +105,11 @@ impl Sluice {
         // Models: engines for workers, a catalog (no sessions) for the gateway.
         let runs_workers = matches!(role, Role::Up | Role::Worker);
         let runs_gateway = matches!(role, Role::Up | Role::Gateway);
+        let runs_sinks = matches!(role, Role::Up | Role::Sink);
+        let (lake_dir, shard_urls) = sink_targets(&cfg, role);
+        if role == Role::Sink && lake_dir.is_none() && shard_urls.is_empty() {
+            return Err(StartError::Missing("sinks.lake or sinks.shards (--lake / --shard)"));
+        }
         let serve = cfg.models.serve.clone();
         let pool = if runs_workers {
             let repo = ModelRepository::new(&cfg.models.repository);
@@ -125,7 +148,7 @@ impl Sluice {
             (None, Some(c)) => c.names(),
             (None, None) => Vec::new(),
         };
-        if names.is_empty() {
+        if names.is_empty() && role != Role::Sink {
             return Err(StartError::NoModels(cfg.models.repository.clone()));
         }
 
@@ -143,7 +166,9 @@ impl Sluice {
         }
 
         // Results store.
-        let store = if cfg.store.redis.is_empty() {
+        let store = if role == Role::Sink {
+            Store::memory(&cfg.store()) // unused: sinks read the results topic
+        } else if cfg.store.redis.is_empty() {
             if role != Role::Up {
                 return Err(StartError::Missing("store.redis (--redis)"));
             }
@@ -185,6 +210,50 @@ impl Sluice {
             }
         }
 
+        // Sinks: one consumer group each on the results topic.
+        let mut shard_set = None;
+        if runs_sinks {
+            let results = topics::results(prefix);
+            if let Some(dir) = &lake_dir {
+                let lake = Lake::open(dir)?;
+                let hooks = Arc::new(SinkHooks::default());
+                let consumer = Consumer::new(
+                    &bootstrap,
+                    "sluice-sink-lake",
+                    &format!("{prefix}.sink.lake"),
+                    &[results.clone()],
+                    hooks.clone(),
+                )?;
+                let run_suffix = broker.as_ref().map(|_| chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string());
+                let (sink, sd, c) = (LakeSink { lake, run_suffix }, shutdown.clone(), cfg.sink());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
+                        tracing::error!(error = %e, "lake sink stopped");
+                    }
+                }));
+            }
+            if !shard_urls.is_empty() {
+                let strategy = cfg.shard_strategy().map_err(StartError::Config)?;
+                let timeout = Duration::from_millis(cfg.sinks.shard_timeout_ms.max(1));
+                let set = Arc::new(ShardSet::open(&shard_urls, strategy, timeout)?);
+                shard_set = Some(set.clone());
+                let hooks = Arc::new(SinkHooks::default());
+                let consumer = Consumer::new(
+                    &bootstrap,
+                    "sluice-sink-shards",
+                    &format!("{prefix}.sink.shards"),
+                    &[results],
+                    hooks.clone(),
+                )?;
+                let (sink, sd, c) = (ShardSink::new(set), shutdown.clone(), cfg.sink());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
+                        tracing::error!(error = %e, "shard sink stopped");
+                    }
+                }));
+            }
+        }
+
         // Gateway.
         let mut http_addr = None;
         if let Some(catalog) = catalog {
@@ -193,7 +262,11 @@ impl Sluice {
                 TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
             http_addr = listener.local_addr().ok();
             let producer = Producer::new(&bootstrap, "sluice-gateway", cfg.produce_timeout())?;
-            let gateway = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), metrics.clone());
+            let mut gateway = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), metrics.clone());
+            if lake_dir.is_some() || !shard_urls.is_empty() {
+                let sources = Sources { lake: lake_dir.clone(), shards: shard_urls.clone() };
+                gateway = gateway.with_analytics(Arc::new(Analytics::new(sources, cfg.query_limits())?));
+            }
             tasks.extend(gateway.spawn_background(&bootstrap, shutdown.clone()));
             let router = gateway.router();
             let sd = shutdown.clone();
@@ -220,7 +293,7 @@ impl Sluice {
             http_addr,
             bootstrap,
             embedded_broker: broker.is_some(),
-            store_kind: store.describe(),
+            store_kind: if role == Role::Sink { "none (sinks read the results topic)" } else { store.describe() },
             models: match &pool {
                 Some(p) => p
                     .versions()
@@ -229,6 +302,8 @@ impl Sluice {
                     .collect(),
                 None => names.iter().map(|n| (n.clone(), "catalog only".to_owned())).collect(),
             },
+            lake: lake_dir,
+            shards: shard_set.map_or_else(|| shard_urls.iter().map(|u| redact(u)).collect(), |s| s.urls()),
             trigger,
             tasks,
             broker,
@@ -244,4 +319,19 @@ impl Sluice {
         }
         drop(self.broker.take());
     }
+}
+
+/// The lake and shards a role writes (sinks) or queries (gateway). `sluice
+/// up` defaults to a local lake and two SQLite shards under `./data`.
+pub fn sink_targets(cfg: &Config, role: Role) -> (Option<PathBuf>, Vec<String>) {
+    let s = &cfg.sinks;
+    let mut lake = (!s.lake.is_empty()).then(|| PathBuf::from(&s.lake));
+    let mut shards = s.shards.clone();
+    if role == Role::Up {
+        lake.get_or_insert_with(|| PathBuf::from("data/lake"));
+        if shards.is_empty() {
+            shards = (0..2).map(|i| format!("sqlite:data/shards/shard-{i}.db")).collect();
+        }
+    }
+    (lake, shards)
 }

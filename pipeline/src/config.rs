@@ -10,7 +10,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use sluice_workers::{BreakerConfig, EngineConfig, ExecutionProvider, ProviderFallback, SessionConfig};
 
+use sluice_sql::{QueryLimits, ShardStrategy};
+
 use crate::gateway::{ApiKey, GatewayConfig};
+use crate::sinks::SinkConfig;
 use crate::store::StoreConfig;
 use crate::worker::WorkerConfig;
 
@@ -33,6 +36,32 @@ pub struct Config {
     pub engine: EngineSection,
     pub worker: WorkerSection,
     pub gateway: GatewaySection,
+    pub sinks: SinksSection,
+    pub sql: SqlSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinksSection {
+    pub lake: String,
+    pub shards: Vec<String>,
+    pub shard_strategy: String,
+    pub time_boundaries: Vec<String>,
+    pub flush_rows: usize,
+    pub flush_bytes: usize,
+    pub flush_interval_ms: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub shard_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlSection {
+    pub max_rows: usize,
+    pub timeout_ms: u64,
+    pub max_query_bytes: usize,
+    pub max_concurrent: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,7 +246,49 @@ impl Config {
             rate_per_second: g.rate_per_second,
             rate_burst: g.rate_burst,
             api_keys: g.api_keys.clone(),
+            max_query_bytes: self.sql.max_query_bytes,
+            max_concurrent_queries: self.sql.max_concurrent,
         }
+    }
+
+    pub fn sink(&self) -> SinkConfig {
+        let s = &self.sinks;
+        SinkConfig {
+            flush_rows: s.flush_rows.max(1),
+            flush_bytes: s.flush_bytes.max(1),
+            flush_interval: Duration::from_millis(s.flush_interval_ms.max(1)),
+            retry_initial: Duration::from_millis(s.retry_initial_ms.max(1)),
+            retry_max: Duration::from_millis(s.retry_max_ms.max(s.retry_initial_ms).max(1)),
+        }
+    }
+
+    /// The shard strategy, checked against the number of shards.
+    pub fn shard_strategy(&self) -> Result<ShardStrategy, String> {
+        let s = &self.sinks;
+        let strategy = match s.shard_strategy.as_str() {
+            "hash_mod" => ShardStrategy::HashMod,
+            "jump" => ShardStrategy::Jump,
+            "time_range" => ShardStrategy::TimeRange {
+                boundaries: s
+                    .time_boundaries
+                    .iter()
+                    .map(|b| {
+                        chrono::DateTime::parse_from_rfc3339(b)
+                            .map(|t| t.with_timezone(&chrono::Utc))
+                            .map_err(|e| format!("sinks.time_boundaries: {b:?}: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?,
+            },
+            other => return Err(format!("sinks.shard_strategy {other:?}: expected hash_mod, jump or time_range")),
+        };
+        if !s.shards.is_empty() {
+            strategy.validate(s.shards.len()).map_err(|e| e.to_string())?;
+        }
+        Ok(strategy)
+    }
+
+    pub fn query_limits(&self) -> QueryLimits {
+        QueryLimits { max_rows: self.sql.max_rows.max(1), timeout: Duration::from_millis(self.sql.timeout_ms.max(1)) }
     }
 
     pub fn poll_interval(&self) -> Duration {

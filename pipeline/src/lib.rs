@@ -5,7 +5,9 @@
 //! - [`store`]: the results store (Redis or in-process). The only module
 //!   that imports `redis`.
 //! - [`worker`]: consume jobs → inference engine → results, at-least-once.
-//! - [`gateway`]: the REST API.
+//! - [`gateway`]: the REST API (including `POST /v1/sql`).
+//! - [`sinks`]: results topic → Parquet lake and SQL shards, offsets
+//!   committed only after a flush is durable.
 //! - [`app`]: builds the stages for a role (`sluice up`, `worker`, `gateway`).
 
 pub mod app;
@@ -15,6 +17,7 @@ pub mod kafka;
 mod offsets;
 pub mod publish;
 pub mod shutdown;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

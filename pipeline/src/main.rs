@@ -27,6 +27,10 @@ enum Command {
     Worker(RunArgs),
     /// The REST gateway only.
     Gateway(RunArgs),
+    /// The results sinks only: results topic → Parquet lake and/or SQL shards.
+    Sink(RunArgs),
+    /// Run a read-only SQL query over the lake (`results`) and the shards (`shards`).
+    Sql(SqlArgs),
     /// Print the effective configuration (all layers merged) as JSON.
     Config(RunArgs),
     /// Publish jobs from a JSONL file (one JobRequest per line) to Kafka.
@@ -63,6 +67,24 @@ struct PublishArgs {
 }
 
 #[derive(Args)]
+struct SqlArgs {
+    /// The query, e.g. "SELECT model, count(*) FROM results GROUP BY model".
+    query: String,
+    /// Root of the Parquet results lake.
+    #[arg(long, env = "SLUICE__SINKS__LAKE")]
+    lake: Option<PathBuf>,
+    /// A SQL shard URL (sqlite:<path> or postgres://…); repeat in shard order.
+    #[arg(long = "shard", env = "SLUICE_SHARDS", value_delimiter = ',')]
+    shards: Vec<String>,
+    /// Only this tenant's rows.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Output: a text table, JSON rows, or CSV.
+    #[arg(long, default_value = "table", value_parser = ["table", "json", "csv"])]
+    format: String,
+}
+
+#[derive(Args)]
 struct PollArgs {
     /// The job id.
     id: String,
@@ -95,6 +117,12 @@ struct RunArgs {
     /// Topic prefix.
     #[arg(long, env = "SLUICE__KAFKA__TOPIC_PREFIX")]
     topic_prefix: Option<String>,
+    /// Root of the Parquet results lake (sinks write it, the gateway queries it).
+    #[arg(long, env = "SLUICE__SINKS__LAKE")]
+    lake: Option<PathBuf>,
+    /// A SQL shard URL (sqlite:<path> or postgres://…); repeat in shard order.
+    #[arg(long = "shard", env = "SLUICE_SHARDS", value_delimiter = ',')]
+    shards: Vec<String>,
     /// Write the addresses in use to this file (JSON) once ready.
     #[arg(long, env = "SLUICE_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -122,7 +150,14 @@ impl RunArgs {
         if let Some(l) = &self.listen {
             gateway.insert("listen".into(), json!(l));
         }
-        json!({"kafka": kafka, "store": store, "models": models, "gateway": gateway})
+        let mut sinks = Map::new();
+        if let Some(l) = &self.lake {
+            sinks.insert("lake".into(), json!(l));
+        }
+        if !self.shards.is_empty() {
+            sinks.insert("shards".into(), json!(self.shards));
+        }
+        json!({"kafka": kafka, "store": store, "models": models, "gateway": gateway, "sinks": sinks})
     }
 }
 
@@ -134,6 +169,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(a) => (Role::Up, a),
         Command::Worker(a) => (Role::Worker, a),
         Command::Gateway(a) => (Role::Gateway, a),
+        Command::Sink(a) => (Role::Sink, a),
+        Command::Sql(a) => return sql(cli.config.as_deref(), a).await,
         Command::Config(a) => {
             let cfg = Config::load(cli.config.as_deref(), a.overrides()).context("invalid configuration")?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
@@ -162,6 +199,12 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("results store: {}", sluice.store_kind);
     for (m, v) in &sluice.models {
         eprintln!("serving model {m}: versions {v}");
+    }
+    if let Some(lake) = &sluice.lake {
+        eprintln!("results lake: {}", lake.display());
+    }
+    for (i, s) in sluice.shards.iter().enumerate() {
+        eprintln!("results shard {i}: {s}");
     }
     if let Some(addr) = sluice.http_addr {
         eprintln!("REST API on http://{addr}");
@@ -221,6 +264,37 @@ async fn publish(config: Option<&std::path::Path>, a: &PublishArgs) -> anyhow::R
         summary.failed.len()
     );
     anyhow::ensure!(summary.failed.is_empty(), "{} jobs were not published", summary.failed.len());
+    Ok(())
+}
+
+async fn sql(config: Option<&std::path::Path>, a: &SqlArgs) -> anyhow::Result<()> {
+    let mut sinks = Map::new();
+    if let Some(l) = &a.lake {
+        sinks.insert("lake".into(), json!(l));
+    }
+    if !a.shards.is_empty() {
+        sinks.insert("shards".into(), json!(a.shards));
+    }
+    let cfg = Config::load(config, json!({ "sinks": sinks })).context("invalid configuration")?;
+    let (lake, shards) = sluice_pipeline::app::sink_targets(&cfg, Role::Sink);
+    anyhow::ensure!(
+        lake.is_some() || !shards.is_empty(),
+        "--lake or --shard (or sinks.lake / sinks.shards) is required"
+    );
+    let analytics = sluice_sql::Analytics::new(sluice_sql::Sources { lake, shards }, cfg.query_limits())?;
+    let scope = a.tenant.clone().map_or(sluice_sql::Scope::All, sluice_sql::Scope::Tenant);
+    let answer = analytics.query(&a.query, &scope).await?;
+    match a.format.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&answer.to_json_rows()?)?),
+        "csv" => print!("{}", String::from_utf8_lossy(&answer.to_csv()?)),
+        _ => println!("{}", answer.to_table()),
+    }
+    eprintln!(
+        "{} row(s){} in {:.0} ms",
+        answer.rows,
+        if answer.truncated { " (truncated)" } else { "" },
+        answer.elapsed.as_secs_f64() * 1000.0
+    );
     Ok(())
 }
 

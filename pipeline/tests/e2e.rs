@@ -7,7 +7,8 @@
 //! key prefix, so tests do not see each other's data.
 //!
 //! Environment (set by `make test`): SLUICE_TEST_BROKERS, SLUICE_TEST_REDIS,
-//! SLUICE_TEST_PYTHON, SLUICE_MODEL_REPO, ORT_DYLIB_PATH.
+//! SLUICE_TEST_PG (PostgreSQL clusters) and SLUICE_TEST_PGCTL (stops and
+//! starts them), SLUICE_TEST_PYTHON, SLUICE_MODEL_REPO, ORT_DYLIB_PATH.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -50,6 +51,11 @@ fn config(prefix: &str, external: bool, extra: Value) -> Config {
         "gateway": {"listen": "127.0.0.1:0", "max_body_bytes": 65536},
         "worker": {"commit_interval_ms": 100, "id": format!("{prefix}-worker")},
         "engine": {"max_wait_ms": 2},
+        "sinks": {
+            "lake": scratch(prefix).join("lake"),
+            "shards": (0..2).map(|i| format!("sqlite:{}/shard-{i}.db", scratch(prefix).display())).collect::<Vec<_>>(),
+            "flush_interval_ms": 200,
+        },
     });
     if external {
         overrides["kafka"]["brokers"] = json!(env("SLUICE_TEST_BROKERS"));
@@ -57,6 +63,13 @@ fn config(prefix: &str, external: bool, extra: Value) -> Config {
     }
     merge(&mut overrides, extra);
     Config::load(None, overrides).expect("test config")
+}
+
+/// A directory of this test's own (lake, SQLite shards, configs).
+fn scratch(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join("sluice-e2e").join(prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn merge(a: &mut Value, b: Value) {
@@ -1340,5 +1353,319 @@ async fn publish_and_poll_from_the_command_line() {
     assert_eq!((record["status"].as_str(), record["tenant"].as_str()), (Some("succeeded"), Some("cli")));
     assert_eq!(poll("cli-unknown", "2").status.code(), Some(2));
     let _ = std::fs::remove_file(file);
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The results sinks (Parquet lake, SQL shards) and SQL analytics.
+
+/// A new, empty database on a PostgreSQL cluster of `SLUICE_TEST_PG`.
+async fn fresh_pg_database(cluster: usize, name: &str) -> String {
+    use sqlx::Connection;
+    let base = env("SLUICE_TEST_PG").split(',').nth(cluster).expect("enough PostgreSQL clusters").to_owned();
+    let name = name.replace(['-', '.'], "_").to_lowercase();
+    let mut c = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\""))).execute(&mut c).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut c).await.unwrap();
+    format!("{base}/{name}")
+}
+
+fn pgctl(cluster: usize, action: &str) {
+    let out = Command::new(env("SLUICE_TEST_PGCTL")).args([&cluster.to_string(), action]).output().unwrap();
+    assert!(out.status.success(), "pgctl {cluster} {action}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Publishes `n` synthetic results (ids `<tag>-<i>`, as workers write them)
+/// to `<prefix>.results`, creating it with 4 partitions if needed.
+fn produce_results(brokers: &str, prefix: &str, tag: &str, range: std::ops::Range<usize>) {
+    let script = r#"
+import json, sys
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+brokers, topic, tag, lo, hi = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+a = AdminClient({"bootstrap.servers": brokers})
+for f in a.create_topics([NewTopic(topic, 4, 1)]).values():
+    try:
+        f.result()
+    except Exception as e:
+        if "TOPIC_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
+            raise
+p = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": True, "max.in.flight.requests.per.connection": 1})
+models = ["all-minilm-l6-v2", "logreg-iris"]
+for i in range(lo, hi):
+    ok = i % 10 != 0
+    r = {"job_id": f"{tag}-{i}", "tenant": f"tenant-{i % 5}", "model": models[i % 2], "model_version": "1",
+         "status": "succeeded" if ok else "failed",
+         "timings": {"queued_ms": i % 300, "inference_ms": 5 + i % 20, "batch_size": 1 + i % 32, "input_tokens": 3 + i % 60},
+         "worker_id": "synthetic", "submitted_at": "2026-11-27T10:00:00Z", "finished_at": f"2026-11-27T{10 + i % 3:02d}:00:01Z"}
+    if ok:
+        r["output"] = {"embedding": [0.25, -0.5, i % 7 / 7.0]}
+    else:
+        r["error"] = {"code": "input_too_long", "message": "synthetic failure"}
+    while True:
+        try:
+            p.produce(topic, key=r["job_id"], value=json.dumps(r))
+            break
+        except BufferError:
+            p.poll(0.1)
+    p.poll(0)
+assert p.flush(120) == 0
+"#;
+    let topic = format!("{prefix}.results");
+    let (lo, hi) = (range.start.to_string(), range.end.to_string());
+    let out =
+        Command::new(env("SLUICE_TEST_PYTHON")).args(["-c", script, brokers, &topic, tag, &lo, &hi]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A `sluice sink` process.
+fn start_sink(prefix: &str, lake: &std::path::Path, shards: &[String]) -> std::process::Child {
+    let config = scratch(prefix).join("sink.toml");
+    let shards: Vec<String> = shards.iter().map(|s| format!("{s:?}")).collect();
+    let toml = format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\n\
+         [sinks]\nlake = {:?}\nshards = [{}]\nflush_rows = 2500\nflush_interval_ms = 300\nretry_max_ms = 1000\n",
+        env("SLUICE_TEST_BROKERS"),
+        lake.display().to_string(),
+        shards.join(", "),
+    );
+    std::fs::write(&config, toml).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["sink", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sluice sink starts")
+}
+
+async fn count_json(analytics: &sluice_sql::Analytics, sql: &str) -> Value {
+    analytics.query(sql, &sluice_sql::Scope::All).await.unwrap().to_json_rows().unwrap()[0].clone()
+}
+
+/// 100,000 results through both sinks while the sink process is SIGKILLed
+/// twice at random points: the lake and the shards each end with exactly
+/// 100,000 distinct jobs, and DataFusion's counts agree with both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
+    let prefix = unique_prefix("sinks");
+    let n = 100_000;
+    let lake = scratch(&prefix).join("lake");
+    let shards = vec![
+        fresh_pg_database(0, &format!("{prefix}_a")).await,
+        fresh_pg_database(1, &format!("{prefix}_b")).await,
+        format!("sqlite:{}/shard-2.db", scratch(&prefix).display()),
+    ];
+    let brokers = env("SLUICE_TEST_BROKERS");
+    let started = Instant::now();
+    produce_results(&brokers, &prefix, "r", 0..n);
+    println!("sinks: produced {n} results in {:.1} s", started.elapsed().as_secs_f64());
+
+    let set = sluice_sql::ShardSet::open(&shards, sluice_sql::ShardStrategy::Jump, Duration::from_secs(3)).unwrap();
+    let analytics = sluice_sql::Analytics::new(
+        sluice_sql::Sources { lake: Some(lake.clone()), shards: shards.clone() },
+        sluice_sql::QueryLimits { max_rows: 10, timeout: Duration::from_secs(60) },
+    )
+    .unwrap();
+    let progress = || async {
+        let mut in_shards = 0;
+        for i in 0..set.len() {
+            in_shards += set.count(i).await.unwrap().0;
+        }
+        let in_lake = count_json(&analytics, "SELECT count(*) AS n FROM results").await["n"].as_i64().unwrap();
+        (in_lake, in_shards)
+    };
+
+    // Kill points vary from run to run: somewhere in a flush, a commit, a fetch.
+    let jitter =
+        (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 15_000) as i64;
+    let started = Instant::now();
+    let mut sink = start_sink(&prefix, &lake, &shards);
+    for kill_at in [15_000 + jitter, 50_000 + jitter] {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (l, s) = progress().await;
+            if l.max(s) >= kill_at {
+                sink.kill().unwrap(); // SIGKILL
+                sink.wait().unwrap();
+                println!("sinks: SIGKILL at lake {l} / shards {s} rows");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no progress: lake {l}, shards {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sink = start_sink(&prefix, &lake, &shards);
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (l, s) = progress().await;
+        if l >= n as i64 && s >= n as i64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all landed: lake {l}, shards {s}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Give a straggling duplicate the chance to show up before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    unsafe { libc::kill(sink.id() as i32, libc::SIGTERM) };
+    sink.wait().unwrap();
+
+    let lake_counts = count_json(&analytics, "SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM results").await;
+    let shard_counts = count_json(&analytics, "SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM shards").await;
+    let mut direct = 0;
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..set.len() {
+        let (rows, distinct) = set.count(i).await.unwrap();
+        assert_eq!(rows, distinct);
+        direct += rows;
+        ids.extend(set.job_ids(i).await.unwrap());
+    }
+    println!(
+        "sinks: {n} results landed in {secs:.1} s through 2 SIGKILLs ({:.0}/s); lake {lake_counts}, shards {shard_counts}, shard tables {direct}",
+        n as f64 / secs
+    );
+    assert_eq!(lake_counts, json!({"n": n, "d": n}), "the lake holds every result exactly once");
+    assert_eq!(shard_counts, json!({"n": n, "d": n}), "the shards hold every result exactly once");
+    assert_eq!(direct, n as i64, "DataFusion agrees with the shards' own counts");
+    assert_eq!(ids.len(), n, "no job is in two shards");
+    let parts =
+        count_json(&analytics, "SELECT count(DISTINCT model) AS m, count(DISTINCT date) AS d FROM results").await;
+    assert_eq!(parts, json!({"m": 2, "d": 1}), "partitioned model=/date=");
+    set.close().await;
+}
+
+/// A PostgreSQL shard is stopped for 10 s while results keep coming: the
+/// sink retries (committing nothing), catches up when it returns, and every
+/// result ends in its own shard exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_shard_down_for_10s_loses_and_repeats_nothing() {
+    let prefix = unique_prefix("pgdown");
+    let shards =
+        vec![fresh_pg_database(0, &format!("{prefix}_a")).await, fresh_pg_database(1, &format!("{prefix}_b")).await];
+    let brokers = env("SLUICE_TEST_BROKERS");
+    produce_results(&brokers, &prefix, "pg", 0..2000);
+    let mut h = Harness::start_role(
+        prefix.clone(),
+        Role::Sink,
+        true,
+        json!({"sinks": {"lake": "", "shards": shards.clone(), "flush_rows": 500, "retry_max_ms": 1000}}),
+    )
+    .await;
+    let set = sluice_sql::ShardSet::open(&shards, sluice_sql::ShardStrategy::Jump, Duration::from_secs(2)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while set.count(0).await.unwrap().0 + set.count(1).await.unwrap().0 < 2000 {
+        assert!(Instant::now() < deadline, "the first 2000 did not land");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    pgctl(1, "stop");
+    let down_at = Instant::now();
+    produce_results(&brokers, &prefix, "pg", 2000..5000);
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
+    let during = set.count(0).await.unwrap().0;
+    pgctl(1, "start");
+    println!("pgdown: shard 1 down {:.1} s; shard 0 held {during} rows meanwhile", down_at.elapsed().as_secs_f64());
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = (set.count(0).await.unwrap(), set.count(1).await);
+        if let Ok(b) = b
+            && a.0 + b.0 >= 5000
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not catch up: {a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    h.stop().await;
+    let strategy = sluice_sql::ShardStrategy::Jump;
+    let now = chrono::Utc::now();
+    let mut seen = 0;
+    for i in 0..2 {
+        let (rows, distinct) = set.count(i).await.unwrap();
+        assert_eq!(rows, distinct, "no duplicates in shard {i}");
+        for id in set.job_ids(i).await.unwrap() {
+            assert_eq!(strategy.shard_of(&id, now, 2), i, "{id} is in its own shard, not re-routed");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 5000, "nothing lost");
+    set.close().await;
+}
+
+/// Jobs run through the real model, land in both sinks, and `POST /v1/sql`
+/// answers over them: per tenant, read-only, in JSON, CSV and Arrow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_over_http_sees_only_the_callers_rows_and_refuses_writes() {
+    use reqwest::Method;
+    let mut h = Harness::start_with(unique_prefix("sqlhttp"), true, keys_config()).await;
+    let job =
+        |id: String| json!({"job_id": id, "model": MODEL, "input": {"text": "analytics over results"}}).to_string();
+    for (key, n) in [("acme-key", 6), ("globex-key", 3)] {
+        for i in 0..n {
+            let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some(key), Some(job(format!("{key}-{i}")))).await;
+            assert_eq!(code, 202, "{body}");
+        }
+    }
+    let sql = |q: &str| json!({"query": q}).to_string();
+    let count = "SELECT count(*) AS n, count(DISTINCT tenant) AS t, min(tenant) AS tenant FROM ";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (key, tenant, n) in [("acme-key", "acme", 6), ("globex-key", "globex", 3)] {
+        for table in ["results", "shards"] {
+            loop {
+                let (code, _, body) =
+                    h.call(Method::POST, "/v1/sql", Some(key), Some(sql(&format!("{count}{table}")))).await;
+                assert_eq!(code, 200, "{body}");
+                if body["rows"][0]["n"] == n {
+                    assert_eq!(body["rows"][0], json!({"n": n, "t": 1, "tenant": tenant}), "{table}");
+                    assert_eq!(body["truncated"], false);
+                    break;
+                }
+                assert!(body["rows"][0]["n"].as_i64().unwrap() < n, "{tenant} sees more than its rows: {body}");
+                assert!(Instant::now() < deadline, "{tenant}'s results never reached {table}: {body}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    // A latency answer from the lake, as a user would ask it.
+    let q = "SELECT model, count(*) AS jobs, max(inference_ms) >= 0 AS timed FROM results GROUP BY model";
+    let (code, _, body) = h.call(Method::POST, "/v1/sql", Some("acme-key"), Some(sql(q))).await;
+    assert_eq!((code, body["rows"][0].clone()), (200, json!({"model": MODEL, "jobs": 6, "timed": true})), "{body}");
+
+    for (q, status, code) in [
+        ("DROP TABLE results", 403, "read_only"),
+        ("CREATE TABLE x AS SELECT 1", 403, "read_only"),
+        ("INSERT INTO results SELECT * FROM results", 403, "read_only"),
+        ("SELEC 1", 400, "invalid_sql"),
+        ("SELECT * FROM lake", 400, "invalid_sql"),
+    ] {
+        let (got, _, body) = h.call(Method::POST, "/v1/sql", Some("acme-key"), Some(sql(q))).await;
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{q}: {body}");
+    }
+    let (got, _, body) = h.call(Method::POST, "/v1/sql", None, Some(sql("SELECT 1"))).await;
+    assert_eq!((got, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    let spoof = json!({"query": "SELECT count(*) FROM results", "tenant": "globex"}).to_string();
+    let (got, _, body) = h.call(Method::POST, "/v1/sql", Some("acme-key"), Some(spoof)).await;
+    assert_eq!((got, body["error"]["code"].as_str()), (403, Some("tenant_mismatch")));
+    let (got, _, body) = h.call(Method::POST, "/v1/sql", Some("acme-key"), Some("{}".into())).await;
+    assert_eq!((got, body["error"]["code"].as_str()), (400, Some("invalid_json")));
+
+    for (format, content_type) in [("csv", "text/csv"), ("arrow", "application/vnd.apache.arrow.stream")] {
+        let body = json!({"query": "SELECT job_id FROM shards ORDER BY job_id", "format": format}).to_string();
+        let r = h.client.post(format!("{}/v1/sql", h.http)).bearer_auth("acme-key").body(body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with(content_type));
+        let bytes = r.bytes().await.unwrap();
+        if format == "csv" {
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            assert_eq!(text.lines().collect::<Vec<_>>()[..2], ["job_id", "acme-key-0"]);
+            assert_eq!(text.lines().count(), 7);
+        } else {
+            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes.to_vec()), None).unwrap();
+            assert_eq!(reader.map(|b| b.unwrap().num_rows()).sum::<usize>(), 6);
+        }
+    }
     h.stop().await;
 }

@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sluice_schemas::{ErrorCode, JobStatus};
+use sluice_sql::QueryError;
 
 use crate::kafka::KafkaError;
 use crate::store::StoreError;
@@ -49,6 +50,10 @@ pub enum ApiError {
     Kafka(#[from] KafkaError),
     #[error("results store unavailable: {0}")]
     Store(#[from] StoreError),
+    #[error("SQL analytics is not configured on this gateway (sinks.lake or sinks.shards)")]
+    SqlNotConfigured,
+    #[error(transparent)]
+    Sql(#[from] QueryError),
 }
 
 fn secs(d: Duration) -> u64 {
@@ -74,6 +79,14 @@ impl ApiError {
             ApiError::Kafka(e) if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Store(StoreError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Kafka(_) | ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::SqlNotConfigured => (StatusCode::NOT_IMPLEMENTED, "sql_not_configured"),
+            ApiError::Sql(e) => match e {
+                QueryError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_sql"),
+                QueryError::ReadOnly(_) => (StatusCode::FORBIDDEN, "read_only"),
+                QueryError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "query_timeout"),
+                QueryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                QueryError::Execution(_) | QueryError::Setup(_) => (StatusCode::INTERNAL_SERVER_ERROR, "query_failed"),
+            },
         }
     }
 

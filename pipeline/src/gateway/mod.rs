@@ -11,6 +11,7 @@ mod batches;
 mod error;
 mod jobs;
 mod limits;
+mod sql;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use sluice_sql::Analytics;
 use sluice_workers::ModelCatalog;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -48,6 +50,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/batches", &["post"]),
     ("/v1/batches/{id}", &["get"]),
     ("/v1/batches/{id}/results", &["get"]),
+    ("/v1/sql", &["post"]),
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
     ("/metrics", &["get"]),
@@ -71,6 +74,9 @@ pub struct GatewayConfig {
     pub rate_per_second: u32,
     pub rate_burst: u32,
     pub api_keys: Vec<ApiKey>,
+    /// Longest SQL text of `POST /v1/sql`, and most queries running at once.
+    pub max_query_bytes: usize,
+    pub max_concurrent_queries: usize,
 }
 
 /// Shared state of the handlers (cheap to clone).
@@ -89,6 +95,10 @@ pub struct Gateway {
     waiters: Arc<Waiters>,
     cfg: Arc<GatewayConfig>,
     metrics: PrometheusHandle,
+    /// `POST /v1/sql`, when the lake or shards are configured.
+    analytics: Option<Arc<Analytics>>,
+    /// Bound on SQL queries running at once; past it, 503.
+    sql_slots: Arc<Semaphore>,
 }
 
 impl Gateway {
@@ -111,9 +121,17 @@ impl Gateway {
             backlog: Backlog::new(cfg.max_backlog),
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
             waiters: Arc::new(Waiters::new(cfg.max_waiters)),
+            sql_slots: Arc::new(Semaphore::new(cfg.max_concurrent_queries.max(1))),
             cfg: Arc::new(cfg),
             metrics,
+            analytics: None,
         }
+    }
+
+    /// Serves `POST /v1/sql` with `analytics`.
+    pub fn with_analytics(mut self, analytics: Arc<Analytics>) -> Gateway {
+        self.analytics = Some(analytics);
+        self
     }
 
     /// The HTTP routes.
@@ -125,6 +143,7 @@ impl Gateway {
             ("/v1/batches", post(batches::create).layer(batch_limit)),
             ("/v1/batches/{id}", get(batches::status)),
             ("/v1/batches/{id}/results", get(batches::results)),
+            ("/v1/sql", post(sql::query)),
             ("/healthz", get(|| async { Json(json!({"status": "ok"})) })),
             ("/readyz", get(ready)),
             ("/metrics", get(prometheus)),

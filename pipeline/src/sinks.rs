@@ -1,0 +1,395 @@
+//! The batch sinks: consumer groups on `<prefix>.results` that land every
+//! finished job in the Parquet lake and in the SQL shards.
+//!
+//! Both run the same loop ([`run`]): decode records into
+//! [`ResultRow`]s, buffer them (bounded: `flush_rows` rows or `flush_bytes`
+//! bytes, whichever comes first), flush when full or when the oldest
+//! buffered row has waited `flush_interval`, and commit the Kafka offsets
+//! only after the flush is durable. A flush that fails is retried with
+//! backoff until it succeeds or the sink is stopped, while nothing is
+//! consumed (the records wait in Kafka); it is never skipped, and rows are
+//! never re-routed to another destination.
+//!
+//! - [`LakeSink`]: one [`Lake::commit`] per topic-partition per flush. The
+//!   lake is its own commit log ([`Lake::recover`]), so records at offsets
+//!   the lake already holds are skipped: a crash at any point is replayed
+//!   without duplicates or gaps.
+//! - [`ShardSink`]: rows routed by the [`ShardSet`]'s strategy, one
+//!   transaction of multi-row upserts per shard, all shards in parallel.
+//!   Upserts are keyed by `job_id`, so a replay writes nothing new.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sluice_schemas::JobResult;
+use sluice_schemas::results_table::ResultRow;
+use sluice_sql::{Lake, LakeError, ShardError, ShardSet};
+
+use crate::kafka::{Consumer, KafkaError, RebalanceHooks, Record};
+use crate::shutdown::Shutdown;
+
+/// What stops a sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+}
+
+/// Buffering and retry settings of a sink (`[sinks]` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct SinkConfig {
+    /// Flush (and, for the lake, roll a file) at this many buffered rows.
+    pub flush_rows: usize,
+    /// … or at this many buffered bytes (estimated) …
+    pub flush_bytes: usize,
+    /// … or when the oldest buffered row has waited this long.
+    pub flush_interval: Duration,
+    /// First retry delay of a failed flush; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// A place rows are flushed to.
+pub trait Destination: Send {
+    /// The metric label.
+    fn name(&self) -> &'static str;
+
+    /// The first offset of a topic-partition not yet held here (records
+    /// below it are skipped), checked when the partition is (re)assigned.
+    fn resume_point(&mut self, topic: &str, partition: i32) -> impl Future<Output = Result<i64, SinkError>> + Send;
+
+    /// Makes a flush durable. One attempt; the loop retries.
+    fn flush(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Buffered rows of one topic-partition: offsets `first..=last`.
+#[derive(Debug)]
+pub struct Run {
+    pub first: i64,
+    pub last: i64,
+    pub rows: Vec<ResultRow>,
+}
+
+/// A flush: the buffered runs by topic-partition.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub runs: BTreeMap<(String, i32), Run>,
+    rows: usize,
+    bytes: usize,
+    oldest: Option<Instant>,
+}
+
+impl Batch {
+    fn push(&mut self, rec: &Record, row: Option<ResultRow>) {
+        let run = self.runs.entry((rec.topic.clone(), rec.partition)).or_insert(Run {
+            first: rec.offset,
+            last: rec.offset,
+            rows: Vec::new(),
+        });
+        run.last = rec.offset;
+        if let Some(row) = row {
+            self.bytes += sluice_sql::lake::estimated_bytes(&row);
+            self.rows += 1;
+            run.rows.push(row);
+        }
+        self.oldest.get_or_insert_with(Instant::now);
+    }
+
+    fn forget(&mut self, topic: &str, partition: i32) {
+        if let Some(run) = self.runs.remove(&(topic.to_owned(), partition)) {
+            self.rows -= run.rows.len();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    fn offsets(&self) -> Vec<(String, i32, i64)> {
+        self.runs.iter().map(|((t, p), run)| (t.clone(), *p, run.last + 1)).collect()
+    }
+}
+
+/// Rebalance hooks of a sink's consumer: everything durable is committed
+/// at flush time, so revoked partitions only need forgetting (their
+/// buffered rows are dropped; the next owner reads them again).
+#[derive(Default)]
+pub struct SinkHooks(Mutex<Vec<(String, i32)>>);
+
+impl SinkHooks {
+    fn take(&self) -> Vec<(String, i32)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl RebalanceHooks for SinkHooks {
+    fn revoking(&self, partitions: &[(String, i32)]) -> Vec<(String, i32, i64)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(partitions);
+        Vec::new()
+    }
+}
+
+/// Decodes a results-topic record. `None`: not a JobResult (counted, then
+/// skipped: the record's offset is still covered by the next commit).
+fn decode(rec: &Record) -> Option<ResultRow> {
+    match serde_json::from_slice::<JobResult>(&rec.payload) {
+        Ok(r) if r.status.is_terminal() => {
+            Some(ResultRow::new(r, rec.partition, rec.offset, rec.timestamp.unwrap_or_else(Utc::now)))
+        }
+        Ok(r) => {
+            tracing::warn!(job_id = %r.job_id, status = %r.status, "non-terminal record on the results topic; skipped");
+            None
+        }
+        Err(e) => {
+            metrics::counter!("sluice_sink_undecodable_total").increment(1);
+            tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e, "undecodable result record; skipped");
+            None
+        }
+    }
+}
+
+/// Consumes until `shutdown`, flushing to `dest`. `consumer` must have
+/// been created with `hooks`.
+pub async fn run<D: Destination>(
+    consumer: Consumer,
+    hooks: Arc<SinkHooks>,
+    mut dest: D,
+    cfg: SinkConfig,
+    mut shutdown: Shutdown,
+) -> Result<(), SinkError> {
+    let name = dest.name();
+    let buffered = metrics::gauge!("sluice_sink_buffered_rows", "sink" => name);
+    let mut batch = Batch::default();
+    let mut resume: HashMap<(String, i32), i64> = HashMap::new();
+    loop {
+        let due = batch.oldest.map(|t| t + cfg.flush_interval);
+        let rec = tokio::select! {
+            biased;
+            _ = shutdown.wait() => break,
+            _ = sleep_until(due), if due.is_some() => None,
+            rec = consumer.recv() => match rec {
+                Ok(rec) => Some(rec),
+                Err(e) => {
+                    // librdkafka reconnects by itself; keep what is buffered.
+                    tracing::warn!(sink = name, error = %e, "consume error");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+        };
+        for (t, p) in hooks.take() {
+            batch.forget(&t, p);
+            resume.remove(&(t, p));
+        }
+        if let Some(rec) = rec {
+            let key = (rec.topic.clone(), rec.partition);
+            let from = match resume.get(&key) {
+                Some(o) => *o,
+                None => {
+                    let o = dest.resume_point(&rec.topic, rec.partition).await?;
+                    resume.insert(key, o);
+                    o
+                }
+            };
+            if rec.offset < from {
+                metrics::counter!("sluice_sink_replayed_skipped_total", "sink" => name).increment(1);
+                continue;
+            }
+            batch.push(&rec, decode(&rec));
+            buffered.set(batch.rows as f64);
+            if batch.rows < cfg.flush_rows && batch.bytes < cfg.flush_bytes {
+                continue;
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if !flush_with_retry(&mut dest, &batch, &cfg, &mut shutdown).await {
+            // Stopped while a destination was down: nothing is committed,
+            // the records are read again by whoever consumes next.
+            return Ok(());
+        }
+        if let Err(e) = consumer.commit(&batch.offsets()) {
+            tracing::warn!(error = %e, "offset commit failed; the flushed records will be skipped or re-written idempotently");
+        }
+        for ((t, p), run) in &batch.runs {
+            resume.insert((t.clone(), *p), run.last + 1);
+        }
+        batch = Batch::default();
+        buffered.set(0.0);
+    }
+    // Graceful stop: one last attempt at what is buffered, then leave.
+    if !batch.is_empty() {
+        match tokio::time::timeout(Duration::from_secs(10), dest.flush(&batch)).await {
+            Ok(Ok(())) => consumer.commit_sync(&batch.offsets())?,
+            Ok(Err(e)) => tracing::warn!(sink = name, error = %e, "last flush failed; its records stay in Kafka"),
+            Err(_) => tracing::warn!(sink = name, "last flush timed out; its records stay in Kafka"),
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Flushes until it works; `false` if `shutdown` came first.
+async fn flush_with_retry<D: Destination>(
+    dest: &mut D,
+    batch: &Batch,
+    cfg: &SinkConfig,
+    shutdown: &mut Shutdown,
+) -> bool {
+    let name = dest.name();
+    let mut delay = cfg.retry_initial;
+    loop {
+        let started = Instant::now();
+        match dest.flush(batch).await {
+            Ok(()) => {
+                metrics::histogram!("sluice_sink_flush_seconds", "sink" => name)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("sluice_sink_rows_total", "sink" => name).increment(batch.rows as u64);
+                metrics::counter!("sluice_sink_flushes_total", "sink" => name).increment(1);
+                return true;
+            }
+            Err(e) => {
+                metrics::counter!("sluice_sink_flush_failures_total", "sink" => name).increment(1);
+                tracing::warn!(sink = name, error = %e, retry_in = ?delay, "flush failed; retrying (offsets stay uncommitted)");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait() => return false,
+                }
+                delay = (delay * 2).min(cfg.retry_max);
+            }
+        }
+    }
+}
+
+/// Lands results in the Parquet lake.
+pub struct LakeSink {
+    pub lake: Lake,
+    /// Appended to the topic name in the lake's commit log. The embedded
+    /// broker starts every run at offset 0, so `sluice up` names its runs
+    /// apart; with a real broker this is `None`.
+    pub run_suffix: Option<String>,
+}
+
+impl LakeSink {
+    fn log_name(&self, topic: &str) -> String {
+        match &self.run_suffix {
+            Some(s) => format!("{topic}~{s}"),
+            None => topic.to_owned(),
+        }
+    }
+}
+
+impl Destination for LakeSink {
+    fn name(&self) -> &'static str {
+        "lake"
+    }
+
+    async fn resume_point(&mut self, topic: &str, partition: i32) -> Result<i64, SinkError> {
+        let (lake, topic) = (self.lake.clone(), self.log_name(topic));
+        let next = tokio::task::spawn_blocking(move || lake.recover(&topic, partition))
+            .await
+            .expect("lake recovery does not panic")?;
+        Ok(next.unwrap_or(0))
+    }
+
+    async fn flush(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        for ((topic, partition), run) in &batch.runs {
+            // The lake may already hold part of this run (a replay after a
+            // commit whose offsets never reached Kafka): write only the rest.
+            let lake = self.lake.clone();
+            let (topic, partition) = (self.log_name(topic), *partition);
+            let rows: Vec<ResultRow> = run.rows.clone();
+            let (first, last) = (run.first, run.last);
+            tokio::task::spawn_blocking(move || -> Result<(), LakeError> {
+                let next = lake.last_manifest(&topic, partition)?.map_or(0, |m| m.last_offset + 1);
+                if last < next {
+                    return Ok(());
+                }
+                let rows: Vec<ResultRow> = rows.into_iter().filter(|r| r.kafka_offset >= next).collect();
+                lake.commit(&topic, partition, first.max(next), last, &rows).map(|_| ())
+            })
+            .await
+            .expect("lake commits do not panic")?;
+        }
+        Ok(())
+    }
+}
+
+/// Lands results in the SQL shards.
+pub struct ShardSink {
+    shards: Arc<ShardSet>,
+    /// Shards that already hold the batch being retried.
+    done: Vec<bool>,
+}
+
+impl ShardSink {
+    pub fn new(shards: Arc<ShardSet>) -> ShardSink {
+        let done = vec![false; shards.len()];
+        ShardSink { shards, done }
+    }
+}
+
+impl Destination for ShardSink {
+    fn name(&self) -> &'static str {
+        "shards"
+    }
+
+    async fn resume_point(&mut self, _topic: &str, _partition: i32) -> Result<i64, SinkError> {
+        Ok(0) // Kafka's committed offset; upserts make replays harmless.
+    }
+
+    async fn flush(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let mut per_shard: Vec<Vec<&ResultRow>> = vec![Vec::new(); self.shards.len()];
+        for run in batch.runs.values() {
+            for row in &run.rows {
+                per_shard[self.shards.route(row)].push(row);
+            }
+        }
+        // Every shard in parallel; the flush is done when all are. A retry
+        // only goes to the shards that failed.
+        let shards = &self.shards;
+        let writes = per_shard.iter().enumerate().filter(|(i, rows)| !rows.is_empty() && !self.done[*i]).map(
+            |(i, rows)| async move {
+                let r = shards.upsert(i, rows).await;
+                metrics::gauge!("sluice_sink_shard_up", "shard" => i.to_string()).set(if r.is_ok() {
+                    1.0
+                } else {
+                    0.0
+                });
+                (i, r)
+            },
+        );
+        let mut first_error = None;
+        for (i, r) in futures::future::join_all(writes).await {
+            match r {
+                Ok(_) => self.done[i] = true,
+                Err(e) => {
+                    if !e.is_transient() {
+                        tracing::error!(shard = i, error = %e, "shard write failed and retrying may not help");
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => {
+                self.done.iter_mut().for_each(|d| *d = false);
+                Ok(())
+            }
+        }
+    }
+}
