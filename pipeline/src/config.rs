@@ -53,6 +53,8 @@ pub struct SinksSection {
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     pub shard_timeout_ms: u64,
+    pub session_timeout_ms: u64,
+    pub max_poll_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -285,6 +287,12 @@ impl Config {
             strategy.validate(s.shards.len()).map_err(|e| e.to_string())?;
         }
         Ok(strategy)
+    }
+
+    /// `(session timeout, max poll interval)` of the sinks' consumer groups.
+    pub fn sink_group_timeouts(&self) -> (Duration, Duration) {
+        let s = &self.sinks;
+        (Duration::from_millis(s.session_timeout_ms.max(1000)), Duration::from_millis(s.max_poll_interval_ms.max(1000)))
     }
 
     pub fn query_limits(&self) -> QueryLimits {

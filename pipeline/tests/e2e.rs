@@ -1418,8 +1418,19 @@ assert p.flush(120) == 0
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A child process that is killed if the test ends first (a failed
+/// assertion must not leave a sink consuming in the background).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `sluice sink` process.
-fn start_sink(prefix: &str, lake: &std::path::Path, shards: &[String]) -> std::process::Child {
+fn start_sink(prefix: &str, lake: &std::path::Path, shards: &[String]) -> KillOnDrop {
     let config = scratch(prefix).join("sink.toml");
     let shards: Vec<String> = shards.iter().map(|s| format!("{s:?}")).collect();
     let toml = format!(
@@ -1430,14 +1441,16 @@ fn start_sink(prefix: &str, lake: &std::path::Path, shards: &[String]) -> std::p
         shards.join(", "),
     );
     std::fs::write(&config, toml).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["sink", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("sluice sink starts")
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["sink", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sluice sink starts"),
+    )
 }
 
 async fn count_json(analytics: &sluice_sql::Analytics, sql: &str) -> Value {
@@ -1483,12 +1496,15 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
     let started = Instant::now();
     let mut sink = start_sink(&prefix, &lake, &shards);
     for kill_at in [15_000 + jitter, 50_000 + jitter] {
-        let deadline = Instant::now() + Duration::from_secs(300);
+        // A restarted sink waits for the group to drop the killed member
+        // (sinks.session_timeout_ms) or for a rebalance to give up on it
+        // (sinks.max_poll_interval_ms, 60 s).
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             let (l, s) = progress().await;
             if l.max(s) >= kill_at {
-                sink.kill().unwrap(); // SIGKILL
-                sink.wait().unwrap();
+                sink.0.kill().unwrap(); // SIGKILL
+                sink.0.wait().unwrap();
                 println!("sinks: SIGKILL at lake {l} / shards {s} rows");
                 break;
             }
@@ -1509,8 +1525,8 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
     let secs = started.elapsed().as_secs_f64();
     // Give a straggling duplicate the chance to show up before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    unsafe { libc::kill(sink.id() as i32, libc::SIGTERM) };
-    sink.wait().unwrap();
+    unsafe { libc::kill(sink.0.id() as i32, libc::SIGTERM) };
+    sink.0.wait().unwrap();
 
     let lake_counts = count_json(&analytics, "SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM results").await;
     let shard_counts = count_json(&analytics, "SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM shards").await;

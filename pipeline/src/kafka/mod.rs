@@ -253,8 +253,29 @@ impl Consumer {
         topics: &[String],
         hooks: Arc<dyn RebalanceHooks>,
     ) -> Result<Consumer, KafkaError> {
+        Self::with_timeouts(brokers, client_id, group, topics, hooks, None)
+    }
+
+    /// [`Consumer::new`] with the group's `(session timeout, max poll
+    /// interval)`: how soon a dead member is noticed, and how long a
+    /// rebalance waits for members (librdkafka's defaults: 45 s, 300 s).
+    pub fn with_timeouts(
+        brokers: &str,
+        client_id: &str,
+        group: &str,
+        topics: &[String],
+        hooks: Arc<dyn RebalanceHooks>,
+        timeouts: Option<(Duration, Duration)>,
+    ) -> Result<Consumer, KafkaError> {
         let paused = Arc::new(AtomicBool::new(false));
-        let inner: StreamConsumer<GroupContext> = base_config(brokers, client_id)
+        let mut config = base_config(brokers, client_id);
+        if let Some((session, poll)) = timeouts {
+            config
+                .set("session.timeout.ms", session.as_millis().to_string())
+                .set("heartbeat.interval.ms", (session.as_millis() / 4).max(100).to_string())
+                .set("max.poll.interval.ms", poll.as_millis().to_string());
+        }
+        let inner: StreamConsumer<GroupContext> = config
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
