@@ -220,7 +220,7 @@ impl Sluice {
                 let consumer = Consumer::new(
                     &bootstrap,
                     "sluice-sink-lake",
-                    &format!("{prefix}.sink.lake"),
+                    &format!("{}.lake", cfg.sink_group()),
                     &[results.clone()],
                     hooks.clone(),
                 )?;
@@ -241,7 +241,7 @@ impl Sluice {
                 let consumer = Consumer::new(
                     &bootstrap,
                     "sluice-sink-shards",
-                    &format!("{prefix}.sink.shards"),
+                    &format!("{}.shards", cfg.sink_group()),
                     &[results],
                     hooks.clone(),
                 )?;
@@ -327,8 +327,8 @@ pub fn sink_targets(cfg: &Config, role: Role) -> (Option<PathBuf>, Vec<String>) 
     let s = &cfg.sinks;
     let mut lake = (!s.lake.is_empty()).then(|| PathBuf::from(&s.lake));
     let mut shards = s.shards.clone();
-    if role == Role::Up {
-        lake.get_or_insert_with(|| PathBuf::from("data/lake"));
+    if role == Role::Up && s.up_local_defaults && lake.is_none() && shards.is_empty() {
+        lake = Some(PathBuf::from("data/lake"));
         if shards.is_empty() {
             shards = (0..2).map(|i| format!("sqlite:data/shards/shard-{i}.db")).collect();
         }

@@ -55,6 +55,8 @@ pub struct SinksSection {
     pub shard_timeout_ms: u64,
     pub session_timeout_ms: u64,
     pub max_poll_interval_ms: u64,
+    pub consumer_group: String,
+    pub up_local_defaults: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -293,6 +295,14 @@ impl Config {
     pub fn sink_group_timeouts(&self) -> (Duration, Duration) {
         let s = &self.sinks;
         (Duration::from_millis(s.session_timeout_ms.max(1000)), Duration::from_millis(s.max_poll_interval_ms.max(1000)))
+    }
+
+    /// The sinks' consumer-group prefix (`<group>.lake`, `<group>.shards`).
+    pub fn sink_group(&self) -> String {
+        match self.sinks.consumer_group.as_str() {
+            "" => format!("{}.sink", self.kafka.topic_prefix),
+            g => g.to_owned(),
+        }
     }
 
     pub fn query_limits(&self) -> QueryLimits {
