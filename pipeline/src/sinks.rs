@@ -104,6 +104,10 @@ impl Batch {
     fn forget(&mut self, topic: &str, partition: i32) {
         if let Some(run) = self.runs.remove(&(topic.to_owned(), partition)) {
             self.rows -= run.rows.len();
+            self.bytes -= run.rows.iter().map(sluice_sql::lake::estimated_bytes).sum::<usize>();
+            if self.runs.is_empty() {
+                self.oldest = None;
+            }
         }
     }
 

@@ -228,10 +228,6 @@ impl Analytics {
         Ok(Analytics { sources, limits, shard_set, views: Mutex::new(None) })
     }
 
-    pub fn limits(&self) -> QueryLimits {
-        self.limits
-    }
-
     fn lake_table(&self) -> Result<Arc<dyn TableProvider>, QueryError> {
         let schema = lake_schema();
         let Some(root) = &self.sources.lake else {
