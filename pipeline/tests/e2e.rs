@@ -951,8 +951,11 @@ assert p.flush(120) == 0
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_group_rebalance_loses_and_repeats_nothing() {
     let prefix = unique_prefix("rebalance");
-    let mut a = Harness::start_role(prefix.clone(), Role::Worker, true, json!({"worker": {"id": "worker-a"}})).await;
-    let mut b = Harness::start_role(prefix.clone(), Role::Worker, true, json!({"worker": {"id": "worker-b"}})).await;
+    // A small in-flight bound, so that the member that leaves cannot have
+    // fetched (and then drained) the whole topic before it goes.
+    let worker = |id: &str| json!({"worker": {"id": id, "max_in_flight": 16, "resume_below": 8}});
+    let mut a = Harness::start_role(prefix.clone(), Role::Worker, true, worker("worker-a")).await;
+    let mut b = Harness::start_role(prefix.clone(), Role::Worker, true, worker("worker-b")).await;
     let mut gw = Harness::start_role(prefix.clone(), Role::Gateway, true, json!({})).await;
     let n = 300;
     let records = numbered_jobs("rb", n, "rebalance sentence");
@@ -1178,18 +1181,22 @@ async fn a_backlog_past_its_bound_is_answered_with_503() {
     let extra = json!({"gateway": {"max_backlog": 5, "backlog_poll_ms": 100}});
     let mut gw = Harness::start_role(unique_prefix("backpressure"), Role::Gateway, true, extra).await;
     let job = |i: usize| json!({"model": MODEL, "input": {"text": format!("waiting {i}")}}).to_string();
-    for i in 0..10 {
-        assert_eq!(gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job(i))).await.0, 202);
+    // No worker runs, so the backlog is exactly what was accepted. Up to the
+    // bound nothing is refused, whenever the lag sample is taken.
+    for i in 0..6 {
+        assert_eq!(gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job(i))).await.0, 202, "job {i}");
     }
+    // Past it, the next sample turns new jobs away.
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (code, headers, body) = gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job(99))).await;
+    for i in 6.. {
+        let (code, headers, body) = gw.call(reqwest::Method::POST, "/v1/jobs", None, Some(job(i))).await;
         if code == 503 {
             assert_eq!(body["error"]["code"], "overloaded", "{body}");
             assert!(body["error"]["message"].as_str().unwrap().contains("waiting"), "{body}");
             assert!(headers.contains_key("retry-after"));
             break;
         }
+        assert_eq!(code, 202, "{body}");
         assert!(Instant::now() < deadline, "backlog never refused new jobs");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
