@@ -37,8 +37,9 @@ pub struct EngineConfig {
     pub max_batch_size: usize,
     /// Most padded tokens (longest input × jobs) in one forward pass.
     pub max_batch_tokens: usize,
-    /// Longest the oldest job of a partial batch waits for more jobs
-    /// (Triton's `max_queue_delay`).
+    /// Longest the oldest queued job waits for more jobs (Triton's
+    /// `max_queue_delay`): for a batch to fill, or, with length-aware
+    /// grouping, for a window of candidates to choose a tight batch from.
     pub max_wait: Duration,
     /// A priority lane whose oldest job waited this long is served first.
     pub starvation_after: Duration,
@@ -187,8 +188,7 @@ impl InferenceHandle {
             max_wait: b.max_wait_ms.map(Duration::from_millis).unwrap_or(cfg.max_wait),
             starvation_after: cfg.starvation_after,
             length_aware: cfg.length_aware,
-            window_batches: 16,
-            max_skips: 4,
+            ..Limits::default()
         };
         let label = model.label();
         let breaker = Arc::new(Breaker::new(cfg.breaker.clone()));
