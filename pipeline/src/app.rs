@@ -17,6 +17,7 @@ use sluice_sql::{Analytics, Lake, LakeError, QueryError, ShardError, ShardSet, S
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::kafka::{self, Consumer, EmbeddedBroker, KafkaError, Producer};
+use crate::ops::Ops;
 use crate::shutdown::{self, Trigger};
 use crate::sinks::{self, LakeSink, ShardSink, SinkHooks};
 use crate::store::{Store, StoreError};
@@ -64,7 +65,8 @@ pub enum StartError {
 
 /// A running Sluice; [`Sluice::stop`] shuts it down in order.
 pub struct Sluice {
-    /// Where the REST API listens (gateway roles).
+    /// Where this process's HTTP listens: the REST API (gateway roles) or
+    /// `/healthz`, `/readyz` and `/metrics` (`worker`, `sink`; see [`crate::ops`]).
     pub http_addr: Option<SocketAddr>,
     /// `bootstrap.servers` in use.
     pub bootstrap: String,
@@ -178,10 +180,12 @@ impl Sluice {
         };
 
         let worker_cfg = cfg.worker();
+        let mut ops = None;
 
         // Workers: one consumer group per model.
         if let Some(pool) = &pool {
             let producer = Producer::new(&bootstrap, &worker_cfg.worker_id, cfg.publish_timeout())?;
+            ops = Some(Ops::new(metrics.clone(), producer.clone()).with_worker(store.clone(), pool.clone()));
             for name in &names {
                 let group = format!("{prefix}.workers.{name}");
                 let tracker = Arc::new(SharedTracker::default());
@@ -221,7 +225,7 @@ impl Sluice {
                     &bootstrap,
                     "sluice-sink-lake",
                     &format!("{}.lake", cfg.sink_group()),
-                    &[results.clone()],
+                    std::slice::from_ref(&results),
                     hooks.clone(),
                 )?;
                 let run_suffix = broker.as_ref().map(|_| chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string());
@@ -254,8 +258,29 @@ impl Sluice {
             }
         }
 
-        // Gateway.
+        if runs_sinks && !runs_workers {
+            let probe = Producer::new(&bootstrap, "sluice-sink-probe", cfg.produce_timeout())?;
+            ops = Some(Ops::new(metrics.clone(), probe).with_sinks(lake_dir.clone(), shard_set.clone()));
+        }
+
+        // The ops listener of processes without the REST API.
         let mut http_addr = None;
+        if let (Some(ops), false) = (ops, runs_gateway)
+            && !cfg.ops.listen.is_empty()
+        {
+            let addr = cfg.ops.listen.clone();
+            let listener =
+                TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
+            http_addr = listener.local_addr().ok();
+            let (router, sd) = (ops.router(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = crate::gateway::serve(listener, router, sd).await {
+                    tracing::error!(error = %e, "ops listener stopped");
+                }
+            }));
+        }
+
+        // Gateway.
         if let Some(catalog) = catalog {
             let addr = cfg.gateway.listen.clone();
             let listener =

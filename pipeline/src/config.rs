@@ -38,6 +38,16 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub sinks: SinksSection,
     pub sql: SqlSection,
+    pub ops: OpsSection,
+}
+
+/// The health and metrics listener of `sluice worker` and `sluice sink`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsSection {
+    /// Address of `/healthz`, `/readyz` and `/metrics` (port 0 picks a free
+    /// port; empty: no listener).
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,13 +8,16 @@
 //! - [`gateway`]: the REST API (including `POST /v1/sql`).
 //! - [`sinks`]: results topic → Parquet lake and SQL shards, offsets
 //!   committed only after a flush is durable.
-//! - [`app`]: builds the stages for a role (`sluice up`, `worker`, `gateway`).
+//! - [`ops`]: `/healthz`, `/readyz`, `/metrics` of workers and sinks.
+//! - [`app`]: builds the stages for a role (`sluice up`, `worker`, `gateway`,
+//!   `sink`).
 
 pub mod app;
 pub mod config;
 pub mod gateway;
 pub mod kafka;
 mod offsets;
+pub mod ops;
 pub mod publish;
 pub mod shutdown;
 pub mod sinks;

@@ -114,6 +114,10 @@ struct RunArgs {
     /// Address of the REST API (port 0 picks a free port).
     #[arg(long, env = "SLUICE__GATEWAY__LISTEN")]
     listen: Option<String>,
+    /// Address of /healthz, /readyz and /metrics of `worker` and `sink`
+    /// (port 0 picks a free port; empty: none).
+    #[arg(long, env = "SLUICE__OPS__LISTEN")]
+    ops_listen: Option<String>,
     /// Topic prefix.
     #[arg(long, env = "SLUICE__KAFKA__TOPIC_PREFIX")]
     topic_prefix: Option<String>,
@@ -157,7 +161,11 @@ impl RunArgs {
         if !self.shards.is_empty() {
             sinks.insert("shards".into(), json!(self.shards));
         }
-        json!({"kafka": kafka, "store": store, "models": models, "gateway": gateway, "sinks": sinks})
+        let mut ops = Map::new();
+        if let Some(l) = &self.ops_listen {
+            ops.insert("listen".into(), json!(l));
+        }
+        json!({"kafka": kafka, "store": store, "models": models, "gateway": gateway, "sinks": sinks, "ops": ops})
     }
 }
 
@@ -207,7 +215,10 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("results shard {i}: {s}");
     }
     if let Some(addr) = sluice.http_addr {
-        eprintln!("REST API on http://{addr}");
+        match role {
+            Role::Up | Role::Gateway => eprintln!("REST API on http://{addr}"),
+            Role::Worker | Role::Sink => eprintln!("health and metrics on http://{addr} (/healthz, /readyz, /metrics)"),
+        }
     }
     if let Some(path) = &args.ready_file {
         let ready = json!({

@@ -49,6 +49,7 @@ fn config(prefix: &str, external: bool, extra: Value) -> Config {
         "store": {"key_prefix": format!("{prefix}:")},
         "models": {"repository": env("SLUICE_MODEL_REPO"), "serve": [MODEL], "poll_interval_ms": 300},
         "gateway": {"listen": "127.0.0.1:0", "max_body_bytes": 65536},
+        "ops": {"listen": "127.0.0.1:0"},
         "worker": {"commit_interval_ms": 100, "id": format!("{prefix}-worker")},
         "engine": {"max_wait_ms": 2},
         // Sinks only where a test asks for them (tansu has enough to do).
@@ -731,6 +732,7 @@ impl WorkerProcess {
         let toml = format!(
             "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\n\
              [store]\nredis = \"{}\"\nkey_prefix = \"{prefix}:\"\n\
+             [ops]\nlisten = \"127.0.0.1:0\"\n\
              [models]\nrepository = \"{}\"\nserve = [\"{MODEL}\"]\n{extra_toml}",
             env("SLUICE_TEST_BROKERS"),
             env("SLUICE_TEST_REDIS"),
@@ -1439,6 +1441,7 @@ fn start_sink(prefix: &str, run: usize, lake: &std::path::Path, shards: &[String
     let shards: Vec<String> = shards.iter().map(|s| format!("{s:?}")).collect();
     let toml = format!(
         "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\n\
+         [ops]\nlisten = \"127.0.0.1:0\"\n\
          [sinks]\nlake = {:?}\nshards = [{}]\nflush_rows = 2500\nflush_interval_ms = 300\nretry_max_ms = 1000\n\
          consumer_group = \"{prefix}.sink-{run}\"\n",
         env("SLUICE_TEST_BROKERS"),
@@ -1616,6 +1619,63 @@ async fn a_postgres_shard_down_for_10s_loses_and_repeats_nothing() {
     }
     assert_eq!(seen, 5000, "nothing lost");
     set.close().await;
+}
+
+/// Workers and sinks serve no REST API, but `/healthz`, `/readyz` and
+/// `/metrics` for Kubernetes probes and Prometheus: readiness names what is
+/// missing, and the worker's metrics show the batches it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_sinks_answer_health_readiness_and_metrics() {
+    let prefix = unique_prefix("ops");
+    let mut worker = Harness::start_role(prefix.clone(), Role::Worker, true, json!({})).await;
+    assert!(worker.http.starts_with("http://127.0.0.1:"), "the worker listens: {}", worker.http);
+    assert_eq!(worker.get("/healthz").await, (200, json!({"status": "ok"})));
+    let (code, ready) = worker.get("/readyz").await;
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(ready["status"], "ready");
+    assert_eq!((ready["kafka"].as_str(), ready["store"].as_str()), (Some("ok"), Some("ok")), "{ready}");
+    assert_eq!(ready["models"], json!({MODEL: "ok"}));
+    let (code, body) = worker.get("/v1/jobs/x").await;
+    assert_eq!((code, body["error"]["code"].as_str()), (404, Some("no_route")), "no REST API here: {body}");
+
+    // Jobs through a gateway of the same prefix show up in the worker's metrics.
+    let mut gw = Harness::start_role(prefix.clone(), Role::Gateway, true, json!({})).await;
+    for i in 0..3 {
+        let body = json!({"job_id": format!("ops-{i}"), "model": MODEL, "input": {"text": format!("metrics {i}")}});
+        assert_eq!(gw.post(body.to_string()).await.0, 202);
+    }
+    for i in 0..3 {
+        assert_eq!(gw.wait_done(&format!("ops-{i}")).await["status"], "succeeded");
+    }
+    let r = worker.client.get(format!("{}/metrics", worker.http)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    for name in ["sluice_batch_size", "sluice_inference_seconds", "sluice_jobs_completed_total"] {
+        assert!(text.lines().any(|l| l.starts_with(name)), "{name} in /metrics:\n{text}");
+    }
+    gw.stop().await;
+    worker.stop().await;
+
+    // A sink with one shard that answers and one that does not.
+    let dir = scratch(&prefix);
+    std::fs::create_dir_all(dir.join("lake")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let down = format!("postgres://sluice:secret@127.0.0.1:{port}/nowhere");
+    let sinks = json!({"sinks": {
+        "lake": dir.join("lake"),
+        "shards": [format!("sqlite:{}/shard-0.db", dir.display()), down],
+    }});
+    let mut sink = Harness::start_role(prefix.clone(), Role::Sink, true, sinks).await;
+    assert_eq!(sink.get("/healthz").await.0, 200);
+    let (code, ready) = sink.get("/readyz").await;
+    assert_eq!(code, 503, "{ready}");
+    assert_eq!((ready["status"].as_str(), ready["kafka"].as_str()), (Some("not_ready"), Some("ok")), "{ready}");
+    assert_eq!(ready["lake"], "ok");
+    assert_eq!(ready["shards"][0]["status"], "ok", "{ready}");
+    assert_ne!(ready["shards"][1]["status"], "ok", "{ready}");
+    assert!(!ready.to_string().contains("secret"), "no password in the report: {ready}");
+    sink.stop().await;
 }
 
 /// Jobs run through the real model, land in both sinks, and `POST /v1/sql`

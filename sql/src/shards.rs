@@ -281,6 +281,16 @@ impl ShardSet {
         Ok(inserted)
     }
 
+    /// Whether a shard answers `SELECT 1` (readiness checks).
+    pub async fn ping(&self, shard: usize) -> Result<(), ShardError> {
+        let sql = "SELECT 1";
+        match &self.shards[shard].pool {
+            Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+            Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        }
+        .map_err(self.err(shard))
+    }
+
     /// `(rows, distinct job_ids)` in one shard.
     pub async fn count(&self, shard: usize) -> Result<(i64, i64), ShardError> {
         self.migrate(shard).await?;

@@ -1,0 +1,133 @@
+//! The operational endpoints of the processes that serve no REST API
+//! (`sluice worker`, `sluice sink`): `GET /healthz` (the process is alive),
+//! `GET /readyz` (what it depends on answers) and `GET /metrics`
+//! (Prometheus text). Kubernetes probes and Prometheus scrapes land here;
+//! the gateway serves the same three routes on its own listener.
+//!
+//! Readiness of a worker: Kafka and the results store answer, and no served
+//! model's circuit breaker is open (an open breaker holds its jobs back in
+//! Kafka). Of a sink: Kafka answers, the lake's directory exists and every
+//! shard answers `SELECT 1`. Each check is bounded by [`CHECK_TIMEOUT`], so
+//! a probe never hangs on a dead dependency.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Map, Value, json};
+use sluice_sql::ShardSet;
+use sluice_workers::{BreakerState, ModelPool};
+
+use crate::gateway::ApiError;
+use crate::kafka::Producer;
+use crate::store::Store;
+
+/// Longest one readiness check may take before it counts as failed.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a process's readiness depends on.
+#[derive(Clone)]
+pub struct Ops {
+    metrics: PrometheusHandle,
+    /// Answers metadata requests while Kafka is reachable.
+    kafka: Producer,
+    store: Option<Store>,
+    pool: Option<ModelPool>,
+    lake: Option<PathBuf>,
+    shards: Option<Arc<ShardSet>>,
+}
+
+impl Ops {
+    pub fn new(metrics: PrometheusHandle, kafka: Producer) -> Ops {
+        Ops { metrics, kafka, store: None, pool: None, lake: None, shards: None }
+    }
+
+    /// A worker: the results store and the served models count too.
+    pub fn with_worker(mut self, store: Store, pool: ModelPool) -> Ops {
+        self.store = Some(store);
+        self.pool = Some(pool);
+        self
+    }
+
+    /// A sink: its lake and shards count too.
+    pub fn with_sinks(mut self, lake: Option<PathBuf>, shards: Option<Arc<ShardSet>>) -> Ops {
+        self.lake = lake;
+        self.shards = shards;
+        self
+    }
+
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+            .route("/readyz", get(ready))
+            .route("/metrics", get(prometheus))
+            .fallback(|uri: Uri| async move { ApiError::NoRoute(uri.path().to_owned()) })
+            .with_state(self)
+    }
+
+    /// Runs every check; `(ready, report)`.
+    pub async fn readiness(&self) -> (bool, Value) {
+        let mut ok = true;
+        let mut report = Map::new();
+        let mut word = |r: Result<(), String>| {
+            ok &= r.is_ok();
+            json!(r.err().unwrap_or_else(|| "ok".into()))
+        };
+        report
+            .insert("kafka".into(), word(bounded(async { self.kafka.ping().await.map_err(|e| e.to_string()) }).await));
+        if let Some(store) = &self.store {
+            report.insert("store".into(), word(bounded(async { store.ping().await.map_err(|e| e.to_string()) }).await));
+        }
+        if let Some(lake) = &self.lake {
+            let r = if lake.is_dir() { Ok(()) } else { Err(format!("{} is not a directory", lake.display())) };
+            report.insert("lake".into(), word(r));
+        }
+        if let Some(shards) = &self.shards {
+            let mut each = Vec::new();
+            for (i, url) in shards.urls().into_iter().enumerate() {
+                let r = bounded(async { shards.ping(i).await.map_err(|e| e.to_string()) }).await;
+                each.push(json!({"shard": i, "url": url, "status": word(r)}));
+            }
+            report.insert("shards".into(), Value::Array(each));
+        }
+        if let Some(pool) = &self.pool {
+            let mut models = Map::new();
+            for name in pool.models() {
+                let state = pool.health(&name);
+                ok &= matches!(state, Some(BreakerState::Closed | BreakerState::HalfOpen));
+                let word = match state {
+                    Some(BreakerState::Closed) => "ok",
+                    Some(BreakerState::HalfOpen) => "probing",
+                    Some(BreakerState::Open) => "breaker_open",
+                    None => "not_loaded",
+                };
+                models.insert(name, json!(word));
+            }
+            report.insert("models".into(), Value::Object(models));
+        }
+        report.insert("status".into(), json!(if ok { "ready" } else { "not_ready" }));
+        (ok, Value::Object(report))
+    }
+}
+
+async fn bounded(check: impl Future<Output = Result<(), String>>) -> Result<(), String> {
+    tokio::time::timeout(CHECK_TIMEOUT, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())))
+}
+
+async fn ready(State(ops): State<Ops>) -> Response {
+    let (ok, body) = ops.readiness().await;
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn prometheus(State(ops): State<Ops>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ops.metrics.render())
+}
