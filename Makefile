@@ -46,7 +46,7 @@ system-deps:
 
 python-deps: system-deps
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -r workers/scripts/requirements.txt
+	@$(PY) -m pip install -q --disable-pip-version-check -r workers/scripts/requirements.txt -r deploy/k8s/requirements.txt
 
 models: python-deps $(MODEL_STAMP)
 
@@ -94,6 +94,7 @@ test: setup tansu
 	status=0; \
 	cargo test --workspace --no-fail-fast --exclude sluice-pipeline -- $(TEST_ARGS) || status=$$?; \
 	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 $(TEST_ARGS) || status=$$?; \
+	$(PY) deploy/k8s/check.py --sluice $(BIN)/sluice || status=$$?; \
 	exit $$status
 
 ## --- development -----------------------------------------------------------

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Checks the Kubernetes manifests without a cluster (run by `make test`).
+
+1. Every document validates against the Kubernetes OpenAPI schema of
+   KUBERNETES_VERSION, strictly (unknown fields are errors).
+2. kustomization.yaml lists every manifest here, and only those.
+3. Every Sluice container's configuration, as the pod would see it (the
+   ConfigMap's sluice.toml, its env, the example Secret's values), is
+   accepted by `sluice config`, which refuses unknown keys and bad values.
+4. What the manifests assume about that configuration holds: probes and
+   scrape annotations point at the port the process listens on, volumes are
+   mounted where the configuration looks (models, lake), required settings
+   are present for the role, and the grace period covers the drain.
+
+Usage: check.py --sluice PATH/TO/sluice
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+KUBERNETES_VERSION = "1.30.0"
+HERE = Path(__file__).resolve().parent
+ROLES = {"gateway", "worker", "sink"}
+
+failures = []
+
+
+def fail(where, message):
+    failures.append(f"{where}: {message}")
+
+
+def documents(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def port_of(address):
+    return int(address.rsplit(":", 1)[1])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sluice", required=True, help="the sluice binary")
+    args = parser.parse_args()
+
+    manifests = sorted(p for p in HERE.glob("*.yaml") if p.name != "kustomization.yaml")
+    docs = {p.name: documents(p) for p in manifests}
+
+    # 1. Schemas.
+    for name, ds in docs.items():
+        for d in ds:
+            where = f"{name} {d.get('kind')}/{d.get('metadata', {}).get('name')}"
+            try:
+                kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                fail(where, f"schema: {e.message} at {'/'.join(map(str, e.path))}")
+            except Exception as e:  # unknown kind or version
+                fail(where, f"schema: {e}")
+
+    # 2. The kustomization names every manifest but the example secret.
+    kustomization = documents(HERE / "kustomization.yaml")[0]
+    listed = set(kustomization["resources"])
+    expected = {p.name for p in manifests} - {"secret.example.yaml"}
+    if listed != expected:
+        fail("kustomization.yaml", f"resources {sorted(listed)}, files {sorted(expected)}")
+
+    config_map = next(d for ds in docs.values() for d in ds if d["kind"] == "ConfigMap")
+    secret = next(d for d in docs["secret.example.yaml"] if d["kind"] == "Secret")
+    toml_text = config_map["data"]["sluice.toml"]
+
+    # 3 and 4. Each Deployment's Sluice container.
+    deployments = [(n, d) for n, ds in docs.items() for d in ds if d["kind"] == "Deployment"]
+    roles_seen = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, d in deployments:
+            pod = d["spec"]["template"]["spec"]
+            for c in pod["containers"]:
+                where = f"{name} {d['metadata']['name']}/{c['name']}"
+                role = (c.get("args") or [None])[0]
+                if role not in ROLES:
+                    fail(where, f"args {c.get('args')}: expected one of {sorted(ROLES)}")
+                    continue
+                roles_seen.add(role)
+                cfg = effective_config(where, c, pod, toml_text, secret, args.sluice, tmp)
+                if cfg is not None:
+                    check_container(where, role, c, pod, d, cfg)
+    if roles_seen != ROLES:
+        fail("manifests", f"roles deployed {sorted(roles_seen)}, expected {sorted(ROLES)}")
+
+    if failures:
+        print("deploy/k8s: FAILED", file=sys.stderr)
+        for f in failures:
+            print(f"  {f}", file=sys.stderr)
+        sys.exit(1)
+    n = sum(len(ds) for ds in docs.values())
+    print(f"deploy/k8s: {n} documents valid for Kubernetes {KUBERNETES_VERSION}; "
+          f"{len(deployments)} Sluice deployments agree with their configuration")
+
+
+def effective_config(where, container, pod, toml_text, secret, sluice, tmp):
+    """The configuration `sluice` resolves inside this container, or None."""
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    config_volume = next((v["name"] for v in pod.get("volumes", [])
+                          if v.get("configMap", {}).get("name") == "sluice-config"), None)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+            continue
+        ref = e["valueFrom"]["secretKeyRef"]
+        if ref["name"] != secret["metadata"]["name"]:
+            fail(where, f"env {e['name']}: secret {ref['name']} is not the documented one")
+        elif ref["key"] in secret["stringData"]:
+            env[e["name"]] = secret["stringData"][ref["key"]]
+        elif not ref.get("optional"):
+            fail(where, f"env {e['name']}: key {ref['key']} is not in secret.example.yaml")
+    config_path = env.pop("SLUICE_CONFIG", None)
+    if config_path is None or config_volume is None or mounts.get(config_volume) is None:
+        fail(where, "SLUICE_CONFIG and the sluice-config volume must both be set")
+        return None
+    if Path(config_path).parent != Path(mounts[config_volume]):
+        fail(where, f"SLUICE_CONFIG {config_path} is not in the config mount {mounts[config_volume]}")
+    local = Path(tmp) / "sluice.toml"
+    local.write_text(toml_text)
+    run = subprocess.run([sluice, "config", "--config", str(local)], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        fail(where, f"`sluice config` refuses the pod's configuration: {run.stderr.strip()}")
+        return None
+    return json.loads(run.stdout)
+
+
+def check_container(where, role, c, pod, d, cfg):
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    listen = cfg["gateway"]["listen"] if role == "gateway" else cfg["ops"]["listen"]
+    port_name = "http" if role == "gateway" else "ops"
+    if not listen:
+        fail(where, f"{role} has no HTTP listener configured")
+        return
+    if not listen.startswith("0.0.0.0:"):
+        fail(where, f"listens on {listen}: probes from the kubelet need 0.0.0.0")
+    if ports.get(port_name) != port_of(listen):
+        fail(where, f"containerPort {port_name}={ports.get(port_name)} but the process listens on {listen}")
+    for probe, path in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]:
+        get = c.get(probe, {}).get("httpGet")
+        if not get or get.get("path") != path or get.get("port") not in (port_name, port_of(listen)):
+            fail(where, f"{probe} should GET {path} on port {port_name}: {get}")
+    annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/port") != str(port_of(listen)):
+        fail(where, f"prometheus.io/port {annotations.get('prometheus.io/port')} is not {port_of(listen)}")
+    if not cfg["kafka"]["brokers"]:
+        fail(where, "kafka.brokers is empty")
+    mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+
+    def mounted(path):
+        return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if role in ("gateway", "worker") and not cfg["store"]["redis"]:
+        fail(where, "store.redis is empty")
+    if role == "worker":
+        if not mounted(cfg["models"]["repository"]):
+            fail(where, f"models.repository {cfg['models']['repository']} is not on a mounted volume")
+        if grace * 1000 <= cfg["worker"]["drain_timeout_ms"]:
+            fail(where, f"grace period {grace} s does not cover worker.drain_timeout_ms")
+        if d["spec"].get("replicas", 1) > cfg["kafka"]["partitions"]:
+            fail(where, "more worker replicas than partitions: the extra ones would idle")
+    if role == "gateway" and grace <= cfg["gateway"]["max_wait_secs"]:
+        fail(where, f"grace period {grace} s does not cover gateway.max_wait_secs long-polls")
+    if role == "sink":
+        if not cfg["sinks"]["lake"] and not cfg["sinks"]["shards"]:
+            fail(where, "a sink with neither sinks.lake nor sinks.shards")
+        if d["spec"].get("replicas", 1) != 1 or d["spec"].get("strategy", {}).get("type") != "Recreate":
+            fail(where, "the lake sink must run as one replica replaced with Recreate (no fencing)")
+    if role in ("gateway", "sink") and cfg["sinks"]["lake"] and not mounted(cfg["sinks"]["lake"]):
+        fail(where, f"sinks.lake {cfg['sinks']['lake']} is not on a mounted volume")
+
+
+if __name__ == "__main__":
+    main()
