@@ -29,6 +29,7 @@ import yaml
 KUBERNETES_VERSION = "1.30.0"
 HERE = Path(__file__).resolve().parent
 ROLES = {"gateway", "worker", "sink"}
+CHECK_TIMEOUT_S = 2
 
 failures = []
 
@@ -151,6 +152,10 @@ def check_container(where, role, c, pod, d, cfg):
         get = c.get(probe, {}).get("httpGet")
         if not get or get.get("path") != path or get.get("port") not in (port_name, port_of(listen)):
             fail(where, f"{probe} should GET {path} on port {port_name}: {get}")
+    # /readyz gives each dependency CHECK_TIMEOUT (pipeline/src/ops.rs) before
+    # it answers 503 naming it; a shorter probe timeout loses that answer.
+    if c.get("readinessProbe", {}).get("timeoutSeconds", 1) <= CHECK_TIMEOUT_S:
+        fail(where, f"readinessProbe.timeoutSeconds must exceed the {CHECK_TIMEOUT_S} s dependency checks")
     annotations = d["spec"]["template"]["metadata"].get("annotations", {})
     if annotations.get("prometheus.io/port") != str(port_of(listen)):
         fail(where, f"prometheus.io/port {annotations.get('prometheus.io/port')} is not {port_of(listen)}")

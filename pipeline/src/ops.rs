@@ -71,29 +71,43 @@ impl Ops {
             .with_state(self)
     }
 
-    /// Runs every check; `(ready, report)`.
+    /// Runs every check, all at once (so a probe takes at most
+    /// [`CHECK_TIMEOUT`]); `(ready, report)`.
     pub async fn readiness(&self) -> (bool, Value) {
+        let kafka = bounded(async { self.kafka.ping().await.map_err(|e| e.to_string()) });
+        let store = async {
+            match &self.store {
+                Some(s) => Some(bounded(async { s.ping().await.map_err(|e| e.to_string()) }).await),
+                None => None,
+            }
+        };
+        let shards = async {
+            let Some(set) = &self.shards else { return Vec::new() };
+            let pings = (0..set.len()).map(|i| bounded(async move { set.ping(i).await.map_err(|e| e.to_string()) }));
+            set.urls().into_iter().zip(futures::future::join_all(pings).await).collect()
+        };
+        let (kafka, store, shards) = tokio::join!(kafka, store, shards);
+
         let mut ok = true;
         let mut report = Map::new();
         let mut word = |r: Result<(), String>| {
             ok &= r.is_ok();
             json!(r.err().unwrap_or_else(|| "ok".into()))
         };
-        report
-            .insert("kafka".into(), word(bounded(async { self.kafka.ping().await.map_err(|e| e.to_string()) }).await));
-        if let Some(store) = &self.store {
-            report.insert("store".into(), word(bounded(async { store.ping().await.map_err(|e| e.to_string()) }).await));
+        report.insert("kafka".into(), word(kafka));
+        if let Some(r) = store {
+            report.insert("store".into(), word(r));
         }
         if let Some(lake) = &self.lake {
             let r = if lake.is_dir() { Ok(()) } else { Err(format!("{} is not a directory", lake.display())) };
             report.insert("lake".into(), word(r));
         }
-        if let Some(shards) = &self.shards {
-            let mut each = Vec::new();
-            for (i, url) in shards.urls().into_iter().enumerate() {
-                let r = bounded(async { shards.ping(i).await.map_err(|e| e.to_string()) }).await;
-                each.push(json!({"shard": i, "url": url, "status": word(r)}));
-            }
+        if self.shards.is_some() {
+            let each: Vec<Value> = shards
+                .into_iter()
+                .enumerate()
+                .map(|(i, (url, r))| json!({"shard": i, "url": url, "status": word(r)}))
+                .collect();
             report.insert("shards".into(), Value::Array(each));
         }
         if let Some(pool) = &self.pool {
@@ -130,4 +144,19 @@ async fn ready(State(ops): State<Ops>) -> Response {
 
 async fn prometheus(State(ops): State<Ops>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ops.metrics.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dependency_that_never_answers_fails_its_check_after_the_timeout() {
+        let started = tokio::time::Instant::now();
+        let r = bounded(std::future::pending()).await;
+        assert_eq!(r, Err("no answer within 2 s".to_owned()));
+        assert_eq!(started.elapsed(), CHECK_TIMEOUT);
+        assert_eq!(bounded(async { Err("refused".to_owned()) }).await, Err("refused".to_owned()));
+        assert_eq!(bounded(async { Ok(()) }).await, Ok(()));
+    }
 }
