@@ -185,7 +185,7 @@ impl Sluice {
         // Workers: one consumer group per model.
         if let Some(pool) = &pool {
             let producer = Producer::new(&bootstrap, &worker_cfg.worker_id, cfg.publish_timeout())?;
-            ops = Some(Ops::new(metrics.clone(), producer.clone()).with_worker(store.clone(), pool.clone()));
+            ops = Some(Ops::new(metrics.clone(), producer.clone()).with_store(store.clone()).with_models(pool.clone()));
             for name in &names {
                 let group = format!("{prefix}.workers.{name}");
                 let tracker = Arc::new(SharedTracker::default());

@@ -8,7 +8,8 @@
 //! - [`gateway`]: the REST API (including `POST /v1/sql`).
 //! - [`sinks`]: results topic → Parquet lake and SQL shards, offsets
 //!   committed only after a flush is durable.
-//! - [`ops`]: `/healthz`, `/readyz`, `/metrics` of workers and sinks.
+//! - [`ops`]: `/healthz`, `/readyz`, `/metrics` of every process (the
+//!   gateway among its routes, workers and sinks on their own listener).
 //! - [`app`]: builds the stages for a role (`sluice up`, `worker`, `gateway`,
 //!   `sink`).
 

@@ -1,10 +1,12 @@
-//! The operational endpoints of the processes that serve no REST API
-//! (`sluice worker`, `sluice sink`): `GET /healthz` (the process is alive),
-//! `GET /readyz` (what it depends on answers) and `GET /metrics`
-//! (Prometheus text). Kubernetes probes and Prometheus scrapes land here;
-//! the gateway serves the same three routes on its own listener.
+//! The operational endpoints of every process: `GET /healthz` (the process
+//! is alive), `GET /readyz` (what it depends on answers) and `GET /metrics`
+//! (Prometheus text), for Kubernetes probes and Prometheus scrapes. The
+//! processes that serve no REST API (`sluice worker`, `sluice sink`) serve
+//! [`Ops::router`] on their own listener; the gateway serves the same three
+//! routes among its own.
 //!
-//! Readiness of a worker: Kafka and the results store answer, and no served
+//! Readiness of a gateway: Kafka and the results store answer. Of a worker:
+//! the same, and no served
 //! model's circuit breaker is open (an open breaker holds its jobs back in
 //! Kafka). Of a sink: Kafka answers, the lake's directory exists and every
 //! shard answers `SELECT 1`. Each check is bounded by [`CHECK_TIMEOUT`], so
@@ -48,9 +50,14 @@ impl Ops {
         Ops { metrics, kafka, store: None, pool: None, lake: None, shards: None }
     }
 
-    /// A worker: the results store and the served models count too.
-    pub fn with_worker(mut self, store: Store, pool: ModelPool) -> Ops {
+    /// The results store counts too (gateway, worker).
+    pub fn with_store(mut self, store: Store) -> Ops {
         self.store = Some(store);
+        self
+    }
+
+    /// The served models' circuit breakers count too (worker).
+    pub fn with_models(mut self, pool: ModelPool) -> Ops {
         self.pool = Some(pool);
         self
     }
@@ -62,13 +69,27 @@ impl Ops {
         self
     }
 
+    /// The three routes, and `no_route` for anything else.
     pub fn router(self) -> Router {
         Router::new()
-            .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-            .route("/readyz", get(ready))
-            .route("/metrics", get(prometheus))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(|State(ops): State<Ops>| async move { ops.ready().await }))
+            .route("/metrics", get(|State(ops): State<Ops>| async move { ops.metrics() }))
             .fallback(|uri: Uri| async move { ApiError::NoRoute(uri.path().to_owned()) })
             .with_state(self)
+    }
+
+    /// `GET /readyz`: 200 when every check passes, else 503; the body names
+    /// each check's outcome.
+    pub async fn ready(&self) -> Response {
+        let (ok, body) = self.readiness().await;
+        let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        (status, Json(body)).into_response()
+    }
+
+    /// `GET /metrics`: the process's Prometheus text.
+    pub fn metrics(&self) -> Response {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], self.metrics.render()).into_response()
     }
 
     /// Runs every check, all at once (so a probe takes at most
@@ -136,14 +157,9 @@ async fn bounded(check: impl Future<Output = Result<(), String>>) -> Result<(), 
         .unwrap_or_else(|_| Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())))
 }
 
-async fn ready(State(ops): State<Ops>) -> Response {
-    let (ok, body) = ops.readiness().await;
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
-}
-
-async fn prometheus(State(ops): State<Ops>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ops.metrics.render())
+/// `GET /healthz`: answering at all is the answer.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
 }
 
 #[cfg(test)]

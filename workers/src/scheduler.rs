@@ -434,12 +434,12 @@ fn least_padded_block(
     for width in (1..=max_size.min(n)).rev() {
         let (first, last) = if pinned { (k.saturating_sub(width - 1), k.min(n - width)) } else { (0, n - width) };
         let waste = |start: usize| costs[start + width - 1] * width - costs[start..start + width].iter().sum::<usize>();
-        let feasible = || (first..=last).filter(|&start| fits(start, width));
         // Two kinds of block compete: the one that pads least itself, and
         // the runs of cutting everything into sorted runs from the longest
         // end (which leave no fragments). The winner is the one that, with
         // the rest cut into sorted runs afterwards, pads least overall.
-        let tightest = feasible().min_by_key(|&start| (waste(start) / width, start));
+        let tightest =
+            (first..=last).filter(|&start| fits(start, width)).min_by_key(|&start| (waste(start) / width, start));
         let mut aligned = Vec::new();
         let mut end = n;
         while end >= width {

@@ -16,20 +16,19 @@ mod sql;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
-use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use sluice_sql::Analytics;
 use sluice_workers::ModelCatalog;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::ops::Ops;
 pub use auth::{ApiKey, hash_key};
 pub use error::ApiError;
 use jobs::Waiters;
@@ -94,7 +93,8 @@ pub struct Gateway {
     in_flight: Arc<Semaphore>,
     waiters: Arc<Waiters>,
     cfg: Arc<GatewayConfig>,
-    metrics: PrometheusHandle,
+    /// `/healthz`, `/readyz` (Kafka and the store) and `/metrics`.
+    ops: Ops,
     /// `POST /v1/sql`, when the lake or shards are configured.
     analytics: Option<Arc<Analytics>>,
     /// Bound on SQL queries running at once; past it, 503.
@@ -113,6 +113,7 @@ impl Gateway {
             tracing::warn!("no API keys configured: the gateway is OPEN (any caller, any tenant)");
         }
         Gateway {
+            ops: Ops::new(metrics, producer.clone()).with_store(store.clone()),
             producer,
             store,
             catalog,
@@ -123,7 +124,6 @@ impl Gateway {
             waiters: Arc::new(Waiters::new(cfg.max_waiters)),
             sql_slots: Arc::new(Semaphore::new(cfg.max_concurrent_queries.max(1))),
             cfg: Arc::new(cfg),
-            metrics,
             analytics: None,
         }
     }
@@ -144,9 +144,9 @@ impl Gateway {
             ("/v1/batches/{id}", get(batches::status)),
             ("/v1/batches/{id}/results", get(batches::results)),
             ("/v1/sql", post(sql::query)),
-            ("/healthz", get(|| async { Json(json!({"status": "ok"})) })),
-            ("/readyz", get(ready)),
-            ("/metrics", get(prometheus)),
+            ("/healthz", get(crate::ops::healthz)),
+            ("/readyz", get(|State(gw): State<Gateway>| async move { gw.ops.ready().await })),
+            ("/metrics", get(|State(gw): State<Gateway>| async move { gw.ops.metrics() })),
             ("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) })),
         ];
         debug_assert_eq!(
@@ -213,23 +213,6 @@ impl Gateway {
 /// Serves `router` on `listener` until `shutdown` fires.
 pub async fn serve(listener: TcpListener, router: Router, mut shutdown: Shutdown) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.wait().await }).await
-}
-
-async fn ready(State(gw): State<Gateway>) -> Response {
-    let (kafka, store) = tokio::join!(gw.producer.ping(), gw.store.ping());
-    let ok = kafka.is_ok() && store.is_ok();
-    let show = |r: Result<(), String>| r.err().unwrap_or_else(|| "ok".into());
-    let body = json!({
-        "status": if ok { "ready" } else { "not_ready" },
-        "kafka": show(kafka.map_err(|e| e.to_string())),
-        "store": show(store.map_err(|e| e.to_string())),
-    });
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
-}
-
-async fn prometheus(State(gw): State<Gateway>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], gw.metrics.render())
 }
 
 #[cfg(test)]
