@@ -10,8 +10,13 @@ sequence-of-maps output, for instance, cannot be returned and is refused).
 Models whose weights live in external data files are refused: only
 `model.onnx` would be copied.
 
+`--concat-batch` declares the graph's first axis a batch axis whose rows do
+not interact (`[tensor] concat_batch = true`): the worker then runs a batch of
+jobs in one forward pass. It is refused unless every graph input and output
+has a dynamic first dimension.
+
 Usage: import_onnx.py --onnx PATH --out REPO --name NAME --version V
-                      [--outputs a,b] [--description TEXT]
+                      [--outputs a,b] [--description TEXT] [--concat-batch]
 """
 
 from __future__ import annotations
@@ -69,6 +74,19 @@ def check_model(model: onnx.ModelProto, path: Path, outputs: list[str] | None) -
             )
 
 
+def check_batch_axis(model: onnx.ModelProto, path: Path) -> None:
+    """Fail unless every graph input and output has a dynamic first dimension."""
+    fixed = []
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in {i.name for i in model.graph.initializer}:
+            continue
+        dims = v.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            fixed.append(v.name)
+    if fixed:
+        raise SystemExit(f"{path}: --concat-batch needs a dynamic first dimension on every input and output: {fixed}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", required=True, type=Path, help="the ONNX file to import")
@@ -77,6 +95,7 @@ def main() -> int:
     ap.add_argument("--version", required=True)
     ap.add_argument("--outputs", help="comma-separated graph outputs returned to clients")
     ap.add_argument("--description", help="one line for humans (default: imported from <file name>)")
+    ap.add_argument("--concat-batch", action="store_true", help="the first axis is a batch axis (see above)")
     args = ap.parse_args()
 
     dest = entry_dir(args.out, args.name, args.version)
@@ -90,13 +109,15 @@ def main() -> int:
         raise SystemExit(f"{args.onnx}: not an ONNX model: {e}")
     outputs = parse_outputs(args.outputs) if args.outputs is not None else None
     check_model(model, args.onnx, outputs)
+    if args.concat_batch:
+        check_batch_axis(model, args.onnx)
 
     description = args.description if args.description is not None else f"imported from {args.onnx.name}"
     dest.mkdir(parents=True, exist_ok=True)
     write_atomic(dest / "model.onnx", data)
     write_atomic(
         dest / "model.toml",
-        tensor_model_toml("import_onnx.py", args.name, args.version, description, outputs).encode(),
+        tensor_model_toml("import_onnx.py", args.name, args.version, description, outputs, args.concat_batch).encode(),
     )
     # SHA256SUMS last: an entry with a SHA256SUMS file is complete.
     finish_entry(dest, ["model.onnx", "model.toml"])

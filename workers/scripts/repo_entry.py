@@ -84,10 +84,12 @@ def toml_string(s: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def tensor_model_toml(script: str, name: str, version: str, description: str, outputs: list[str] | None) -> str:
+def tensor_model_toml(
+    script: str, name: str, version: str, description: str, outputs: list[str] | None, concat_batch: bool = False
+) -> str:
     """`model.toml` for a `task = "tensor"` entry (tensors in, named graph outputs back).
 
-    The `[tensor]` section is omitted when `outputs` is None.
+    The `[tensor]` section is omitted when `outputs` is None and `concat_batch` is off.
     """
     text = (
         f"# Model-repository entry written by workers/scripts/{script}.\n"
@@ -96,11 +98,18 @@ def tensor_model_toml(script: str, name: str, version: str, description: str, ou
         'task = "tensor"\n'
         f"description = {toml_string(description)}\n"
     )
+    if outputs is not None or concat_batch:
+        text += "\n[tensor]\n"
     if outputs is not None:
         text += (
-            "\n[tensor]\n"
             "# Graph outputs returned to clients (non-tensor outputs such as ZipMap sequences cannot be returned).\n"
             f"outputs = [{', '.join(toml_string(o) for o in outputs)}]\n"
+        )
+    if concat_batch:
+        text += (
+            "# The first axis is a batch axis whose rows do not interact: the jobs of a batch run in one\n"
+            "# forward pass, their inputs concatenated along it.\n"
+            "concat_batch = true\n"
         )
     return text
 

@@ -120,7 +120,9 @@ fn check_tensors(specs: &[InputSpec], given: &BTreeMap<String, JsonTensor>) -> R
                 spec.name, t.shape, spec.dims
             ));
         }
-        let elements: u64 = t.shape.iter().product();
+        let Some(elements) = t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d)) else {
+            return Err(format!("input.tensors.{}: shape {:?} holds more elements than can be counted", spec.name, t.shape));
+        };
         if elements != t.data.len() as u64 {
             return Err(format!(
                 "input.tensors.{}: shape {:?} holds {elements} elements, data has {}",
@@ -136,7 +138,7 @@ fn check_tensors(specs: &[InputSpec], given: &BTreeMap<String, JsonTensor>) -> R
 /// Owns one session; lives on an inference thread.
 pub enum Runner {
     Embedding { session: Session, output: String, dim: usize, pooling: Pooling, normalize: bool, type_ids: bool },
-    Tensor { session: Session, outputs: Vec<String> },
+    Tensor { session: Session, outputs: Vec<String>, concat_batch: bool },
 }
 
 impl Runner {
@@ -177,19 +179,41 @@ impl Runner {
             }
             Task::Tensor => {
                 let wanted = model.spec.tensor.as_ref().map(|t| t.outputs.clone()).unwrap_or_default();
-                let tensor_outputs: Vec<String> = session
+                let concat_batch = model.spec.tensor.as_ref().is_some_and(|t| t.concat_batch);
+                let tensor_outputs: Vec<(String, Vec<i64>)> = session
                     .outputs()
                     .iter()
-                    .filter(|o| matches!(o.dtype(), ValueType::Tensor { .. }))
-                    .map(|o| o.name().to_owned())
+                    .filter_map(|o| match o.dtype() {
+                        ValueType::Tensor { shape, .. } => Some((o.name().to_owned(), shape.to_vec())),
+                        _ => None,
+                    })
                     .collect();
                 for w in &wanted {
-                    if !tensor_outputs.contains(w) {
+                    if !tensor_outputs.iter().any(|(name, _)| name == w) {
                         return Err(err(format!("output `{w}` is not a tensor output of the graph")));
                     }
                 }
-                let outputs = if wanted.is_empty() { tensor_outputs } else { wanted };
-                Runner::Tensor { session, outputs }
+                let outputs: Vec<String> = if wanted.is_empty() {
+                    tensor_outputs.iter().map(|(name, _)| name.clone()).collect()
+                } else {
+                    wanted
+                };
+                if concat_batch {
+                    let fixed_inputs = inputs.iter().filter(|i| i.dims.first() != Some(&-1)).map(|i| i.name.as_str());
+                    let fixed_outputs = tensor_outputs
+                        .iter()
+                        .filter(|(name, dims)| outputs.contains(name) && dims.first() != Some(&-1))
+                        .map(|(name, _)| name.as_str());
+                    let fixed: Vec<&str> = fixed_inputs.chain(fixed_outputs).collect();
+                    if !fixed.is_empty() {
+                        return Err(err(format!(
+                            "[tensor] concat_batch needs a dynamic first dimension on every input and returned \
+                             output; these have a fixed one: {}",
+                            fixed.join(", ")
+                        )));
+                    }
+                }
+                Runner::Tensor { session, outputs, concat_batch }
             }
         };
         Ok((runner, inputs))
@@ -203,11 +227,73 @@ impl Runner {
                 let vectors = embed(session, batch, output, *dim, *pooling, *normalize, *type_ids)?;
                 Ok(vectors.into_iter().map(|v| Ok(Output::Embedding(v))).collect())
             }
-            // Generic graphs may have fixed batch dimensions: jobs run one by
-            // one inside the batch (batching still amortises scheduling).
-            Runner::Tensor { session, outputs } => Ok(batch.iter().map(|p| run_tensor(session, p, outputs)).collect()),
+            // Generic graphs may have fixed batch dimensions: unless the model
+            // says its first axis is a batch axis, jobs run one by one inside
+            // the batch (batching still amortises scheduling).
+            Runner::Tensor { session, outputs, concat_batch } => {
+                let mut tensors = Vec::with_capacity(batch.len());
+                for p in batch {
+                    let Prepared::Tensors(t) = p else {
+                        return Err(WorkerError::Inference("tensor model got a token input. This is a bug.".into()));
+                    };
+                    tensors.push(t);
+                }
+                if !*concat_batch {
+                    return Ok(tensors.iter().map(|t| run_tensors(session, &[t], outputs).map(one)).collect());
+                }
+                let mut results: Vec<Option<Result<Output, WorkerError>>> = (0..batch.len()).map(|_| None).collect();
+                for group in concat_groups(&tensors) {
+                    let jobs: Vec<&BTreeMap<String, JsonTensor>> = group.iter().map(|&i| tensors[i]).collect();
+                    match run_tensors(session, &jobs, outputs) {
+                        Ok(outs) => {
+                            for (&i, out) in group.iter().zip(outs) {
+                                results[i] = Some(Ok(Output::Tensors(out)));
+                            }
+                        }
+                        // One job's bad input must not fail the rest: each
+                        // job of a failed group runs alone and fails alone.
+                        Err(_) if group.len() > 1 => {
+                            for &i in &group {
+                                results[i] = Some(run_tensors(session, &[tensors[i]], outputs).map(one));
+                            }
+                        }
+                        Err(e) => results[group[0]] = Some(Err(e)),
+                    }
+                }
+                Ok(results.into_iter().map(|r| r.expect("every job is in one group. This is a bug.")).collect())
+            }
         }
     }
+}
+
+/// The only job's outputs of a one-job run.
+fn one(mut outs: Vec<BTreeMap<String, JsonTensor>>) -> Output {
+    Output::Tensors(outs.pop().expect("a run returns one output map per job. This is a bug."))
+}
+
+/// Jobs that can share one forward pass: the same inputs, with the same
+/// dtypes and the same dimensions after the first, and each job's inputs
+/// agreeing on their first dimension (its rows). Groups keep the batch's
+/// order; a job that fits no other runs in a group of one.
+fn concat_groups(jobs: &[&BTreeMap<String, JsonTensor>]) -> Vec<Vec<usize>> {
+    type Signature = Vec<(String, DType, Vec<u64>)>;
+    let signature = |t: &BTreeMap<String, JsonTensor>| -> Option<Signature> {
+        let rows = t.values().next()?.shape.first().copied()?;
+        t.iter()
+            .map(|(name, x)| {
+                (x.shape.first() == Some(&rows)).then(|| (name.clone(), x.dtype, x.shape[1..].to_vec()))
+            })
+            .collect()
+    };
+    let mut groups: Vec<(Option<Signature>, Vec<usize>)> = Vec::new();
+    for (i, t) in jobs.iter().enumerate() {
+        let sig = signature(t);
+        match groups.iter_mut().find(|(s, _)| s.is_some() && *s == sig) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((sig, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
 }
 
 fn embed(
@@ -261,36 +347,59 @@ fn embed(
         .collect())
 }
 
-fn run_tensor(session: &mut Session, p: &Prepared, outputs: &[String]) -> Result<Output, WorkerError> {
-    let Prepared::Tensors(tensors) = p else {
-        return Err(WorkerError::Inference("tensor model got a token input. This is a bug.".into()));
-    };
+/// Runs `jobs` (one, or several of one [`concat_groups`] group) in one
+/// forward pass: each input is the jobs' inputs concatenated along the first
+/// axis, and each output is split back along it by the jobs' rows. One
+/// output map per job, in order.
+fn run_tensors(
+    session: &mut Session,
+    jobs: &[&BTreeMap<String, JsonTensor>],
+    outputs: &[String],
+) -> Result<Vec<BTreeMap<String, JsonTensor>>, WorkerError> {
+    let first = jobs.first().ok_or_else(|| WorkerError::Inference("an empty tensor batch. This is a bug.".into()))?;
+    let rows: Vec<u64> = jobs.iter().map(|t| t.values().next().and_then(|x| x.shape.first().copied()).unwrap_or(0)).collect();
     let mut inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::new();
-    for (name, t) in tensors {
-        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    for (name, t) in first.iter() {
+        let mut shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+        if let Some(d0) = shape.first_mut() {
+            *d0 = jobs.iter().map(|j| j[name].shape.first().copied().unwrap_or(1) as i64).sum();
+        }
+        let data = || jobs.iter().flat_map(|j| j[name].data.iter().copied());
         let e = |e: ort::Error| WorkerError::Inference(format!("input `{name}`: {e}"));
         let value: DynValue = match t.dtype {
-            DType::Float32 => {
-                Tensor::from_array((shape, t.data.iter().map(|&x| x as f32).collect::<Vec<_>>())).map_err(e)?.into_dyn()
-            }
-            DType::Float64 => Tensor::from_array((shape, t.data.clone())).map_err(e)?.into_dyn(),
-            DType::Int32 => {
-                Tensor::from_array((shape, t.data.iter().map(|&x| x as i32).collect::<Vec<_>>())).map_err(e)?.into_dyn()
-            }
-            DType::Int64 => {
-                Tensor::from_array((shape, t.data.iter().map(|&x| x as i64).collect::<Vec<_>>())).map_err(e)?.into_dyn()
-            }
+            DType::Float32 => Tensor::from_array((shape, data().map(|x| x as f32).collect::<Vec<_>>())).map_err(e)?.into_dyn(),
+            DType::Float64 => Tensor::from_array((shape, data().collect::<Vec<_>>())).map_err(e)?.into_dyn(),
+            DType::Int32 => Tensor::from_array((shape, data().map(|x| x as i32).collect::<Vec<_>>())).map_err(e)?.into_dyn(),
+            DType::Int64 => Tensor::from_array((shape, data().map(|x| x as i64).collect::<Vec<_>>())).map_err(e)?.into_dyn(),
         };
         inputs.push((name.as_str().into(), value.into()));
     }
     let result = session.run(inputs).map_err(|e| WorkerError::Inference(e.to_string()))?;
-    let mut out = BTreeMap::new();
+    let mut out = vec![BTreeMap::new(); jobs.len()];
     for name in outputs {
         let v = &result[name.as_str()];
         let (dtype, shape, data) = extract(v).map_err(|m| WorkerError::Inference(format!("output `{name}`: {m}")))?;
-        out.insert(name.clone(), JsonTensor { dtype, shape, data });
+        if jobs.len() == 1 {
+            out[0].insert(name.clone(), JsonTensor { dtype, shape, data });
+            continue;
+        }
+        let total: u64 = rows.iter().sum();
+        if shape.first() != Some(&total) {
+            return Err(WorkerError::Inference(format!(
+                "output `{name}` has shape {shape:?}: its first axis is not the batch's {total} rows"
+            )));
+        }
+        let per_row: usize = shape[1..].iter().product::<u64>() as usize;
+        let mut at = 0usize;
+        for (job, &r) in out.iter_mut().zip(&rows) {
+            let n = r as usize * per_row;
+            let mut job_shape = shape.clone();
+            job_shape[0] = r;
+            job.insert(name.clone(), JsonTensor { dtype, shape: job_shape, data: data[at..at + n].to_vec() });
+            at += n;
+        }
     }
-    Ok(Output::Tensors(out))
+    Ok(out)
 }
 
 fn extract(v: &DynValue) -> Result<(DType, Vec<u64>, Vec<f64>), String> {
@@ -379,6 +488,31 @@ mod tests {
     }
 
     #[test]
+    fn jobs_share_a_forward_pass_only_when_their_inputs_line_up() {
+        let job = |inputs: &[(&str, DType, Vec<u64>)]| {
+            inputs
+                .iter()
+                .map(|(name, dtype, shape)| {
+                    let n = shape.iter().product::<u64>() as usize;
+                    (name.to_string(), JsonTensor { dtype: *dtype, shape: shape.clone(), data: vec![0.0; n] })
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        let f = DType::Float32;
+        let jobs = [
+            job(&[("x", f, vec![1, 4])]),
+            job(&[("x", f, vec![3, 4])]),           // more rows: same pass
+            job(&[("x", f, vec![2, 5])]),           // another row width
+            job(&[("x", DType::Int64, vec![1, 4])]), // another dtype
+            job(&[("x", f, vec![2, 5])]),
+            job(&[("x", f, vec![1, 4]), ("z", f, vec![2, 4])]), // its inputs disagree on rows
+            job(&[("x", f, vec![1, 4]), ("z", f, vec![2, 4])]),
+        ];
+        let refs: Vec<&BTreeMap<String, JsonTensor>> = jobs.iter().collect();
+        assert_eq!(concat_groups(&refs), vec![vec![0, 1], vec![2, 4], vec![3], vec![5], vec![6]]);
+    }
+
+    #[test]
     fn tensor_inputs_are_checked_against_the_graph() {
         let specs = vec![InputSpec { name: "x".into(), dtype: DType::Float32, dims: vec![-1, 4] }];
         let t = |dtype, shape: Vec<u64>, n: usize| {
@@ -392,5 +526,10 @@ mod tests {
         extra.insert("z".into(), JsonTensor { dtype: DType::Float32, shape: vec![1], data: vec![0.0] });
         assert!(check_tensors(&specs, &extra).unwrap_err().contains("no such input"));
         assert!(check_tensors(&specs, &BTreeMap::new()).unwrap_err().contains("missing"));
+        // A shape whose element count overflows is an input error, not a panic.
+        let huge = vec![-1, -1, -1];
+        let specs3 = vec![InputSpec { name: "x".into(), dtype: DType::Float32, dims: huge }];
+        let overflow = t(DType::Float32, vec![u64::MAX / 2, 4, 3], 0);
+        assert!(check_tensors(&specs3, &overflow).unwrap_err().contains("more elements than can be counted"));
     }
 }

@@ -96,6 +96,15 @@ pub struct TensorSpec {
     /// Graph outputs returned to clients; empty means every tensor output.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// The graph's first axis is a batch axis whose rows do not interact
+    /// (Triton's `max_batch_size > 0`): the jobs of a batch whose inputs
+    /// agree in every other dimension are concatenated along it and run in
+    /// one forward pass, and each output is split back by the rows of each
+    /// job. Every input and every returned output must have a dynamic first
+    /// dimension (checked when the model loads). Off by default: only the
+    /// model's author knows that rows are independent.
+    #[serde(default)]
+    pub concat_batch: bool,
 }
 
 /// Per-model batching limits (see `EngineConfig` for the defaults).

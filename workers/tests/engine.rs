@@ -55,11 +55,16 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
 }
 
-/// Builds a test model (`double` or `broken`) as `<repo>/<name>/<version>`.
+/// Builds a test model (`double`, `rows` or `broken`) as `<repo>/<name>/<version>`.
 fn make_model(repo: &Path, name: &str, version: &str, kind: &str) {
+    make_model_with(repo, name, version, kind, &[]);
+}
+
+fn make_model_with(repo: &Path, name: &str, version: &str, kind: &str, flags: &[&str]) {
     let out = std::process::Command::new(env("SLUICE_TEST_PYTHON"))
         .arg(script("make_test_models.py"))
         .args(["--out", repo.to_str().unwrap(), "--name", name, "--version", version, "--kind", kind])
+        .args(flags)
         .output()
         .unwrap();
     assert!(out.status.success(), "make_test_models.py: {}", String::from_utf8_lossy(&out.stderr));
@@ -305,6 +310,45 @@ async fn expired_and_cancelled_jobs_never_reach_inference() {
     let out = fine.wait().await.unwrap();
     assert_eq!(out.batch_size, 1, "only the live job ran");
     assert_eq!(tensor(&out.output, "y").data, vec![3.0; 8]);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// A model whose first axis is a batch axis (`concat_batch`) runs a batch
+/// of jobs in one forward pass, and every job gets exactly its own rows back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concat_batch_model_runs_a_batch_in_one_forward_pass() {
+    let root = tempdir("concat");
+    make_model_with(&root, "rows", "1", "rows", &["--concat-batch"]);
+    make_model(&root, "alone", "1", "rows");
+    for (name, concat) in [("rows", true), ("alone", false)] {
+        let model = ModelRepository::new(&root).latest(name).unwrap();
+        // The batch is due when it holds all six jobs (max_wait is far away;
+        // in arrival order, a full batch does not wait for a window).
+        let cfg = EngineConfig {
+            max_batch_size: 6,
+            max_wait: Duration::from_secs(60),
+            length_aware: false,
+            ..Default::default()
+        };
+        let engine = InferenceHandle::start(model, cfg).await.unwrap();
+        let rows = |i: usize| 1 + i % 3;
+        let mut tickets = Vec::new();
+        for i in 0..6 {
+            tickets.push(engine.enqueue(EngineJob::new(x(rows(i), i as f64), "t")).await.unwrap());
+        }
+        let total: usize = (0..6).map(rows).sum();
+        for (i, t) in tickets.into_iter().enumerate() {
+            let out = t.wait().await.unwrap();
+            assert_eq!(out.batch_size, 6, "{name}: one batch");
+            let y = tensor(&out.output, "y");
+            assert_eq!(y.shape, vec![rows(i) as u64, 4], "{name}: job {i} gets its own rows");
+            assert_eq!(y.data, vec![2.0 * i as f64; rows(i) * 4], "{name}: job {i}");
+            let seen = tensor(&out.output, "rows");
+            assert_eq!(seen.shape, vec![rows(i) as u64, 1]);
+            let pass = if concat { total } else { rows(i) };
+            assert_eq!(seen.data, vec![pass as f64; rows(i)], "{name}: job {i} ran in a pass of {pass} rows");
+        }
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
 
