@@ -214,8 +214,19 @@ pub(super) async fn read(
     let Some((token, rx)) = ticket else { return record.map(Json) };
     let record = match record {
         Ok(r) if !r.status.is_terminal() => {
-            let _ = tokio::time::timeout(wait, rx).await;
-            visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()))
+            // Woken by the job's completion notice; notices are best effort,
+            // so the store is also read again every RECHECK.
+            let deadline = tokio::time::Instant::now() + wait;
+            tokio::pin!(rx);
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let woken = tokio::time::timeout(left.min(RECHECK), &mut rx).await.is_ok();
+                let now = visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
+                let done = now.as_ref().map_or(true, |r| r.status.is_terminal());
+                if woken || done || left <= RECHECK {
+                    break now;
+                }
+            }
         }
         other => other,
     };
@@ -246,6 +257,10 @@ pub(super) async fn cancel(
         Cancel::NotFound => Err(ApiError::NotFound(id)),
     }
 }
+
+/// How often a long-poll reads the store again while it waits (a missed
+/// completion notice costs at most this much).
+const RECHECK: Duration = Duration::from_secs(2);
 
 /// Waiters by job id: (token, wake-up).
 type WaiterMap = HashMap<String, Vec<(u64, oneshot::Sender<()>)>>;

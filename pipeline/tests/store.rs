@@ -1,0 +1,138 @@
+//! The Redis results store against a real Redis (started by `make test`;
+//! SLUICE_TEST_REDIS): its group commit applies many concurrent writes in
+//! few round trips, keeps the lifecycle rule for each write, and announces
+//! every terminal write on the completion channel.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use sluice_pipeline::store::{Create, Put, Store, StoreConfig};
+use sluice_schemas::{JobRequest, JobResult, JobStatus, Output};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through `make test`"))
+}
+
+fn unique_prefix(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("st{}-{nanos}-{name}:", std::process::id())
+}
+
+async fn store(prefix: &str) -> Store {
+    let cfg = StoreConfig {
+        ttl: Duration::from_secs(600),
+        memory_capacity: 1,
+        key_prefix: prefix.to_owned(),
+        cache_ttl: Duration::ZERO,
+        cache_capacity: 1,
+    };
+    Store::redis(&env("SLUICE_TEST_REDIS"), &cfg).await.unwrap()
+}
+
+fn record(id: &str, status: JobStatus) -> JobResult {
+    let req = JobRequest::decode(
+        format!(r#"{{"job_id":"{id}","tenant":"t","model":"m","input":{{"text":"x"}}}}"#).as_bytes(),
+    )
+    .unwrap();
+    let mut r = JobResult::queued(&req);
+    r.status = status;
+    if status == JobStatus::Succeeded {
+        r.output = Some(Output::Embedding(vec![0.5; 8]));
+        r.finished_at = Some(chrono::Utc::now());
+    }
+    r
+}
+
+/// Script calls Redis has served so far (`INFO commandstats`, read with
+/// redis-cli so that nothing but the store links the Redis client).
+fn script_calls() -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &env("SLUICE_TEST_REDIS"), "info", "commandstats"])
+        .output()
+        .expect("redis-cli runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits until the store's completion subscription delivers: a probe job is
+/// finished again and again until its notice arrives.
+async fn subscribed(store: &Store, notices: &mut tokio::sync::mpsc::Receiver<String>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0.. {
+        let probe = format!("probe-{i}");
+        assert_eq!(store.put(&record(&probe, JobStatus::Succeeded)).await.unwrap(), Put::Written);
+        if let Ok(Some(id)) = tokio::time::timeout(Duration::from_millis(200), notices.recv()).await {
+            assert!(id.starts_with("probe-"), "{id}");
+            while notices.try_recv().is_ok() {}
+            return;
+        }
+        assert!(Instant::now() < deadline, "the completion channel never delivered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_round_trips_and_keep_the_lifecycle() {
+    let prefix = unique_prefix("group");
+    let store = store(&prefix).await;
+    let mut notices = store.completions();
+    subscribed(&store, &mut notices).await;
+
+    let n = 2000;
+    let before = script_calls();
+    let jobs = (0..n).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let id = format!("job-{i}");
+            let running = store.put(&record(&id, JobStatus::Running)).await.unwrap();
+            let done = store.put(&record(&id, JobStatus::Succeeded)).await.unwrap();
+            // A replay of the job after it finished changes nothing.
+            let replay = store.put(&record(&id, JobStatus::Running)).await.unwrap();
+            store.mark_published(&id).await.unwrap();
+            (running, done, replay)
+        })
+    });
+    for j in futures::future::join_all(jobs).await {
+        assert_eq!(j.unwrap(), (Put::Written, Put::Written, Put::Kept(JobStatus::Succeeded)));
+    }
+    let calls = script_calls() - before;
+    let writes = 4 * n as u64;
+    println!("{writes} writes in {calls} script calls");
+    assert!(calls * 10 <= writes, "group commit: {writes} concurrent writes took {calls} round trips");
+
+    // Every job is stored finished and published, and was announced once.
+    let ids: Vec<String> = (0..n).map(|i| format!("job-{i}")).collect();
+    for id in &ids {
+        let (r, published) = store.get_meta(id).await.unwrap().expect("stored");
+        assert_eq!((r.status, published), (JobStatus::Succeeded, true), "{id}");
+    }
+    let mut announced = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while announced.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, notices.recv()).await {
+            Ok(Some(id)) => assert!(announced.insert(id.clone()), "{id} announced twice"),
+            _ => panic!("{} of {n} completions announced", announced.len()),
+        }
+    }
+    assert_eq!(announced, ids.into_iter().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_writes_once_and_returns_the_existing_record() {
+    let store = store(&unique_prefix("create")).await;
+    let queued = record("c-1", JobStatus::Queued);
+    assert_eq!(store.create(&queued).await.unwrap(), Create::Created);
+    assert_eq!(store.put(&record("c-1", JobStatus::Running)).await.unwrap(), Put::Written);
+    match store.create(&queued).await.unwrap() {
+        Create::Exists(r) => assert_eq!(r.status, JobStatus::Running, "the stored record, not the new one"),
+        Create::Created => panic!("created twice"),
+    }
+    // A large record goes through the same path (one write alone in its batch).
+    let mut big = record("c-2", JobStatus::Succeeded);
+    big.output = Some(Output::Embedding(vec![0.25; 3_000_000]));
+    assert_eq!(store.put(&big).await.unwrap(), Put::Written);
+    assert_eq!(store.get("c-2").await.unwrap().unwrap().output, big.output);
+}
