@@ -161,7 +161,7 @@ impl Sluice {
         match &broker {
             Some(b) => {
                 for t in &topic_names {
-                    b.create_topic(t, cfg.kafka.partitions)?;
+                    b.create_topic(t, cfg.kafka.embedded_partitions)?;
                 }
             }
             None => kafka::ensure_topics(&bootstrap, &topic_names, cfg.kafka.partitions, cfg.kafka.replication).await?,

@@ -84,6 +84,7 @@ pub struct KafkaSection {
     pub brokers: String,
     pub topic_prefix: String,
     pub partitions: i32,
+    pub embedded_partitions: i32,
     pub replication: i32,
     pub produce_timeout_ms: u64,
 }
@@ -148,7 +149,9 @@ pub enum Provider {
 pub struct WorkerSection {
     pub id: String,
     pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
     pub resume_below: usize,
+    pub running_status_after_ms: u64,
     pub max_attempts: u32,
     pub publish_timeout_ms: u64,
     pub commit_interval_ms: u64,
@@ -236,7 +239,9 @@ impl Config {
             worker_id: if w.id.is_empty() { default_worker_id() } else { w.id.clone() },
             topic_prefix: self.kafka.topic_prefix.clone(),
             max_in_flight: w.max_in_flight,
+            max_in_flight_bytes: w.max_in_flight_bytes,
             resume_below: w.resume_below,
+            running_after: Duration::from_millis(w.running_status_after_ms),
             max_attempts: w.max_attempts,
             commit_interval: Duration::from_millis(w.commit_interval_ms),
             drain_timeout: Duration::from_millis(w.drain_timeout_ms),

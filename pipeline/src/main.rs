@@ -7,6 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value, json};
 use sluice_pipeline::{Config, Role, Sluice, shutdown, telemetry};
 
+// Many small allocations on several threads (records, JSON, batches):
+// mimalloc's per-thread heaps instead of glibc's arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sluice: asynchronous AI inference over Kafka.
 #[derive(Parser)]
 #[command(version, about)]
@@ -197,10 +202,16 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let cfg = Config::load(cli.config.as_deref(), args.overrides()).context("invalid configuration")?;
+    let cfg_partitions = cfg.kafka.embedded_partitions;
     let sluice = Sluice::start(cfg, role).await.context("cannot start sluice")?;
 
     if sluice.embedded_broker {
-        eprintln!("WARNING: embedded Kafka broker at {} — in memory, NOT durable", sluice.bootstrap);
+        eprintln!(
+            "WARNING: embedded Kafka broker at {} — in memory, NOT durable; it holds at most {} MiB of backlog per \
+             topic (5 MiB per partition, kafka.embedded_partitions) and drops the oldest jobs beyond that",
+            sluice.bootstrap,
+            5 * cfg_partitions
+        );
     } else {
         eprintln!("kafka: {}", sluice.bootstrap);
     }

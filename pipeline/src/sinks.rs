@@ -171,12 +171,18 @@ pub async fn run<D: Destination>(
     let buffered = metrics::gauge!("sluice_sink_buffered_rows", "sink" => name);
     let mut batch = Batch::default();
     let mut resume: HashMap<(String, i32), i64> = HashMap::new();
+    // A member holding no partition checks that its group is not wedged.
+    let mut group_tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         let due = batch.oldest.map(|t| t + cfg.flush_interval);
         let rec = tokio::select! {
             biased;
             _ = shutdown.wait() => break,
             _ = sleep_until(due), if due.is_some() => None,
+            _ = group_tick.tick() => {
+                consumer.rejoin_if_wedged().await;
+                continue;
+            }
             rec = consumer.recv() => match rec {
                 Ok(rec) => Some(rec),
                 Err(e) => {

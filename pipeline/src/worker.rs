@@ -9,18 +9,26 @@
 //! offsets committed once all of the above is durable
 //! ```
 //!
-//! Every record becomes one task. When `max_in_flight` tasks are open, or
-//! the model's circuit breaker is open, the consumer pauses its partitions
-//! (the backlog stays in Kafka, not in memory) and resumes below
-//! `resume_below`. A record's offset is committed only after its effects are
-//! durable (at-least-once); every effect is keyed by `job_id`, the store
+//! Every record becomes one task. At `max_in_flight` open tasks (or
+//! `max_in_flight_bytes` of their payloads) the loop stops taking records:
+//! the backlog stays in Kafka and in librdkafka's bounded prefetch, not in
+//! this process. Partitions are paused only when the model's circuit
+//! breaker is open or the bound has held for a while, and resume below
+//! `resume_below`. A record's offset is committed only after its effects
+//! are durable (at-least-once); every effect is keyed by `job_id`, the store
 //! refuses to change a finished job, and a result is published once, so a
 //! redelivered record changes nothing.
+//!
+//! Nothing here waits on a round trip of its own: the store batches the
+//! writes of concurrent jobs into shared script calls, the producer batches
+//! their results, and a job's `running` record is written only if its
+//! inference outlasts `running_after` (so a fast job costs two store writes:
+//! its terminal record and the published mark).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -41,9 +49,16 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Topic prefix (`<prefix>.jobs.<model>`, `<prefix>.results`, `<prefix>.dlq`).
     pub topic_prefix: String,
-    /// Most records being processed at once. Bounds memory: at this many,
-    /// the consumer pauses its partitions.
+    /// Most records being processed at once: at this many the worker stops
+    /// taking records (they wait in Kafka and in librdkafka's bounded
+    /// prefetch). Enough to cover the per-job latency of the store and the
+    /// broker at full speed (Little's law), and to give the engine's
+    /// scheduler a window to batch from.
     pub max_in_flight: usize,
+    /// Most payload bytes of the records being processed at once: the same
+    /// stop, for large records (a record larger than this is still taken
+    /// when nothing else is in flight).
+    pub max_in_flight_bytes: usize,
     /// Paused partitions resume when fewer records than this are open.
     pub resume_below: usize,
     /// How often finished offsets are committed.
@@ -51,6 +66,11 @@ pub struct WorkerConfig {
     /// How long shutdown waits for in-flight records before abandoning them
     /// (uncommitted, so they are redelivered).
     pub drain_timeout: Duration,
+    /// A job whose inference has not finished this long after it was taken
+    /// gets its `running` record stored; one that finishes sooner goes from
+    /// queued to its terminal status in one write. Zero stores `running`
+    /// before inference starts (one more store write per job).
+    pub running_after: Duration,
     /// Inference attempts of a job while its model is healthy, before the
     /// job fails with `inference_failed`. Attempts while the model's breaker
     /// is open do not count: the job waits.
@@ -123,7 +143,66 @@ struct Ctx {
     cancels: Cancels,
     cfg: WorkerConfig,
     shutdown: Shutdown,
+    stages: Stages,
 }
+
+/// The stages of a record, in order; each is timed from the end of the one
+/// before (`sluice_worker_stage_seconds{model, stage}`), so a slow pipeline
+/// shows which stage it waits on.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Decoded and routed (and, with `running_after` zero, the `running`
+    /// record stored).
+    Started,
+    /// The engine's queue and the batch's forward pass.
+    Inferred,
+    /// The terminal record stored.
+    Stored,
+    /// The result acknowledged by the results topic.
+    Published,
+    /// The published mark stored.
+    Marked,
+}
+
+/// Histogram handles of the stages, made once per worker.
+struct Stages([metrics::Histogram; 5]);
+
+impl Stages {
+    fn new(model: &str) -> Stages {
+        let h = |stage: &'static str| {
+            metrics::histogram!("sluice_worker_stage_seconds", "model" => model.to_owned(), "stage" => stage)
+        };
+        Stages([h("started"), h("inferred"), h("stored"), h("published"), h("marked")])
+    }
+
+    /// Records the stage that ends now, begun at `since`; returns now.
+    fn done(&self, stage: Stage, since: Instant) -> Instant {
+        let now = Instant::now();
+        self.0[stage as usize].record(now.duration_since(since).as_secs_f64());
+        now
+    }
+}
+
+/// A task's share of the payload bytes in flight, given back on drop.
+struct InFlightBytes(Arc<AtomicUsize>, usize);
+
+impl InFlightBytes {
+    fn take(total: &Arc<AtomicUsize>, n: usize) -> InFlightBytes {
+        total.fetch_add(n, Ordering::AcqRel);
+        InFlightBytes(total.clone(), n)
+    }
+}
+
+impl Drop for InFlightBytes {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
+/// How long the in-flight bound may hold consumption up before the worker
+/// pauses its partitions (and polls the consumer again: librdkafka's
+/// `max.poll.interval.ms`, 300 s by default, must never pass unpolled).
+const HELD_PAUSE_AFTER: Duration = Duration::from_secs(5);
 
 /// A record given up on during shutdown: its offset stays uncommitted.
 struct Abandoned;
@@ -133,11 +212,17 @@ impl Worker {
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), KafkaError> {
         let Worker { consumer, tracker, producer, store, pool, model, cfg } = self;
         let max_in_flight = cfg.max_in_flight.max(1);
+        let max_bytes = cfg.max_in_flight_bytes.max(1);
         let resume_below = cfg.resume_below.clamp(1, max_in_flight);
+        // Payload bytes of the records in flight; each task gives its share
+        // back when it ends, however it ends.
+        let bytes = Arc::new(AtomicUsize::new(0));
         let (commit_interval, drain_timeout) = (cfg.commit_interval, cfg.drain_timeout);
         let in_flight = metrics::gauge!("sluice_worker_in_flight", "model" => model.clone());
         let paused_gauge = metrics::gauge!("sluice_paused_partitions", "model" => model.clone());
-        let ctx = Arc::new(Ctx { producer, store, pool, cancels: Cancels::default(), cfg, shutdown: shutdown.clone() });
+        let stages = Stages::new(&model);
+        let ctx =
+            Arc::new(Ctx { producer, store, pool, cancels: Cancels::default(), cfg, shutdown: shutdown.clone(), stages });
 
         // Cancellation notices set the flags of jobs held here.
         let mut notices = ctx.store.cancellations();
@@ -160,21 +245,44 @@ impl Worker {
         let mut commit_tick = tokio::time::interval(commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut health_tick = tokio::time::interval(Duration::from_millis(200));
+        // A member holding no partition checks that its group is not wedged.
+        let mut group_tick = tokio::time::interval(Duration::from_secs(5));
         let mut consume_errors = 0u32;
         let mut paused = false;
+        // Since when the in-flight bound has held consumption up.
+        let mut held_since: Option<Instant> = None;
+        let pauses = |reason: &'static str| {
+            metrics::counter!("sluice_partition_pauses_total", "model" => model.clone(), "reason" => reason)
+        };
 
         loop {
-            // Flow control: pause at the in-flight bound or when the model is
-            // failing; resume below the low watermark once it is not.
+            // Flow control. At the in-flight bound the loop stops taking
+            // records: librdkafka stops fetching once its bounded prefetch
+            // queue is full, and the prefetched records are served as soon
+            // as tasks finish. Partitions are paused only when the model is
+            // failing or the bound has held for `HELD_PAUSE_AFTER` (so the
+            // loop keeps polling the consumer, which serves rebalances and
+            // keeps the member in its group): librdkafka drops a paused
+            // partition's prefetched records and fetches them again on
+            // resume, so pausing at every crossing of the bound would
+            // refetch the backlog over and over.
             let unhealthy = ctx.pool.health(&model) == Some(BreakerState::Open);
-            if !paused && (tasks.len() >= max_in_flight || unhealthy) {
+            let full = tasks.len() >= max_in_flight || bytes.load(Ordering::Acquire) >= max_bytes;
+            if full {
+                if held_since.is_none() {
+                    held_since = Some(Instant::now());
+                    pauses("in_flight").increment(1);
+                }
+            } else {
+                held_since = None;
+            }
+            let stalled = held_since.is_some_and(|t| t.elapsed() >= HELD_PAUSE_AFTER);
+            if !paused && (unhealthy || stalled) {
                 match consumer.pause() {
                     Ok(n) => {
                         paused = true;
                         paused_gauge.set(n as f64);
-                        let reason = if unhealthy { "breaker" } else { "in_flight" };
-                        metrics::counter!("sluice_partition_pauses_total", "model" => model.clone(), "reason" => reason)
-                            .increment(1);
+                        pauses(if unhealthy { "breaker" } else { "stalled" }).increment(1);
                         tracing::info!(in_flight = tasks.len(), unhealthy, "partitions paused");
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot pause partitions"),
@@ -189,6 +297,10 @@ impl Worker {
                     Err(e) => tracing::warn!(error = %e, "cannot resume partitions"),
                 }
             }
+            // Take records below the bound; while paused, keep polling (to
+            // serve rebalances) up to a hard cap that covers records fetched
+            // just before the pause.
+            let take = !full || (paused && tasks.len() < 2 * max_in_flight);
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
@@ -198,12 +310,14 @@ impl Worker {
                 }
                 _ = commit_tick.tick() => commit(&consumer, &tracker),
                 _ = health_tick.tick() => {}
-                // Polled while paused too (rebalances are served here); the
-                // hard cap covers records fetched just before a pause.
-                rec = consumer.recv(), if tasks.len() < 2 * max_in_flight => match rec {
+                _ = group_tick.tick() => {
+                    consumer.rejoin_if_wedged().await;
+                }
+                rec = consumer.recv(), if take => match rec {
                     Ok(rec) => {
                         consume_errors = 0;
                         tracker.lock().start(&rec.topic, rec.partition, rec.offset);
+                        let share = InFlightBytes::take(&bytes, rec.payload.len());
                         let ctx = ctx.clone();
                         let span = tracing::info_span!(
                             "record",
@@ -214,6 +328,7 @@ impl Worker {
                         );
                         tasks.spawn(
                             async move {
+                                let _share = share;
                                 let at = (rec.topic.clone(), rec.partition, rec.offset);
                                 ctx.process(rec).await.ok().map(|()| at)
                             }
@@ -295,6 +410,7 @@ impl Ctx {
     /// Turns one record into its effects. `Err` only when shutdown stopped
     /// the work before its effects were durable.
     async fn process(&self, rec: Record) -> Result<(), Abandoned> {
+        let started = Instant::now();
         let req = match JobRequest::decode(&rec.payload) {
             Ok(req) => req,
             Err(e) => {
@@ -317,21 +433,17 @@ impl Ctx {
         record.worker_id = Some(self.cfg.worker_id.clone());
         let expires = req.expires_at(rec.timestamp);
         if expires.is_some_and(|at| at <= now) {
-            return self.finish_job(expired(record, now)).await;
+            return self.finish_job(expired(record, now), started).await;
         }
 
         let version = engine.model().spec.version.clone();
         record.status = JobStatus::Running;
         record.started_at = Some(now);
         record.model_version = Some(version.clone());
-        match self.durably("store running status", || self.store.put(&record)).await? {
-            Put::Written | Put::Kept(JobStatus::Queued | JobStatus::Running) => {}
-            Put::Kept(done) => {
-                // Finished or cancelled already: a redelivery, or a cancel.
-                tracing::debug!(status = %done, "job already finished");
-                return self.publish_stored(&req.job_id).await;
-            }
+        if self.cfg.running_after.is_zero() && self.store_running(&record).await? {
+            return self.publish_stored(&req.job_id).await;
         }
+        self.stages.done(Stage::Started, started);
 
         let key = self.store.cache_enabled().then(|| cache_key(&req.model, &version, &req));
         if let Some(k) = &key
@@ -348,10 +460,34 @@ impl Ctx {
                 batch_size: 0,
                 input_tokens: 0,
             });
-            return self.finish_job(record).await;
+            return self.finish_job(record, started).await;
         }
 
-        match self.infer(&req, expires).await? {
+        let inferring = Instant::now();
+        let ran = {
+            // The `running` record is stored only once inference has taken
+            // `running_after`: a job that finishes sooner goes from queued
+            // to its terminal status in one store write. Nothing else
+            // changes: the terminal write refuses to replace a finished or
+            // cancelled record, so a redelivered or cancelled job only runs
+            // once more and then publishes what the store holds.
+            let infer = self.infer(&req, expires);
+            tokio::pin!(infer);
+            tokio::select! {
+                biased;
+                ran = &mut infer => ran?,
+                _ = tokio::time::sleep(self.cfg.running_after), if !self.cfg.running_after.is_zero() => {
+                    if self.store_running(&record).await? {
+                        // Its engine job is dropped unrun.
+                        self.cancels.cancel(&req.job_id);
+                        return self.publish_stored(&req.job_id).await;
+                    }
+                    infer.await?
+                }
+            }
+        };
+        let inferred = self.stages.done(Stage::Inferred, inferring);
+        match ran {
             Ran::Done { version, out } => {
                 let finished = Utc::now();
                 let batch_start = finished - chrono::Duration::from_std(out.inference).unwrap_or_default();
@@ -373,17 +509,29 @@ impl Ctx {
                     batch_size: out.batch_size,
                     input_tokens: out.input_tokens,
                 });
-                self.finish_job(record).await
+                self.finish_job(record, inferred).await
             }
             Ran::Failed(code, message) => {
                 record.status = JobStatus::Failed;
                 record.finished_at = Some(Utc::now());
                 record.error = Some(JobError { code, message });
-                self.finish_job(record).await
+                self.finish_job(record, inferred).await
             }
-            Ran::Expired => self.finish_job(expired(record, Utc::now())).await,
+            Ran::Expired => self.finish_job(expired(record, Utc::now()), inferred).await,
             Ran::Cancelled => self.publish_stored(&req.job_id).await,
             Ran::BadInput(code, msg) => self.reject(&rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
+        }
+    }
+
+    /// Stores the `running` record; `true` when the job has finished or
+    /// been cancelled already (a redelivery, or a cancel) and must not run.
+    async fn store_running(&self, record: &JobResult) -> Result<bool, Abandoned> {
+        match self.durably("store running status", || self.store.put(record)).await? {
+            Put::Written | Put::Kept(JobStatus::Queued | JobStatus::Running) => Ok(false),
+            Put::Kept(done) => {
+                tracing::debug!(status = %done, "job already finished");
+                Ok(true)
+            }
         }
     }
 
@@ -393,7 +541,7 @@ impl Ctx {
         let cancel = self.cancels.register(&req.job_id);
         let deadline = expires.map(|at| {
             let left = (at - Utc::now()).to_std().unwrap_or_default();
-            std::time::Instant::now() + left
+            Instant::now() + left
         });
         let mut attempts = 0u32;
         let mut retried = false;
@@ -460,16 +608,14 @@ impl Ctx {
     }
 
     /// Makes a terminal record durable: results store, results topic, mark.
-    async fn finish_job(&self, record: JobResult) -> Result<(), Abandoned> {
+    /// `since`: when the stage before storing began (for its timing).
+    async fn finish_job(&self, record: JobResult, since: Instant) -> Result<(), Abandoned> {
         debug_assert!(record.validate().is_ok(), "{:?}", record.validate());
-        match self.durably("store result", || self.store.put(&record)).await? {
-            Put::Written => {
-                // Wakes long-polls; best effort (they re-read the store anyway).
-                if let Err(e) = self.store.notify_done(&record.job_id).await {
-                    tracing::debug!(error = %e, "completion notice not sent");
-                }
-                self.publish(&record).await
-            }
+        // Encoded once, for the store and the results topic.
+        let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
+        match self.durably("store result", || self.store.put_encoded(&record, &json)).await? {
+            // The store's completion notice has woken long-polls.
+            Put::Written => self.publish(&record, &json, self.stages.done(Stage::Stored, since)).await,
             // Someone else finished it first (a cancel, or a redelivery that
             // raced us): their record stands; make sure it is published.
             Put::Kept(_) => self.publish_stored(&record.job_id).await,
@@ -483,18 +629,24 @@ impl Ctx {
             && record.status.is_terminal()
             && !published
         {
-            return self.publish(&record).await;
+            let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
+            return self.publish(&record, &json, Instant::now()).await;
         }
         Ok(())
     }
 
-    async fn publish(&self, record: &JobResult) -> Result<(), Abandoned> {
-        let json = serde_json::to_vec(record).expect("JobResult serialises. This is a bug.");
+    /// Publishes a stored terminal record (`json`: the record, serialised)
+    /// and marks it published.
+    async fn publish(&self, record: &JobResult, json: &str, since: Instant) -> Result<(), Abandoned> {
         let topic = topics::results(&self.cfg.topic_prefix);
         let hdrs = [(headers::TENANT, record.tenant.as_bytes())];
-        self.durably("publish result", || self.producer.send(&topic, Some(record.job_id.as_bytes()), &json, &hdrs))
-            .await?;
+        self.durably("publish result", || {
+            self.producer.send(&topic, Some(record.job_id.as_bytes()), json.as_bytes(), &hdrs)
+        })
+        .await?;
+        let published = self.stages.done(Stage::Published, since);
         self.durably("mark result published", || self.store.mark_published(&record.job_id)).await?;
+        self.stages.done(Stage::Marked, published);
         metrics::counter!("sluice_jobs_completed_total", "model" => record.model.clone(), "status" => record.status.as_str())
             .increment(1);
         Ok(())
@@ -542,7 +694,7 @@ impl Ctx {
         if let Some(r) = req {
             failed.metadata = r.metadata.clone();
         }
-        self.finish_job(failed).await
+        self.finish_job(failed, Instant::now()).await
     }
 
     /// Retries `op` with backoff until it succeeds or shutdown is requested.

@@ -655,6 +655,27 @@ async fn the_consumer_pauses_at_the_in_flight_bound_and_loses_nothing() {
     h.stop().await;
 }
 
+/// The in-flight byte bound holds records back like the count bound: with
+/// room for about one record's bytes, the worker takes records one at a
+/// time, and every job still finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_byte_bound_holds_big_records_back_and_loses_nothing() {
+    let prefix = unique_prefix("bytes");
+    let mut h = Harness::start_with(prefix, true, json!({"worker": {"max_in_flight_bytes": 100}})).await;
+    let n = 40;
+    let records = numbered_jobs("by", n, "a record of well over a hundred bytes, so that each one fills the bound");
+    h.produce(&h.jobs_topic(), None, records).await;
+    for i in 0..n {
+        assert_eq!(h.wait_done(&format!("by-{i}")).await["status"], "succeeded");
+    }
+    let holds = metric(
+        &metrics_text(&h).await,
+        "sluice_partition_pauses_total{model=\"all-minilm-l6-v2\",reason=\"in_flight\"}",
+    );
+    assert!(holds >= (n / 2) as f64, "the byte bound held consumption back before most records ({holds} times)");
+    h.stop().await;
+}
+
 /// A model whose inference keeps failing opens its breaker: the consumer
 /// stops, no job is failed, and the jobs run once a fixed version arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -742,7 +763,7 @@ impl WorkerProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["worker", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("SLUICE_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -911,17 +932,38 @@ assert p.flush(120) == 0
     assert_eq!(backlog, 100_000);
 
     let worker = WorkerProcess::start(&prefix, "[worker]\nmax_in_flight = 512\n");
-    let store = redis_store(&prefix).await;
-    let probe: Vec<String> = (0..2000).map(|i| format!("bl-{i}")).collect();
-    let succeeded = |s: Vec<Option<String>>| s.iter().filter(|s| s.as_deref() == Some("succeeded")).count();
-    // Warm-up: the group join, model sessions, the first batches.
+    // Progress is what the group has committed (every committed offset is
+    // a job whose result is stored and published), measured on the broker:
+    // not a sample of job ids, whose place in the fetch order varies.
+    let lag = sluice_pipeline::kafka::LagProbe::new(&h.brokers, &format!("{prefix}.workers.{MODEL}"), &topic).unwrap();
+    let results = format!("{prefix}.results");
+    // The broker is busy with the backlog: a metadata request may time out.
+    let lag_now = || async {
+        for _ in 0..20 {
+            match lag.lag().await {
+                Ok(l) => return l,
+                Err(e) => println!("lag probe: {e}"),
+            }
+        }
+        panic!("the group's lag could not be read 20 times in a row")
+    };
+    let produced = || async {
+        for _ in 0..20 {
+            match sluice_pipeline::kafka::high_watermarks(&h.brokers, &results).await {
+                Ok(w) => return w.iter().sum::<i64>(),
+                Err(e) => println!("watermarks: {e}"),
+            }
+        }
+        panic!("the results topic's watermarks could not be read 20 times in a row")
+    };
+    // Warm-up: the group join, model sessions, the first commits.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while succeeded(statuses(&store, &probe[..200]).await) == 0 {
-        assert!(Instant::now() < deadline, "the worker never finished a job");
+    while lag_now().await == 100_000 {
+        assert!(Instant::now() < deadline, "the worker never committed a job");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let done_before = succeeded(statuses(&store, &probe).await);
+    let (lag_before, results_before) = (lag_now().await, produced().await);
     // Steady state: 20 s of working off the backlog; RSS must stay flat.
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -929,17 +971,20 @@ assert p.flush(120) == 0
         samples.push(worker.rss_kib());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let done_after = succeeded(statuses(&store, &probe).await);
+    let (lag_after, results_after) = (lag_now().await, produced().await);
     worker.terminate();
 
     let (first, peak) = (samples[0], *samples.iter().max().unwrap());
     println!(
-        "backlog 100000: RSS {} MiB when working, peak {} MiB over the next 20 s; {} jobs done meanwhile",
+        "backlog 100000: RSS {} MiB when working, peak {} MiB over the next 20 s; {} jobs committed and {} \
+         results published meanwhile (lag {lag_before} -> {lag_after})",
         first / 1024,
         peak / 1024,
-        done_after - done_before
+        lag_before - lag_after,
+        results_after - results_before,
     );
-    assert!(done_after > done_before, "the worker kept working: {done_before} -> {done_after}");
+    assert!(lag_after < lag_before, "the worker kept committing: lag {lag_before} -> {lag_after}");
+    assert!(results_after > results_before, "the worker kept publishing: {results_before} -> {results_after}");
     assert!(
         peak.saturating_sub(first) < 96 * 1024,
         "RSS grew {} MiB while working off the backlog",

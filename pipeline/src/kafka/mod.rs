@@ -9,8 +9,8 @@
 mod embedded;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -190,9 +190,34 @@ struct GroupContext {
     hooks: Arc<dyn RebalanceHooks>,
     /// While set, newly assigned partitions are paused too.
     paused: Arc<AtomicBool>,
+    /// Partitions of the last assignment; -1 before the first one.
+    assigned: Arc<AtomicI64>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        // The broker no longer holds the offset this member was about to read
+        // (retention, or the embedded broker's 5 MiB per partition): librdkafka
+        // jumps to the oldest offset it still holds, and what lay between is
+        // lost to this group. Never let that pass as a warning.
+        if skipped_records(fac, message) {
+            metrics::counter!("sluice_consumer_offset_resets_total").increment(1);
+            tracing::error!(
+                target: "librdkafka",
+                "RECORDS SKIPPED: the broker no longer holds offsets this consumer had not read yet \
+                 (retention passed them, or the embedded broker's 5 MiB per partition overflowed): {message}"
+            );
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", "{fac} {message}"),
+            L::Warning => tracing::warn!(target: "librdkafka", "{fac} {message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac} {message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "{fac} {message}"),
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -210,12 +235,14 @@ impl ConsumerContext for GroupContext {
                     Err(e) => tracing::warn!(error = %e, "commit before revocation failed"),
                 }
             }
+            self.assigned.store(0, Ordering::Release);
             tracing::info!(partitions = parts.len(), "partitions revoked");
         }
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            self.assigned.store(tpl.count() as i64, Ordering::Release);
             tracing::info!(partitions = tpl.count(), "partitions assigned");
             if self.paused.load(Ordering::Acquire)
                 && let Err(e) = consumer.pause(tpl)
@@ -224,6 +251,12 @@ impl ConsumerContext for GroupContext {
             }
         }
     }
+}
+
+/// Whether a librdkafka log line says the consumer's next offset is gone
+/// from the broker and it jumped ahead (records lost to this group).
+fn skipped_records(fac: &str, message: &str) -> bool {
+    fac == "OFFSET" && message.contains("offset reset") && message.contains("Offset out of range")
 }
 
 fn offsets_list(offsets: &[(String, i32, i64)]) -> Result<TopicPartitionList, KafkaError> {
@@ -242,6 +275,37 @@ fn offsets_list(offsets: &[(String, i32, i64)]) -> Result<TopicPartitionList, Ka
 pub struct Consumer {
     inner: StreamConsumer<GroupContext>,
     paused: Arc<AtomicBool>,
+    assigned: Arc<AtomicI64>,
+    brokers: String,
+    group: String,
+    topics: Vec<String>,
+    idle: std::sync::Mutex<Option<Idle>>,
+}
+
+/// How long a member may hold no partition while its group commits nothing
+/// and has records waiting, before it leaves and rejoins the group.
+///
+/// A member with nothing assigned is normal (more members than partitions)
+/// as long as the others make progress. tansu 0.6 can also leave a group
+/// wedged: when the leader's session expires between a follower's JoinGroup
+/// and its SyncGroup, the follower is answered with an empty assignment and
+/// a stable generation, and no member owns the partitions again. Rejoining
+/// starts a new generation with the live members.
+pub const IDLE_REJOIN_AFTER: Duration = Duration::from_secs(30);
+
+/// Since when this member has held no partition, and what its group had
+/// committed then.
+struct Idle {
+    since: Instant,
+    committed: Option<i64>,
+    probes: Vec<LagProbe>,
+}
+
+/// Whether an idle member should rejoin: it has held nothing for
+/// `IDLE_REJOIN_AFTER`, records wait, and the group's committed offsets have
+/// not moved since it became idle (nobody else is working them off).
+fn wedged(idle_for: Duration, committed_then: i64, now: GroupProgress) -> bool {
+    idle_for >= IDLE_REJOIN_AFTER && now.lag > 0 && now.committed == committed_then
 }
 
 impl Consumer {
@@ -268,6 +332,7 @@ impl Consumer {
         timeouts: Option<(Duration, Duration)>,
     ) -> Result<Consumer, KafkaError> {
         let paused = Arc::new(AtomicBool::new(false));
+        let assigned = Arc::new(AtomicI64::new(-1));
         let mut config = base_config(brokers, client_id);
         if let Some((session, poll)) = timeouts {
             config
@@ -282,11 +347,87 @@ impl Consumer {
             .set("enable.partition.eof", "false")
             // librdkafka prefetches up to this much per partition; bounded.
             .set("queued.max.messages.kbytes", "16384")
-            .create_with_context(GroupContext { hooks, paused: paused.clone() })
+            .create_with_context(GroupContext { hooks, paused: paused.clone(), assigned: assigned.clone() })
             .map_err(|e| KafkaError::Config(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         inner.subscribe(&names).map_err(|e| KafkaError::Consume(e.to_string()))?;
-        Ok(Consumer { inner, paused })
+        Ok(Consumer {
+            inner,
+            paused,
+            assigned,
+            brokers: brokers.to_owned(),
+            group: group.to_owned(),
+            topics: topics.to_vec(),
+            idle: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Call every few seconds: leaves and rejoins the group when this member
+    /// has held no partition for [`IDLE_REJOIN_AFTER`] while records wait
+    /// and the group commits nothing (a wedged group; see there). Returns
+    /// whether it rejoined.
+    pub async fn rejoin_if_wedged(&self) -> bool {
+        if self.assigned.load(Ordering::Acquire) != 0 {
+            *self.idle.lock().expect("idle lock") = None;
+            return false;
+        }
+        let (since, committed_then, probes) = {
+            let mut idle = self.idle.lock().expect("idle lock");
+            let idle = match &mut *idle {
+                Some(idle) => idle,
+                None => {
+                    let probes =
+                        self.topics.iter().filter_map(|t| LagProbe::new(&self.brokers, &self.group, t).ok()).collect();
+                    idle.insert(Idle { since: Instant::now(), committed: None, probes })
+                }
+            };
+            (idle.since, idle.committed, idle.probes.clone())
+        };
+        let mut now = GroupProgress::default();
+        for probe in &probes {
+            match probe.progress().await {
+                Ok(p) => {
+                    now.committed += p.committed;
+                    now.lag += p.lag;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot measure the group's progress");
+                    return false;
+                }
+            }
+        }
+        let Some(committed_then) = committed_then else {
+            if let Some(idle) = &mut *self.idle.lock().expect("idle lock") {
+                idle.committed = Some(now.committed);
+            }
+            return false;
+        };
+        if !wedged(since.elapsed(), committed_then, now) {
+            if now.committed != committed_then
+                && let Some(idle) = &mut *self.idle.lock().expect("idle lock")
+            {
+                // The group is working: start the window again.
+                idle.since = Instant::now();
+                idle.committed = Some(now.committed);
+            }
+            return false;
+        }
+        tracing::warn!(
+            group = %self.group,
+            waiting = now.lag,
+            "this member has held no partition for {}s while its group committed nothing and records wait: \
+             leaving and rejoining the group",
+            IDLE_REJOIN_AFTER.as_secs()
+        );
+        metrics::counter!("sluice_consumer_rejoins_total").increment(1);
+        *self.idle.lock().expect("idle lock") = None;
+        self.assigned.store(-1, Ordering::Release);
+        self.inner.unsubscribe();
+        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        if let Err(e) = self.inner.subscribe(&names) {
+            tracing::error!(error = %e, "cannot subscribe again after leaving a wedged group");
+        }
+        true
     }
 
     /// Stops fetching from every assigned partition (and from partitions
@@ -393,9 +534,18 @@ pub async fn high_watermarks(brokers: &str, topic: &str) -> Result<Vec<i64>, Kaf
 /// Measures a consumer group's lag on a topic: what is in the topic and not
 /// yet committed by the group. Uses a consumer that carries the group's id
 /// but never joins it.
+#[derive(Clone)]
 pub struct LagProbe {
     consumer: Arc<rdkafka::consumer::BaseConsumer>,
     topic: String,
+}
+
+/// A group's standing on a topic: the sum of its committed offsets, and the
+/// records past them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupProgress {
+    pub committed: i64,
+    pub lag: i64,
 }
 
 impl LagProbe {
@@ -411,6 +561,11 @@ impl LagProbe {
     /// Records in the topic past the group's committed offsets (or past the
     /// low watermark where the group has committed nothing).
     pub async fn lag(&self) -> Result<i64, KafkaError> {
+        Ok(self.progress().await?.lag)
+    }
+
+    /// The group's committed offsets and lag on the topic.
+    pub async fn progress(&self) -> Result<GroupProgress, KafkaError> {
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
         tokio::task::spawn_blocking(move || {
             let t = Duration::from_secs(5);
@@ -423,7 +578,7 @@ impl LagProbe {
                 tpl.add_partition(&topic, *p);
             }
             let committed = consumer.committed_offsets(tpl, t).map_err(err)?;
-            let mut lag = 0i64;
+            let mut progress = GroupProgress::default();
             for p in parts {
                 let (low, high) = consumer.fetch_watermarks(&topic, p, t).map_err(err)?;
                 let done = committed
@@ -433,11 +588,40 @@ impl LagProbe {
                         _ => None,
                     })
                     .unwrap_or(low);
-                lag += (high - done).max(0);
+                progress.committed += done;
+                progress.lag += (high - done).max(0);
             }
-            Ok(lag)
+            Ok(progress)
         })
         .await
         .map_err(|e| KafkaError::Metadata(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offset_reset_past_unread_records_is_recognised() {
+        // As librdkafka 2.12 logs it when the embedded broker dropped a backlog.
+        let line = "bench.jobs.sigmoid [0]: offset reset (at offset 4 (leader epoch 0), broker 1) to cached \
+                    BEGINNING offset offset 3576 (leader epoch -1): fetch failed due to requested offset not \
+                    available on the broker: Broker: Offset out of range";
+        assert!(skipped_records("OFFSET", line));
+        assert!(!skipped_records("OFFSET", "bench.jobs.sigmoid [0]: offset reset to END"));
+        assert!(!skipped_records("FETCH", line));
+    }
+
+    #[test]
+    fn an_idle_member_rejoins_only_a_group_that_makes_no_progress() {
+        let stuck = GroupProgress { committed: 100, lag: 50 };
+        assert!(wedged(IDLE_REJOIN_AFTER, 100, stuck));
+        // Not idle for long enough yet.
+        assert!(!wedged(IDLE_REJOIN_AFTER / 2, 100, stuck));
+        // Other members are committing: idle is normal (more members than partitions).
+        assert!(!wedged(IDLE_REJOIN_AFTER * 4, 90, stuck));
+        // Nothing waits: there is nothing to own.
+        assert!(!wedged(IDLE_REJOIN_AFTER * 4, 100, GroupProgress { committed: 100, lag: 0 }));
     }
 }
