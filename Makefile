@@ -23,13 +23,14 @@ ORT_ENV = export ORT_DYLIB_PATH="$$(ls $(VENV)/lib/python3*/site-packages/onnxru
 
 APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates
 
-.PHONY: bench help setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
+.PHONY: bench bench-e2e help setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
 
 help:
 	@echo "make demo    install what is missing, build, run Sluice embedded and push real jobs through it"
 	@echo "make test    install what is missing, start Redis + tansu, run every test, stop them"
 	@echo "make models  export the MiniLM model into $(MODELS)"
 	@echo "make bench   batching benchmark: raw ONNX Runtime ceiling vs the engine"
+	@echo "make bench-e2e  end-to-end throughput (release): Kafka -> sluice -> Redis vs the raw ONNX Runtime ceiling"
 	@echo "make lint    rustfmt check + clippy"
 
 ## --- installation (idempotent) ---------------------------------------------
@@ -95,6 +96,9 @@ test: setup tansu
 	cargo test --workspace --no-fail-fast --exclude sluice-pipeline -- $(TEST_ARGS) || status=$$?; \
 	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 $(TEST_ARGS) || status=$$?; \
 	$(PY) deploy/k8s/check.py --sluice $(BIN)/sluice || status=$$?; \
+	$(BIN)/sluice-load bench --quick --sluice $(BIN)/sluice --models $(MODELS) --python $(PY) \
+	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $(SERVICES_DIR) \
+	  --out $(SERVICES_DIR)/bench-smoke.json || status=$$?; \
 	exit $$status
 
 ## --- development -----------------------------------------------------------
@@ -103,6 +107,29 @@ test: setup tansu
 # length-aware vs arrival-order batching, one run, same inputs.
 bench: setup
 	@$(ORT_ENV); cargo bench -p sluice-workers --bench batching
+
+# End-to-end throughput benchmark (release build): the raw ONNX Runtime
+# ceiling, then Sluice end to end with the embedded broker and with tansu,
+# for mixed and short texts and the trivial `sigmoid` model, with the CPU of
+# every process; then the text model's versions (fp32 vs int8). Writes
+# $(BENCH_DIR)/<time>.json and compares it with the previous run.
+# `make bench-e2e BENCH_ARGS="--env SLUICE__WORKER__MAX_IN_FLIGHT=4096"` passes
+# settings to the sluice processes.
+BENCH_DIR := $(CACHE)/bench-e2e
+BENCH_ARGS ?=
+RELEASE := $(CARGO_TARGET_DIR)/release
+bench-e2e: setup tansu
+	cargo build --release --bin sluice --bin sluice-load
+	@$(ORT_ENV); mkdir -p $(BENCH_DIR); \
+	dir=$(CACHE)/bench-services; deploy/local/services.sh stop $$dir; rm -rf $$dir; \
+	PG_CLUSTERS=0 deploy/local/services.sh start $$dir; \
+	trap "deploy/local/services.sh stop $$dir" EXIT; \
+	source $$dir/env; \
+	out=$(BENCH_DIR)/$$(date -u +%Y%m%dT%H%M%SZ).json; \
+	prev=$$(ls $(BENCH_DIR)/*.json 2>/dev/null | tail -n1); \
+	$(RELEASE)/sluice-load bench --sluice $(RELEASE)/sluice --models $(MODELS) --python $(PY) \
+	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $$dir \
+	  --out $$out $${prev:+--baseline $$prev} $(BENCH_ARGS)
 
 services-start: tansu
 	deploy/local/services.sh start $(SERVICES_DIR)
