@@ -14,6 +14,10 @@ MODELS := $(CACHE)/models
 MODEL_STAMP := $(MODELS)/all-minilm-l6-v2/1/SHA256SUMS
 TANSU := $(HOME)/.cargo/bin/tansu
 BIN := $(CARGO_TARGET_DIR)/debug
+RELEASE := $(CARGO_TARGET_DIR)/release
+# `make install` puts sluice and sluice-load in $(PREFIX)/bin (rustup puts
+# ~/.cargo/bin on the PATH).
+PREFIX ?= $(HOME)/.cargo
 SERVICES_DIR := $(CACHE)/test-services
 
 export SLUICE_MODEL_REPO := $(MODELS)
@@ -21,11 +25,12 @@ export SLUICE_TEST_PYTHON := $(PY)
 # Resolved when a recipe runs (the venv may not exist when make starts).
 ORT_ENV = export ORT_DYLIB_PATH="$$(ls $(VENV)/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)"
 
-APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates
+APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates kcat
 
-.PHONY: bench bench-e2e help setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
+.PHONY: bench bench-e2e help install setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
 
 help:
+	@echo "make install install what is missing, build release sluice and sluice-load into $(PREFIX)/bin"
 	@echo "make demo    install what is missing, build, run Sluice embedded and push real jobs through it"
 	@echo "make test    install what is missing, start Redis + tansu, run every test, stop them"
 	@echo "make models  export the MiniLM model into $(MODELS)"
@@ -75,8 +80,19 @@ build: system-deps
 
 ## --- the two commands --------------------------------------------------------
 
-demo: setup build
-	@$(ORT_ENV); $(BIN)/sluice-load demo --sluice $(BIN)/sluice --models $(MODELS)
+# Release binaries on the PATH; they find ONNX Runtime and the models where
+# `make setup` put them, so nothing needs exporting.
+install: setup
+	cargo build --release --bin sluice --bin sluice-load
+	@install -d $(PREFIX)/bin
+	@install -m 755 $(RELEASE)/sluice $(RELEASE)/sluice-load $(PREFIX)/bin/
+	@echo "installed sluice and sluice-load in $(PREFIX)/bin"
+	@case ":$$PATH:" in *":$(PREFIX)/bin:"*) ;; \
+	  *) echo "NOTE: $(PREFIX)/bin is not on your PATH; add it (rustup's ~/.cargo/env does)";; esac
+
+# The demo runs the release build, without ORT_DYLIB_PATH (found by itself).
+demo: install
+	$(RELEASE)/sluice-load demo --sluice $(RELEASE)/sluice --models $(MODELS)
 
 # The pipeline's end-to-end tests run one at a time: each drives a whole
 # Sluice (several, in the fault tests) against one shared broker on 2 cores.
@@ -85,7 +101,7 @@ demo: setup build
 # fetches down). `make test TEST_ARGS=--nocapture` also prints what the tests measure
 # (SIGKILL duplicates, backlog RSS, hot reload, canary share, spike, ...).
 TEST_ARGS ?=
-test: setup tansu
+test: setup tansu install
 	cargo build --workspace --bins --tests
 	@$(ORT_ENV); \
 	deploy/local/services.sh stop $(SERVICES_DIR); rm -rf $(SERVICES_DIR); \
@@ -96,9 +112,10 @@ test: setup tansu
 	cargo test --workspace --no-fail-fast --exclude sluice-pipeline -- $(TEST_ARGS) || status=$$?; \
 	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 $(TEST_ARGS) || status=$$?; \
 	$(PY) deploy/k8s/check.py --sluice $(BIN)/sluice || status=$$?; \
-	$(BIN)/sluice-load bench --quick --sluice $(BIN)/sluice --models $(MODELS) --python $(PY) \
+	$(RELEASE)/sluice-load bench --quick --sluice $(RELEASE)/sluice --models $(MODELS) --python $(PY) \
 	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $(SERVICES_DIR) \
 	  --out $(SERVICES_DIR)/bench-smoke.json || status=$$?; \
+	env -u ORT_DYLIB_PATH -u SLUICE_MODEL_REPO $(PY) deploy/local/readme_quickstart.py README.md || status=$$?; \
 	exit $$status
 
 ## --- development -----------------------------------------------------------
@@ -117,7 +134,6 @@ bench: setup
 # settings to the sluice processes.
 BENCH_DIR := $(CACHE)/bench-e2e
 BENCH_ARGS ?=
-RELEASE := $(CARGO_TARGET_DIR)/release
 bench-e2e: setup tansu
 	cargo build --release --bin sluice --bin sluice-load
 	@$(ORT_ENV); mkdir -p $(BENCH_DIR); \
@@ -126,7 +142,7 @@ bench-e2e: setup tansu
 	trap "deploy/local/services.sh stop $$dir" EXIT; \
 	source $$dir/env; \
 	out=$(BENCH_DIR)/$$(date -u +%Y%m%dT%H%M%SZ).json; \
-	prev=$$(ls $(BENCH_DIR)/*.json 2>/dev/null | tail -n1); \
+	prev=$$(ls $(BENCH_DIR)/*.json 2>/dev/null | tail -n1 || true); \
 	$(RELEASE)/sluice-load bench --sluice $(RELEASE)/sluice --models $(MODELS) --python $(PY) \
 	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $$dir \
 	  --out $$out $${prev:+--baseline $$prev} $(BENCH_ARGS)

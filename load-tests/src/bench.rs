@@ -250,7 +250,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }));
         }
         let ceiling = (!ceilings.is_empty()).then(|| stats::percentile(&ceilings, 50.0));
-        workloads.push(json!({"name": w.name(), "model": w.model(), "ceiling_per_s": ceiling, "ceilings": ceilings, "runs": runs}));
+        workloads.push(
+            json!({"name": w.name(), "model": w.model(), "ceiling_per_s": ceiling, "ceilings": ceilings, "runs": runs}),
+        );
     }
 
     let versions = if args.workloads.iter().any(|w| *w != Workload::Tensor) {
@@ -346,7 +348,8 @@ fn ceiling(model: &ModelVersion, texts: &[String]) -> anyhow::Result<Ceiling> {
 fn raw_parallel(model: &ModelVersion, texts: &[String], n: usize) -> anyhow::Result<f64> {
     let one = SessionConfig { intra_threads: 1, ..SessionConfig::default() };
     let tokenizer = RawSession::load(model, &one)?;
-    let mut prepared = texts.iter().map(|t| tokenizer.prepare(&Input::Text(t.clone()))).collect::<Result<Vec<_>, _>>()?;
+    let mut prepared =
+        texts.iter().map(|t| tokenizer.prepare(&Input::Text(t.clone()))).collect::<Result<Vec<_>, _>>()?;
     drop(tokenizer);
     prepared.sort_by_key(|p| p.cost());
     let batches: Vec<&[sluice_workers::Prepared]> = prepared.chunks(CEILING_BATCH).collect();
@@ -426,7 +429,10 @@ fn compare_versions(models: &Path, mixed: &[String], short: &[String]) -> anyhow
     let mut out = Vec::new();
     for v in &versions {
         let (m, s) = if v.spec.version == "1" {
-            (Raw { per_s: base_mixed.per_s, embeddings: Vec::new() }, Raw { per_s: base_short.per_s, embeddings: Vec::new() })
+            (
+                Raw { per_s: base_mixed.per_s, embeddings: Vec::new() },
+                Raw { per_s: base_short.per_s, embeddings: Vec::new() },
+            )
         } else {
             (raw_run(v, mixed)?, raw_run(v, short)?)
         };
@@ -463,7 +469,12 @@ struct ServicePids {
 impl ServicePids {
     fn read(dir: Option<&Path>) -> ServicePids {
         let pid = |f: &str| -> Option<u32> {
-            std::fs::read_to_string(dir?.join(f)).ok()?.trim().parse().ok().filter(|p| procstat::cpu_seconds(*p).is_some())
+            std::fs::read_to_string(dir?.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| procstat::cpu_seconds(*p).is_some())
         };
         ServicePids { redis: pid("redis.pid"), broker: pid("tansu.pid") }
     }
@@ -510,7 +521,15 @@ async fn end_to_end(
     let models = args.models.display().to_string();
     let cmd: Vec<String> = match broker {
         Broker::Embedded => {
-            vec!["up".into(), "--redis".into(), args.redis.clone(), "--models".into(), models, "--listen".into(), "127.0.0.1:0".into()]
+            vec![
+                "up".into(),
+                "--redis".into(),
+                args.redis.clone(),
+                "--models".into(),
+                models,
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+            ]
         }
         Broker::Real(b) => vec![
             "worker".into(),
@@ -540,9 +559,8 @@ async fn end_to_end(
     let publisher = Publisher { python: &args.python, brokers: &sluice.bootstrap, topic: &topic, broker };
 
     // Warm-up: the group join, the sessions' first runs, connections.
-    let warm: Vec<(String, String)> = (0..16.min(inputs.len()))
-        .map(|i| job(&format!("{prefix}-warm-{i}"), w.model(), &inputs[i]))
-        .collect();
+    let warm: Vec<(String, String)> =
+        (0..16.min(inputs.len())).map(|i| job(&format!("{prefix}-warm-{i}"), w.model(), &inputs[i])).collect();
     publisher.publish(&warm, &prefix).await?;
     let warm_ids: Vec<String> = warm.iter().map(|(id, _)| id.clone()).collect();
     wait_all_polling(&store, &warm_ids, Duration::from_secs(180)).await?;
@@ -788,7 +806,9 @@ async fn wait_all(
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name"))?.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name"))?.split_once(':').map(|(_, v)| v.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -812,7 +832,9 @@ fn compare(report: &Value, baseline: &Path) -> anyhow::Result<()> {
         let mut m = BTreeMap::new();
         for w in v["workloads"].as_array().into_iter().flatten() {
             for r in w["runs"].as_array().into_iter().flatten() {
-                if let (Some(n), Some(b), Some(x)) = (w["name"].as_str(), r["broker"].as_str(), r["jobs_per_s"].as_f64()) {
+                if let (Some(n), Some(b), Some(x)) =
+                    (w["name"].as_str(), r["broker"].as_str(), r["jobs_per_s"].as_f64())
+                {
                     m.insert((n.to_owned(), b.to_owned()), x);
                 }
             }

@@ -33,9 +33,9 @@ impl SluiceProcess {
         let ready = std::env::temp_dir().join(format!("sluice-load-{}-{n}.json", std::process::id()));
         let _ = std::fs::remove_file(&ready);
         let stderr = match log {
-            Some(path) => Stdio::from(
-                std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-            ),
+            Some(path) => {
+                Stdio::from(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)
+            }
             None => Stdio::inherit(),
         };
         let child = tokio::process::Command::new(sluice)

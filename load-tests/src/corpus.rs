@@ -21,8 +21,7 @@ pub fn sentences_file() -> &'static Path {
 /// `topic<TAB>sentence` lines → sentences.
 pub fn sentences(path: &Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let out: Vec<String> =
-        text.lines().filter_map(|l| l.split_once('\t')).map(|(_, s)| s.trim().to_owned()).collect();
+    let out: Vec<String> = text.lines().filter_map(|l| l.split_once('\t')).map(|(_, s)| s.trim().to_owned()).collect();
     anyhow::ensure!(out.len() >= 2, "{}: fewer than two sentences", path.display());
     Ok(out)
 }
@@ -57,10 +56,8 @@ pub fn mixed(sentences: &[String], n: usize) -> Vec<String> {
                 return sentences[rng.below(sentences.len())].clone();
             }
             let parts = 2 + rng.below(7);
-            let words: Vec<&str> = (0..parts)
-                .flat_map(|_| sentences[rng.below(sentences.len())].split_whitespace())
-                .take(110)
-                .collect();
+            let words: Vec<&str> =
+                (0..parts).flat_map(|_| sentences[rng.below(sentences.len())].split_whitespace()).take(110).collect();
             words.join(" ")
         })
         .collect()

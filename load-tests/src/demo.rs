@@ -69,7 +69,8 @@ pub async fn run(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize
     ensure!(!sentences.is_empty(), "empty corpus");
     println!("== starting `sluice up` (embedded broker, in-process store, local lake and SQLite shards)");
     let data = Data::new()?;
-    let mut args: Vec<std::ffi::OsString> = vec!["up".into(), "--listen".into(), "127.0.0.1:0".into(), "--models".into()];
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["up".into(), "--listen".into(), "127.0.0.1:0".into(), "--models".into()];
     args.push(models.into());
     args.extend(data.args().into_iter().map(Into::into));
     let child = SluiceProcess::start(sluice, &args, &[], None).await?;
@@ -203,8 +204,7 @@ pub async fn run(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize
     }
 
     println!("\n== a bad request gets a clear error");
-    let r =
-        client.post(format!("{http}/v1/jobs")).body(r#"{"model":"gpt-9","input":{"text":"hi"}}"#).send().await?;
+    let r = client.post(format!("{http}/v1/jobs")).body(r#"{"model":"gpt-9","input":{"text":"hi"}}"#).send().await?;
     println!("   POST /v1/jobs {{\"model\":\"gpt-9\",…}} → {} {}", r.status().as_u16(), r.text().await?);
 
     println!("\n== results at rest: waiting for the lake and shard sinks to land every job");

@@ -70,6 +70,9 @@ pub struct Sluice {
     pub http_addr: Option<SocketAddr>,
     /// `bootstrap.servers` in use.
     pub bootstrap: String,
+    /// Where Kafka clients connect: `bootstrap`, or `kafka.embedded_listen`
+    /// for the embedded broker when that was free.
+    pub kafka_clients: String,
     /// Whether the broker is the embedded, in-memory one.
     pub embedded_broker: bool,
     /// What backs the results store.
@@ -103,6 +106,17 @@ impl Sluice {
             None
         };
         let bootstrap = broker.as_ref().map_or(cfg.kafka.brokers.clone(), |b| b.bootstrap().to_owned());
+        let mut kafka_clients = bootstrap.clone();
+        if broker.is_some() && !cfg.kafka.embedded_listen.is_empty() {
+            match kafka::forward_bootstrap(&cfg.kafka.embedded_listen, bootstrap.clone()).await {
+                Ok(addr) => kafka_clients = addr.to_string(),
+                Err(e) => tracing::warn!(
+                    listen = %cfg.kafka.embedded_listen,
+                    error = %e,
+                    "cannot accept Kafka clients there (kafka.embedded_listen); they can use {bootstrap}"
+                ),
+            }
+        }
 
         // Models: engines for workers, a catalog (no sessions) for the gateway.
         let runs_workers = matches!(role, Role::Up | Role::Worker);
@@ -317,6 +331,7 @@ impl Sluice {
         Ok(Sluice {
             http_addr,
             bootstrap,
+            kafka_clients,
             embedded_broker: broker.is_some(),
             store_kind: if role == Role::Sink { "none (sinks read the results topic)" } else { store.describe() },
             models: match &pool {

@@ -85,6 +85,7 @@ pub struct KafkaSection {
     pub topic_prefix: String,
     pub partitions: i32,
     pub embedded_partitions: i32,
+    pub embedded_listen: String,
     pub replication: i32,
     pub produce_timeout_ms: u64,
 }
@@ -185,10 +186,13 @@ impl Config {
         if let Some(f) = file {
             fig = fig.merge(Toml::file_exact(f));
         }
-        fig.merge(Env::prefixed("SLUICE__").split("__"))
+        let mut cfg: Config = fig
+            .merge(Env::prefixed("SLUICE__").split("__"))
             .merge(Serialized::defaults(overrides))
             .extract()
-            .map_err(|e| ConfigError(Box::new(e)))
+            .map_err(|e| ConfigError(Box::new(e)))?;
+        cfg.models.repository = expand_home(&cfg.models.repository);
+        Ok(cfg)
     }
 
     pub fn store(&self) -> StoreConfig {
@@ -344,6 +348,15 @@ fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// `~/x` → `$HOME/x` (the default model repository lives under the home
+/// directory); other paths, and `~` without a `HOME`, are kept as written.
+fn expand_home(path: &Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,5 +386,14 @@ mod tests {
         let err = Config::load(Some(&file), serde_json::json!({})).unwrap_err();
         assert!(err.to_string().contains("brokerz"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_default_model_repository_is_under_the_home_directory() {
+        let cfg = Config::load(None, serde_json::json!({})).unwrap();
+        let home = std::env::var_os("HOME").expect("HOME is set");
+        assert_eq!(cfg.models.repository, PathBuf::from(home).join(".cache/sluice/models"));
+        assert_eq!(expand_home(Path::new("/models")), PathBuf::from("/models"));
+        assert_eq!(expand_home(Path::new("models")), PathBuf::from("models"));
     }
 }

@@ -209,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!(
             "WARNING: embedded Kafka broker at {} — in memory, NOT durable; it holds at most {} MiB of backlog per \
              topic (5 MiB per partition, kafka.embedded_partitions) and drops the oldest jobs beyond that",
-            sluice.bootstrap,
+            sluice.kafka_clients,
             5 * cfg_partitions
         );
     } else {

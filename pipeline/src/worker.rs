@@ -169,9 +169,7 @@ struct Stages([metrics::Histogram; 5]);
 
 impl Stages {
     fn new(model: &str) -> Stages {
-        let h = |stage: &'static str| {
-            metrics::histogram!("sluice_worker_stage_seconds", "model" => model.to_owned(), "stage" => stage)
-        };
+        let h = |stage: &'static str| metrics::histogram!("sluice_worker_stage_seconds", "model" => model.to_owned(), "stage" => stage);
         Stages([h("started"), h("inferred"), h("stored"), h("published"), h("marked")])
     }
 
@@ -221,8 +219,15 @@ impl Worker {
         let in_flight = metrics::gauge!("sluice_worker_in_flight", "model" => model.clone());
         let paused_gauge = metrics::gauge!("sluice_paused_partitions", "model" => model.clone());
         let stages = Stages::new(&model);
-        let ctx =
-            Arc::new(Ctx { producer, store, pool, cancels: Cancels::default(), cfg, shutdown: shutdown.clone(), stages });
+        let ctx = Arc::new(Ctx {
+            producer,
+            store,
+            pool,
+            cancels: Cancels::default(),
+            cfg,
+            shutdown: shutdown.clone(),
+            stages,
+        });
 
         // Cancellation notices set the flags of jobs held here.
         let mut notices = ctx.store.cancellations();
@@ -251,9 +256,7 @@ impl Worker {
         let mut paused = false;
         // Since when the in-flight bound has held consumption up.
         let mut held_since: Option<Instant> = None;
-        let pauses = |reason: &'static str| {
-            metrics::counter!("sluice_partition_pauses_total", "model" => model.clone(), "reason" => reason)
-        };
+        let pauses = |reason: &'static str| metrics::counter!("sluice_partition_pauses_total", "model" => model.clone(), "reason" => reason);
 
         loop {
             // Flow control. At the in-flight bound the loop stops taking

@@ -1110,6 +1110,21 @@ async fn arrays_idempotent_ids_and_long_polls() {
     for id in ["a-1", "a-2", "a-3"] {
         assert_eq!(gw.wait_done(id).await["status"], "succeeded");
     }
+
+    // A job published straight to Kafka has no record until a worker
+    // finishes it: a long poll on its id waits for it instead of a 404.
+    let (polled, ()) = tokio::join!(gw.call(reqwest::Method::GET, "/v1/jobs/kp-1?wait=30", None, None), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rec = record(Some("kp-1"), job("kp-1", "published straight to Kafka").to_string());
+        gw.produce(&gw.jobs_topic(), None, vec![rec]).await;
+    });
+    let (code, _, body) = polled;
+    assert_eq!((code, body["status"].as_str()), (200, Some("succeeded")), "{body}");
+    // An id nobody publishes is a 404 when the wait is over.
+    let started = Instant::now();
+    assert_eq!(gw.call(reqwest::Method::GET, "/v1/jobs/nobody-1?wait=1", None, None).await.0, 404);
+    assert!(started.elapsed() >= Duration::from_millis(900), "held for the wait: {:?}", started.elapsed());
+
     let results = gw.consume(&format!("{prefix}.results"), 100, 5).await;
     assert_eq!(results.iter().filter(|r| r["key"] == "a-1").count(), 1, "a-1 ran once");
     worker.stop().await;

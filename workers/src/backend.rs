@@ -121,7 +121,10 @@ fn check_tensors(specs: &[InputSpec], given: &BTreeMap<String, JsonTensor>) -> R
             ));
         }
         let Some(elements) = t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d)) else {
-            return Err(format!("input.tensors.{}: shape {:?} holds more elements than can be counted", spec.name, t.shape));
+            return Err(format!(
+                "input.tensors.{}: shape {:?} holds more elements than can be counted",
+                spec.name, t.shape
+            ));
         };
         if elements != t.data.len() as u64 {
             return Err(format!(
@@ -280,9 +283,7 @@ fn concat_groups(jobs: &[&BTreeMap<String, JsonTensor>]) -> Vec<Vec<usize>> {
     let signature = |t: &BTreeMap<String, JsonTensor>| -> Option<Signature> {
         let rows = t.values().next()?.shape.first().copied()?;
         t.iter()
-            .map(|(name, x)| {
-                (x.shape.first() == Some(&rows)).then(|| (name.clone(), x.dtype, x.shape[1..].to_vec()))
-            })
+            .map(|(name, x)| (x.shape.first() == Some(&rows)).then(|| (name.clone(), x.dtype, x.shape[1..].to_vec())))
             .collect()
     };
     let mut groups: Vec<(Option<Signature>, Vec<usize>)> = Vec::new();
@@ -357,7 +358,8 @@ fn run_tensors(
     outputs: &[String],
 ) -> Result<Vec<BTreeMap<String, JsonTensor>>, WorkerError> {
     let first = jobs.first().ok_or_else(|| WorkerError::Inference("an empty tensor batch. This is a bug.".into()))?;
-    let rows: Vec<u64> = jobs.iter().map(|t| t.values().next().and_then(|x| x.shape.first().copied()).unwrap_or(0)).collect();
+    let rows: Vec<u64> =
+        jobs.iter().map(|t| t.values().next().and_then(|x| x.shape.first().copied()).unwrap_or(0)).collect();
     let mut inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::new();
     for (name, t) in first.iter() {
         let mut shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
@@ -367,10 +369,16 @@ fn run_tensors(
         let data = || jobs.iter().flat_map(|j| j[name].data.iter().copied());
         let e = |e: ort::Error| WorkerError::Inference(format!("input `{name}`: {e}"));
         let value: DynValue = match t.dtype {
-            DType::Float32 => Tensor::from_array((shape, data().map(|x| x as f32).collect::<Vec<_>>())).map_err(e)?.into_dyn(),
+            DType::Float32 => {
+                Tensor::from_array((shape, data().map(|x| x as f32).collect::<Vec<_>>())).map_err(e)?.into_dyn()
+            }
             DType::Float64 => Tensor::from_array((shape, data().collect::<Vec<_>>())).map_err(e)?.into_dyn(),
-            DType::Int32 => Tensor::from_array((shape, data().map(|x| x as i32).collect::<Vec<_>>())).map_err(e)?.into_dyn(),
-            DType::Int64 => Tensor::from_array((shape, data().map(|x| x as i64).collect::<Vec<_>>())).map_err(e)?.into_dyn(),
+            DType::Int32 => {
+                Tensor::from_array((shape, data().map(|x| x as i32).collect::<Vec<_>>())).map_err(e)?.into_dyn()
+            }
+            DType::Int64 => {
+                Tensor::from_array((shape, data().map(|x| x as i64).collect::<Vec<_>>())).map_err(e)?.into_dyn()
+            }
         };
         inputs.push((name.as_str().into(), value.into()));
     }
@@ -501,8 +509,8 @@ mod tests {
         let f = DType::Float32;
         let jobs = [
             job(&[("x", f, vec![1, 4])]),
-            job(&[("x", f, vec![3, 4])]),           // more rows: same pass
-            job(&[("x", f, vec![2, 5])]),           // another row width
+            job(&[("x", f, vec![3, 4])]),            // more rows: same pass
+            job(&[("x", f, vec![2, 5])]),            // another row width
             job(&[("x", DType::Int64, vec![1, 4])]), // another dtype
             job(&[("x", f, vec![2, 5])]),
             job(&[("x", f, vec![1, 4]), ("z", f, vec![2, 4])]), // its inputs disagree on rows

@@ -16,8 +16,8 @@ pub enum WorkerError {
     UnknownModel(String),
 
     #[error(
-        "cannot load ONNX Runtime: {0}. Set ORT_DYLIB_PATH to a libonnxruntime.so \
-         (`make setup` puts one under ~/.cache/sluice/venv)"
+        "cannot load ONNX Runtime: {0}. Set engine.ort_dylib or ORT_DYLIB_PATH to a libonnxruntime.so \
+         (`make setup` puts one under ~/.cache/sluice/venv, where it is found without either)"
     )]
     Runtime(String),
 

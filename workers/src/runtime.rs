@@ -69,9 +69,10 @@ fn environment(dylib: Option<&Path>) -> Result<&'static Environment, WorkerError
         .get_or_init(|| {
             let path = match dylib {
                 Some(p) => p.to_path_buf(),
-                None => std::env::var_os("ORT_DYLIB_PATH")
-                    .map(PathBuf::from)
-                    .ok_or_else(|| "ORT_DYLIB_PATH is not set".to_owned())?,
+                None => match std::env::var_os("ORT_DYLIB_PATH") {
+                    Some(p) => PathBuf::from(p),
+                    None => find_dylib(&dylib_places())?,
+                },
             };
             if !path.is_file() {
                 return Err(format!("{} does not exist", path.display()));
@@ -84,6 +85,75 @@ fn environment(dylib: Option<&Path>) -> Result<&'static Environment, WorkerError
         })
         .as_ref()
         .map_err(|e| WorkerError::Runtime(e.clone()))
+}
+
+/// Where ONNX Runtime is looked for when neither `engine.ort_dylib` nor
+/// `ORT_DYLIB_PATH` names it, in order: next to the executable and in
+/// `../lib` (an install prefix or the container image), the Python venv
+/// that `make` installs (`~/.cache/sluice/venv`, its `onnxruntime` wheel),
+/// then the system library directories.
+fn dylib_places() -> Vec<PathBuf> {
+    let mut places = Vec::new();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        places.push(dir.join("../lib"));
+        places.push(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    if let Some(cache) = cache {
+        let lib = cache.join("sluice/venv/lib");
+        // lib/python3.X/site-packages/onnxruntime/capi
+        let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("site-packages/onnxruntime/capi"))
+            .collect();
+        pythons.sort();
+        if pythons.is_empty() {
+            pythons.push(lib.join("python3*/site-packages/onnxruntime/capi"));
+        }
+        places.extend(pythons);
+    }
+    places.extend(["/usr/local/lib", "/usr/lib", "/usr/lib/x86_64-linux-gnu"].map(PathBuf::from));
+    places
+}
+
+/// The first `libonnxruntime.so` or `libonnxruntime.so.<version>` (the
+/// highest version in a directory) in `places`; the error names every
+/// place looked at.
+fn find_dylib(places: &[PathBuf]) -> Result<PathBuf, String> {
+    for dir in places {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n == "libonnxruntime.so"
+                            || n.strip_prefix("libonnxruntime.so.")
+                                .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+                    })
+            })
+            .collect();
+        // Highest version last: 1.22.1 after 1.9.0.
+        found.sort_by_key(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let version = name.strip_prefix("libonnxruntime.so").unwrap_or_default();
+            version.split('.').filter_map(|v| v.parse::<u32>().ok()).collect::<Vec<_>>()
+        });
+        if let Some(p) = found.pop() {
+            return Ok(p);
+        }
+    }
+    let looked: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
+    Err(format!(
+        "no libonnxruntime.so: engine.ort_dylib and ORT_DYLIB_PATH are not set, and none was found in {}",
+        looked.join(", ")
+    ))
 }
 
 /// Builds a session for `onnx`, applying the provider policy. `model` names
@@ -131,4 +201,27 @@ fn build(onnx: &Path, cfg: &SessionConfig, provider: ExecutionProvider) -> Resul
         }
     };
     builder.commit_from_file(onnx).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onnx_runtime_is_found_where_make_installs_it_and_the_error_says_where_it_looked() {
+        let root = std::env::temp_dir().join(format!("sluice-ort-{}", std::process::id()));
+        let (empty, capi) = (root.join("empty"), root.join("venv/lib/python3.11/site-packages/onnxruntime/capi"));
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::create_dir_all(&capi).unwrap();
+        for name in ["libonnxruntime.so.1.9.0", "libonnxruntime.so.1.22.1", "libonnxruntime_providers_shared.so"] {
+            std::fs::write(capi.join(name), b"").unwrap();
+        }
+        let found = find_dylib(&[empty.clone(), capi.clone()]).unwrap();
+        assert_eq!(found, capi.join("libonnxruntime.so.1.22.1"));
+
+        let err = find_dylib(&[empty.clone(), root.join("missing")]).unwrap_err();
+        assert!(err.contains(&empty.display().to_string()) && err.contains("missing"), "{err}");
+        assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
 }

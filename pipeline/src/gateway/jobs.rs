@@ -177,7 +177,8 @@ pub(super) struct ReadQuery {
 
 /// `GET /v1/jobs/{id}[?wait=SECONDS]`: the job's record; with `wait`, held
 /// until the job finishes or the time is up (woken by a completion notice,
-/// not by polling).
+/// not by polling). An id with no record yet (a job published straight to
+/// Kafka) is waited for too, and is a 404 only when the time is up.
 pub(super) async fn read(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
@@ -212,8 +213,12 @@ pub(super) async fn read(
     let visible = |r: Option<JobResult>| r.filter(|r| caller.may_see(&r.tenant));
     let record = visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
     let Some((token, rx)) = ticket else { return record.map(Json) };
+    let finished = |r: &Result<JobResult, ApiError>| matches!(r, Ok(r) if r.status.is_terminal());
     let record = match record {
-        Ok(r) if !r.status.is_terminal() => {
+        // A job published straight to Kafka has no record until a worker
+        // finishes it: an unknown id is waited for like an unfinished job
+        // (and is a 404 only when the wait ends).
+        r if !finished(&r) => {
             // Woken by the job's completion notice; notices are best effort,
             // so the store is also read again every RECHECK.
             let deadline = tokio::time::Instant::now() + wait;
@@ -222,9 +227,15 @@ pub(super) async fn read(
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let woken = tokio::time::timeout(left.min(RECHECK), &mut rx).await.is_ok();
                 let now = visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
-                let done = now.as_ref().map_or(true, |r| r.status.is_terminal());
-                if woken || done || left <= RECHECK {
+                if finished(&now) || left <= RECHECK {
                     break now;
+                }
+                if woken {
+                    // Finished, but not visible to this caller (another
+                    // tenant's id): answer when the wait ends, as for an
+                    // unknown id, so the timing tells nothing.
+                    tokio::time::sleep_until(deadline).await;
+                    break visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
                 }
             }
         }

@@ -82,3 +82,43 @@ impl Drop for EmbeddedBroker {
         }
     }
 }
+
+/// Connections [`forward_bootstrap`] serves at once; more wait in the
+/// listener's backlog. Clients use it only to bootstrap (metadata), then
+/// connect to the broker's own port.
+const MAX_BOOTSTRAP_CONNECTIONS: usize = 64;
+
+/// Listens on `listen` (the well-known `127.0.0.1:9092` by default) and
+/// forwards each connection to the embedded broker's ephemeral port, so
+/// that `kcat -b 127.0.0.1:9092` reaches `sluice up` without reading its
+/// log. The broker's metadata names its real port, where clients then
+/// connect directly. Returns the address it listens on.
+pub async fn forward_bootstrap(listen: &str, broker: String) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_BOOTSTRAP_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let (mut client, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "embedded broker bootstrap: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::net::TcpStream::connect(&broker).await {
+                    Ok(mut upstream) => {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "embedded broker bootstrap: cannot reach the broker"),
+                }
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -23,7 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-pub use embedded::EmbeddedBroker;
+pub use embedded::{EmbeddedBroker, forward_bootstrap};
 
 /// Failures talking to Kafka. `retryable` errors are outages (broker down,
 /// timeouts, full local queue): the caller should back off, not give up on

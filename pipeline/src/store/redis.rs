@@ -433,4 +433,3 @@ impl RedisStore {
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
-
