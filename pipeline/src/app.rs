@@ -108,7 +108,9 @@ impl Sluice {
         let bootstrap = broker.as_ref().map_or(cfg.kafka.brokers.clone(), |b| b.bootstrap().to_owned());
         let mut kafka_clients = bootstrap.clone();
         if broker.is_some() && !cfg.kafka.embedded_listen.is_empty() {
-            match kafka::forward_bootstrap(&cfg.kafka.embedded_listen, bootstrap.clone()).await {
+            let mut sd = shutdown.clone();
+            let stop = async move { sd.wait().await };
+            match kafka::forward_bootstrap(&cfg.kafka.embedded_listen, bootstrap.clone(), stop).await {
                 Ok(addr) => kafka_clients = addr.to_string(),
                 Err(e) => tracing::warn!(
                     listen = %cfg.kafka.embedded_listen,

@@ -9,6 +9,8 @@
 //! Environment (set by `make test`): SLUICE_TEST_BROKERS, SLUICE_TEST_REDIS,
 //! SLUICE_TEST_PG (PostgreSQL clusters) and SLUICE_TEST_PGCTL (stops and
 //! starts them), SLUICE_TEST_PYTHON, SLUICE_MODEL_REPO, ORT_DYLIB_PATH.
+//! SLUICE_TEST_WORKER_LOG sets `RUST_LOG` of the `sluice worker` processes
+//! the fault tests start (default `warn`).
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -92,15 +92,24 @@ const MAX_BOOTSTRAP_CONNECTIONS: usize = 64;
 /// forwards each connection to the embedded broker's ephemeral port, so
 /// that `kcat -b 127.0.0.1:9092` reaches `sluice up` without reading its
 /// log. The broker's metadata names its real port, where clients then
-/// connect directly. Returns the address it listens on.
-pub async fn forward_bootstrap(listen: &str, broker: String) -> std::io::Result<std::net::SocketAddr> {
+/// connect directly. Listens until `stop` completes; returns the address.
+pub async fn forward_bootstrap(
+    listen: &str,
+    broker: String,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_BOOTSTRAP_CONNECTIONS));
     tokio::spawn(async move {
+        tokio::pin!(stop);
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else { return };
-            let (mut client, _) = match listener.accept().await {
+            let accepted = tokio::select! {
+                _ = &mut stop => return,
+                a = listener.accept() => a,
+            };
+            let (mut client, _) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "embedded broker bootstrap: accept failed");
