@@ -237,12 +237,13 @@ impl Sluice {
             if let Some(dir) = &lake_dir {
                 let lake = Lake::open(dir)?;
                 let hooks = Arc::new(SinkHooks::default());
-                let consumer = Consumer::new(
+                let consumer = Consumer::with_timeouts(
                     &bootstrap,
                     "sluice-sink-lake",
                     &format!("{}.lake", cfg.sink_group()),
                     std::slice::from_ref(&results),
                     hooks.clone(),
+                    Some(cfg.sink_group_timeouts()),
                 )?;
                 let run_suffix = broker.as_ref().map(|_| chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string());
                 let (sink, sd, c) = (LakeSink { lake, run_suffix }, shutdown.clone(), cfg.sink());
@@ -258,12 +259,13 @@ impl Sluice {
                 let set = Arc::new(ShardSet::open(&shard_urls, strategy, timeout)?);
                 shard_set = Some(set.clone());
                 let hooks = Arc::new(SinkHooks::default());
-                let consumer = Consumer::new(
+                let consumer = Consumer::with_timeouts(
                     &bootstrap,
                     "sluice-sink-shards",
                     &format!("{}.shards", cfg.sink_group()),
                     &[results],
                     hooks.clone(),
+                    Some(cfg.sink_group_timeouts()),
                 )?;
                 let (sink, sd, c) = (ShardSink::new(set), shutdown.clone(), cfg.sink());
                 tasks.push(tokio::spawn(async move {

@@ -1446,13 +1446,19 @@ fn pgctl(cluster: usize, action: &str) {
 /// Publishes `n` synthetic results (ids `<tag>-<i>`, as workers write them)
 /// to `<prefix>.results`, creating it with 4 partitions if needed.
 fn produce_results(brokers: &str, prefix: &str, tag: &str, range: std::ops::Range<usize>) {
+    produce_results_to(brokers, prefix, tag, range, true)
+}
+
+/// [`produce_results`]; `create`: create the topic first (the embedded
+/// broker's topics are created through it, not by Kafka's admin API).
+fn produce_results_to(brokers: &str, prefix: &str, tag: &str, range: std::ops::Range<usize>, create: bool) {
     let script = r#"
 import json, sys
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 brokers, topic, tag, lo, hi = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 a = AdminClient({"bootstrap.servers": brokers})
-for f in a.create_topics([NewTopic(topic, 4, 1)]).values():
+for f in (a.create_topics([NewTopic(topic, 4, 1)]).values() if sys.argv[6] == "1" else []):
     try:
         f.result()
     except Exception as e:
@@ -1481,8 +1487,10 @@ assert p.flush(120) == 0
 "#;
     let topic = format!("{prefix}.results");
     let (lo, hi) = (range.start.to_string(), range.end.to_string());
-    let out =
-        Command::new(env("SLUICE_TEST_PYTHON")).args(["-c", script, brokers, &topic, tag, &lo, &hi]).output().unwrap();
+    let out = Command::new(env("SLUICE_TEST_PYTHON"))
+        .args(["-c", script, brokers, &topic, tag, &lo, &hi, if create { "1" } else { "0" }])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -1499,14 +1507,26 @@ impl Drop for KillOnDrop {
 
 /// A `sluice sink` process in consumer group `<prefix>.sink-<run>`.
 fn start_sink(prefix: &str, run: usize, lake: &std::path::Path, shards: &[String]) -> KillOnDrop {
-    let config = scratch(prefix).join("sink.toml");
+    start_sink_with(&env("SLUICE_TEST_BROKERS"), prefix, run, lake, shards, "")
+}
+
+/// [`start_sink`] with more `[sinks]` settings (TOML lines).
+fn start_sink_with(
+    brokers: &str,
+    prefix: &str,
+    run: usize,
+    lake: &std::path::Path,
+    shards: &[String],
+    extra: &str,
+) -> KillOnDrop {
+    let config = scratch(prefix).join(format!("sink-{}.toml", lake.file_name().unwrap().to_string_lossy()));
     let shards: Vec<String> = shards.iter().map(|s| format!("{s:?}")).collect();
     let toml = format!(
         "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\n\
          [ops]\nlisten = \"127.0.0.1:0\"\n\
          [sinks]\nlake = {:?}\nshards = [{}]\nflush_rows = 2500\nflush_interval_ms = 300\nretry_max_ms = 1000\n\
-         consumer_group = \"{prefix}.sink-{run}\"\n",
-        env("SLUICE_TEST_BROKERS"),
+         consumer_group = \"{prefix}.sink-{run}\"\n{extra}\n",
+        brokers,
         lake.display().to_string(),
         shards.join(", "),
     );
@@ -1622,6 +1642,82 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
         count_json(&analytics, "SELECT count(DISTINCT model) AS m, count(DISTINCT date) AS d FROM results").await;
     assert_eq!(parts, json!({"m": 2, "d": 1}), "partitioned model=/date=");
     set.close().await;
+}
+
+/// Two `sluice sink` members share the lake's consumer group and one is
+/// SIGKILLed: the group drops it after `sinks.session_timeout_ms` (6 s here;
+/// librdkafka's default is 45 s) and the survivor takes its partitions. The
+/// quantity measured is the group's committed progress: every partition's
+/// results committed, and all of them in the survivor's lake.
+///
+/// On the embedded broker (librdkafka's mock cluster): tansu 0.6 expires
+/// the member on time but keeps it in the member list it hands the group's
+/// leader, so the survivor is given back only its own partitions and the
+/// killed member's stay unowned (reproduced with two confluent-kafka
+/// consumers; see ARCHITECTURE.md, "Brokers").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sink_member_is_dropped_from_its_group_within_the_session_timeout() {
+    let prefix = unique_prefix("sinkgroup");
+    let broker = sluice_pipeline::kafka::EmbeddedBroker::start().unwrap();
+    for topic in [format!("{prefix}.results"), format!("{prefix}.dlq")] {
+        broker.create_topic(&topic, 4).unwrap();
+    }
+    let brokers = broker.bootstrap().to_owned();
+    let settings = "session_timeout_ms = 6000\nmax_poll_interval_ms = 20000";
+    let (lake_a, lake_b) = (scratch(&prefix).join("lake-a"), scratch(&prefix).join("lake-b"));
+    let group = format!("{prefix}.sink-0.lake");
+    let probe = sluice_pipeline::kafka::LagProbe::new(&brokers, &group, &format!("{prefix}.results")).unwrap();
+    let drained = |what: &'static str, within: Duration| {
+        let probe = &probe;
+        async move {
+            let started = Instant::now();
+            loop {
+                let lag = probe.lag().await.unwrap_or(i64::MAX);
+                if lag == 0 {
+                    return started.elapsed();
+                }
+                assert!(started.elapsed() < within, "{what}: lag {lag} after {within:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let rows = |lake: PathBuf, tag: &'static str| async move {
+        if !lake.exists() {
+            return 0;
+        }
+        let analytics = sluice_sql::Analytics::new(
+            sluice_sql::Sources { lake: Some(lake), shards: vec![] },
+            sluice_sql::QueryLimits { max_rows: 10, timeout: Duration::from_secs(30) },
+        )
+        .unwrap();
+        let sql = format!("SELECT count(DISTINCT job_id) AS n FROM results WHERE job_id LIKE '{tag}-%'");
+        count_json(&analytics, &sql).await["n"].as_i64().unwrap()
+    };
+
+    produce_results_to(&brokers, &prefix, "first", 0..400, false);
+    let mut a = start_sink_with(&brokers, &prefix, 0, &lake_a, &[], settings);
+    drained("sink a alone", Duration::from_secs(120)).await;
+    let _b = start_sink_with(&brokers, &prefix, 0, &lake_b, &[], settings);
+    // Until both members hold partitions: results produced now land in both.
+    let started = Instant::now();
+    for round in 0.. {
+        assert!(started.elapsed() < Duration::from_secs(120), "sink b never got partitions");
+        produce_results_to(&brokers, &prefix, "second", round * 100..(round + 1) * 100, false);
+        drained("both sinks", Duration::from_secs(120)).await;
+        if rows(lake_a.clone(), "second").await > 0 && rows(lake_b.clone(), "second").await > 0 {
+            break;
+        }
+    }
+
+    a.0.kill().unwrap(); // SIGKILL: no leave-group; only the session timeout can drop it
+    a.0.wait().unwrap();
+    let killed = Instant::now();
+    produce_results_to(&brokers, &prefix, "third", 0..400, false);
+    // librdkafka's default session timeout alone is 45 s.
+    drained("after the kill", Duration::from_secs(35)).await;
+    let took = killed.elapsed();
+    println!("sink group: the survivor committed every partition {:.1} s after the SIGKILL", took.as_secs_f64());
+    assert_eq!(rows(lake_b.clone(), "third").await, 400, "every result after the kill is in the survivor's lake");
 }
 
 /// A PostgreSQL shard is stopped for 10 s while results keep coming: the

@@ -495,8 +495,30 @@ pub async fn ensure_topics(
 ) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         base_config(brokers, "sluice-admin").create().map_err(|e| KafkaError::Config(e.to_string()))?;
-    let new: Vec<NewTopic> =
-        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
+    // Only what the cluster lacks: a process without the right to create
+    // topics (or a broker without a controller) starts when they exist.
+    let existing: std::collections::HashSet<String> = {
+        let client: rdkafka::consumer::BaseConsumer =
+            base_config(brokers, "sluice-admin").create().map_err(|e| KafkaError::Config(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            let md = client
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map_err(|e| KafkaError::Metadata(e.to_string()))?;
+            Ok::<_, KafkaError>(
+                md.topics().iter().filter(|t| !t.partitions().is_empty()).map(|t| t.name().to_owned()).collect(),
+            )
+        })
+        .await
+        .map_err(|e| KafkaError::Metadata(e.to_string()))??
+    };
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .filter(|t| !existing.contains(t.as_str()))
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&new, &opts).await.map_err(|e| KafkaError::Admin(e.to_string()))?;
     for r in results {
