@@ -42,6 +42,8 @@ enum Command {
     Publish(PublishArgs),
     /// Wait for a job through the REST API and print its record.
     Poll(PollArgs),
+    /// Print the REST API's OpenAPI 3.1 document (what `GET /openapi.json` serves).
+    Openapi,
     /// Print the SHA-256 of an API key, as `gateway.api_keys` wants it.
     HashKey {
         /// The key (read from standard input when absent, so it stays out of
@@ -191,6 +193,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Publish(a) => return publish(cli.config.as_deref(), a).await,
         Command::Poll(a) => return poll(a).await,
+        Command::Openapi => {
+            println!("{}", sluice_pipeline::gateway::openapi().to_pretty_json()?);
+            return Ok(());
+        }
         Command::HashKey { key } => {
             let key = match key {
                 Some(k) => k.clone(),

@@ -158,6 +158,15 @@ async fn bounded(check: impl Future<Output = Result<(), String>>) -> Result<(), 
 }
 
 /// `GET /healthz`: answering at all is the answer.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    operation_id = "healthz",
+    summary = "The process is alive",
+    security(()),
+    responses((status = 200, body = Object, description = "ok: `{\"status\": \"ok\"}`")),
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }

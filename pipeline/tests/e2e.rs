@@ -1048,11 +1048,12 @@ async fn the_openapi_document_describes_every_route_and_every_route_answers() {
     let mut h = Harness::start("openapi", true).await;
     let (code, _, served) = h.call(reqwest::Method::GET, "/openapi.json", None, None).await;
     assert_eq!(code, 200);
-    let committed: Value =
-        serde_json::from_str(include_str!("../src/gateway/openapi.json")).expect("the committed document is JSON");
-    assert_eq!(served, committed, "the served document is the committed one");
-    for (path, item) in committed["paths"].as_object().unwrap() {
-        for method in item.as_object().unwrap().keys().filter(|m| *m != "parameters") {
+    let generated = serde_json::to_value(sluice_pipeline::gateway::openapi()).expect("the document serialises");
+    assert_eq!(served, generated, "the served document is the generated one");
+    assert_eq!(served["openapi"].as_str().map(|v| v.starts_with("3.1")), Some(true));
+    for (path, item) in generated["paths"].as_object().unwrap() {
+        let methods = ["get", "post", "put", "patch", "delete"];
+        for method in item.as_object().unwrap().keys().filter(|m| methods.contains(&m.as_str())) {
             let concrete = path.replace("{id}", "no-such-id");
             let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let (code, _, body) = h.call(m, &concrete, None, Some("{}".into())).await;

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 /// `JobResult.error.code`, in the `sluice.error.code` header of dead-letter
 /// records and in metric labels. Add codes; never rename or reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The Kafka value (or HTTP body) is not JSON.

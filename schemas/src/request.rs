@@ -38,6 +38,7 @@ pub mod limits {
 /// One inference job, as published to `<prefix>.jobs.<model>` (JSON value,
 /// key = `job_id`). Schema: `schemas/json/job-request.v1.schema.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     /// Client-chosen or gateway-made (UUIDv7) id; also the Kafka key, so that
@@ -82,6 +83,11 @@ pub enum Input {
 /// The JSON shape of [`Input`]; kept private so that "exactly one of" is a
 /// property of the Rust type, not of every caller.
 #[derive(Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(description = "Exactly one of `text` (text models) or `tensors` (generic tensor models).")
+)]
 #[serde(deny_unknown_fields)]
 struct RawInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,8 +116,32 @@ impl From<Input> for RawInput {
     }
 }
 
+/// [`Input`] is described by its JSON shape, [`RawInput`], with the
+/// "exactly one of" that the Rust type enforces stated as one property.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Input {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::schema::Schema;
+        let mut schema = <RawInput as utoipa::PartialSchema>::schema();
+        if let RefOr::T(Schema::Object(object)) = &mut schema {
+            object.min_properties = Some(1);
+            object.max_properties = Some(1);
+        }
+        schema
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Input {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <RawInput as utoipa::ToSchema>::schemas(schemas);
+    }
+}
+
 /// One named tensor, row-major (a model input in a JobRequest, an output in a JobResult).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Tensor {
     /// Element type.
@@ -124,6 +154,7 @@ pub struct Tensor {
 
 /// Element types accepted in [`Tensor`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DType {
     Float32,
@@ -134,6 +165,7 @@ pub enum DType {
 
 /// Scheduling lane of a job.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     High,

@@ -10,6 +10,7 @@ use crate::{ErrorCode, JobRequest, Tensor};
 /// `queued → running → succeeded | failed | expired | cancelled`.
 /// A terminal status never changes again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -69,6 +70,7 @@ impl std::fmt::Display for JobStatus {
 
 /// Why a job failed: a stable code and a message for humans.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobError {
     pub code: ErrorCode,
@@ -77,6 +79,7 @@ pub struct JobError {
 
 /// What a succeeded job produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Output {
     /// `{"embedding": [f32, ...]}`: a sentence embedding.
@@ -87,6 +90,7 @@ pub enum Output {
 
 /// Where the job's time went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Timings {
     /// From submission (or the Kafka timestamp) to the start of its batch.
@@ -103,6 +107,7 @@ pub struct Timings {
 /// and what finished jobs publish to `<prefix>.results`.
 /// Schema: `schemas/json/job-result.v1.schema.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobResult {
     pub job_id: String,

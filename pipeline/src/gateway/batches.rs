@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_schemas::{ErrorCode, JobRequest, JobResult, JobStatus};
 
+use super::openapi::{E400, E401, E403, E404, E413, E422, E429, E500, E503};
 use super::{ApiError, Gateway};
 
 const KIND: &str = "batch";
@@ -37,9 +38,80 @@ struct Line {
     job_id: String,
 }
 
+/// The answer to `POST /v1/batches`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct BatchAccepted {
+    id: String,
+    /// Always `in_progress`.
+    status: BatchState,
+    /// Lines in the batch.
+    total: usize,
+    /// Lines that could not be queued (Kafka refused them): already `failed`.
+    not_queued: usize,
+    poll_url: String,
+    results_url: String,
+}
+
+/// `in_progress` until every line is finished, then `completed`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum BatchState {
+    InProgress,
+    Completed,
+}
+
+/// The answer to `GET /v1/batches/{id}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Batch)]
+pub(super) struct BatchStatus {
+    id: String,
+    tenant: String,
+    created_at: DateTime<Utc>,
+    status: BatchState,
+    total: usize,
+    /// Lines by job status (every status present, zero or not).
+    #[schema(value_type = BTreeMap<String, usize>)]
+    counts: BTreeMap<&'static str, usize>,
+    /// Lines whose records are past their TTL in the store.
+    missing: usize,
+    results_url: String,
+}
+
+/// The `{id}` of `/v1/batches/{id}`: a batch of another tenant is a 404.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(super) struct BatchId {
+    /// The batch's id (`batch_...`).
+    id: String,
+}
+
 /// `POST /v1/batches`: every line is a job (as for `POST /v1/jobs`) plus a
 /// `custom_id` unique within the batch. All lines are checked before any is
 /// accepted; errors name the line.
+#[utoipa::path(
+    post,
+    path = "/v1/batches",
+    tag = "batches",
+    operation_id = "createBatch",
+    summary = "Submit a JSONL file of jobs, each line with a custom_id",
+    request_body(
+        content = String,
+        content_type = "application/x-ndjson",
+        description = "One JobSubmission per line, plus `custom_id` (1-64 characters, unique in the batch); no job_id. At most `gateway.max_batch_lines` lines and `gateway.max_batch_bytes` bytes."
+    ),
+    responses(
+        (status = 202, body = BatchAccepted, description = "Accepted",
+            headers(("Location" = String, description = "The batch's poll URL"))),
+        (status = 400, response = E400),
+        (status = 401, response = E401),
+        (status = 403, response = E403),
+        (status = 413, response = E413),
+        (status = 422, response = E422),
+        (status = 429, response = E429),
+        (status = 500, response = E500),
+        (status = 503, response = E503),
+    ),
+)]
 pub(super) async fn create(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
@@ -137,15 +209,16 @@ pub(super) async fn create(
         }
     }
     metrics::counter!("sluice_batches_submitted_total").increment(1);
-    let body = json!({
-        "id": id,
-        "status": "in_progress",
-        "total": total,
-        "not_queued": unqueued,
-        "poll_url": format!("/v1/batches/{id}"),
-        "results_url": format!("/v1/batches/{id}/results"),
-    });
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/batches/{id}"))], Json(body)).into_response())
+    let body = BatchAccepted {
+        poll_url: format!("/v1/batches/{id}"),
+        results_url: format!("/v1/batches/{id}/results"),
+        id,
+        status: BatchState::InProgress,
+        total,
+        not_queued: unqueued,
+    };
+    let location = body.poll_url.clone();
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(body)).into_response())
 }
 
 async fn load(gw: &Gateway, headers_in: &HeaderMap, id: &str) -> Result<BatchDoc, ApiError> {
@@ -162,11 +235,26 @@ async fn load(gw: &Gateway, headers_in: &HeaderMap, id: &str) -> Result<BatchDoc
 
 /// `GET /v1/batches/{id}`: counts by status and the batch's state
 /// (`in_progress` until every line is finished, then `completed`).
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}",
+    tag = "batches",
+    operation_id = "getBatch",
+    summary = "Counts by status and the batch's state",
+    params(BatchId),
+    responses(
+        (status = 200, body = BatchStatus, description = "The batch"),
+        (status = 401, response = E401),
+        (status = 404, response = E404),
+        (status = 500, response = E500),
+        (status = 503, response = E503),
+    ),
+)]
 pub(super) async fn status(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    Path(BatchId { id }): Path<BatchId>,
+) -> Result<Json<BatchStatus>, ApiError> {
     let doc = load(&gw, &headers_in, &id).await?;
     let ids: Vec<String> = doc.lines.iter().map(|l| l.job_id.clone()).collect();
     let mut counts: BTreeMap<&str, usize> = JobStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
@@ -178,26 +266,41 @@ pub(super) async fn status(
         }
     }
     let open = counts["queued"] + counts["running"];
-    Ok(Json(json!({
-        "id": doc.id,
-        "tenant": doc.tenant,
-        "created_at": doc.created_at,
-        "status": if open == 0 { "completed" } else { "in_progress" },
-        "total": doc.lines.len(),
-        "counts": counts,
-        // Records past their TTL in the store.
-        "missing": missing,
-        "results_url": format!("/v1/batches/{}/results", doc.id),
-    })))
+    Ok(Json(BatchStatus {
+        results_url: format!("/v1/batches/{}/results", doc.id),
+        id: doc.id,
+        tenant: doc.tenant,
+        created_at: doc.created_at,
+        status: if open == 0 { BatchState::Completed } else { BatchState::InProgress },
+        total: doc.lines.len(),
+        counts,
+        missing,
+    }))
 }
 
 /// `GET /v1/batches/{id}/results`: one JSONL line per batch line, in order,
 /// with `custom_id`, status and output or error (unfinished lines too, so a
 /// client sees what is still open).
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}/results",
+    tag = "batches",
+    operation_id = "getBatchResults",
+    summary = "One JSONL line per batch line: custom_id, job_id, status, output or error",
+    params(BatchId),
+    responses(
+        (status = 200, body = String, content_type = "application/x-ndjson",
+            description = "JSONL, one line per batch line in order: custom_id, job_id, status (`unknown` past the store's TTL), model_version, output or error"),
+        (status = 401, response = E401),
+        (status = 404, response = E404),
+        (status = 500, response = E500),
+        (status = 503, response = E503),
+    ),
+)]
 pub(super) async fn results(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
-    Path(id): Path<String>,
+    Path(BatchId { id }): Path<BatchId>,
 ) -> Result<Response, ApiError> {
     let doc = load(&gw, &headers_in, &id).await?;
     let store = gw.store.clone();

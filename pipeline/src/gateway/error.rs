@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 use sluice_schemas::{ErrorCode, JobStatus};
 use sluice_sql::QueryError;
 
@@ -56,13 +56,29 @@ pub enum ApiError {
     Sql(#[from] QueryError),
 }
 
+/// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct ErrorDetail {
+    /// Stable and machine-readable (`not_found`, `rate_limited`, ...): see
+    /// README's table of statuses and codes.
+    code: &'static str,
+    /// For humans; may change between versions.
+    message: String,
+}
+
 fn secs(d: Duration) -> u64 {
     d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 impl ApiError {
     /// `(HTTP status, stable code)` — the only place either is decided.
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub(super) fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::EmptyBody(_) | ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -90,6 +106,80 @@ impl ApiError {
         }
     }
 
+    /// One error of every kind, and of every status and code a kind can
+    /// have: what README's table and the OpenAPI document are checked
+    /// against.
+    #[cfg(test)]
+    pub(super) fn examples() -> Vec<ApiError> {
+        let produce = |retryable| KafkaError::Produce { topic: "t".into(), message: "m".into(), retryable };
+        let invalid = |code| ApiError::Invalid { code, message: "m".into() };
+        let wait = Duration::from_secs(1);
+        let all = vec![
+            ApiError::EmptyBody("a body"),
+            ApiError::InvalidJson("m".into()),
+            ApiError::PayloadTooLarge(1),
+            ApiError::TooManyItems { given: 2, limit: 1 },
+            // The job-level codes the gateway answers with (see jobs.rs,
+            // batches.rs and the catalog's check).
+            invalid(ErrorCode::InvalidJson),
+            invalid(ErrorCode::SchemaViolation),
+            invalid(ErrorCode::UnknownModel),
+            invalid(ErrorCode::InvalidInput),
+            invalid(ErrorCode::InputTooLong),
+            ApiError::Unauthorized,
+            ApiError::TenantMismatch { given: "t".into() },
+            ApiError::JobIdInUse("j".into()),
+            ApiError::NotFound("j".into()),
+            ApiError::BatchNotFound("b".into()),
+            ApiError::NoRoute("/".into()),
+            ApiError::Finished(JobStatus::Succeeded),
+            ApiError::RateLimited { tenant: "t".into(), retry_after: wait },
+            ApiError::Overloaded { why: "m".into(), retry_after: wait },
+            ApiError::Kafka(produce(true)),
+            ApiError::Kafka(produce(false)),
+            ApiError::Store(StoreError::Unavailable("m".into())),
+            ApiError::Store(StoreError::Corrupt { job_id: "j".into(), message: "m".into() }),
+            ApiError::SqlNotConfigured,
+            ApiError::Sql(QueryError::Invalid("m".into())),
+            ApiError::Sql(QueryError::ReadOnly("m".into())),
+            ApiError::Sql(QueryError::Timeout(wait)),
+            ApiError::Sql(QueryError::Unavailable("m".into())),
+            ApiError::Sql(QueryError::Execution("m".into())),
+            ApiError::Sql(QueryError::Setup("m".into())),
+        ];
+        for e in &all {
+            // No wildcard: a new variant does not compile until it is
+            // matched here, and then given examples above.
+            match e {
+                ApiError::EmptyBody(_)
+                | ApiError::InvalidJson(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::TooManyItems { .. }
+                | ApiError::Invalid { .. }
+                | ApiError::Unauthorized
+                | ApiError::TenantMismatch { .. }
+                | ApiError::JobIdInUse(_)
+                | ApiError::NotFound(_)
+                | ApiError::BatchNotFound(_)
+                | ApiError::NoRoute(_)
+                | ApiError::Finished(_)
+                | ApiError::RateLimited { .. }
+                | ApiError::Overloaded { .. }
+                | ApiError::Kafka(_)
+                | ApiError::Store(_)
+                | ApiError::SqlNotConfigured
+                | ApiError::Sql(_) => {}
+            }
+        }
+        all
+    }
+
+    /// Every HTTP status an `ApiError` answers with.
+    #[cfg(test)]
+    pub(super) fn statuses() -> std::collections::BTreeSet<u16> {
+        ApiError::examples().iter().map(|e| e.status_and_code().0.as_u16()).collect()
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::RateLimited { retry_after, .. } | ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
@@ -109,7 +199,8 @@ impl IntoResponse for ApiError {
             metrics::counter!("sluice_rate_limited_total").increment(1);
         }
         let retry_after = self.retry_after();
-        let mut resp = (status, Json(json!({"error": {"code": code, "message": self.to_string()}}))).into_response();
+        let body = ErrorBody { error: ErrorDetail { code, message: self.to_string() } };
+        let mut resp = (status, Json(body)).into_response();
         if let Some(d) = retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs(d)));
         }

@@ -12,19 +12,72 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sluice_schemas::{ErrorCode, JobRequest, JobResult, headers, topics, valid_job_id};
+use sluice_schemas::{ErrorCode, JobRequest, JobResult, JobStatus, headers, topics, valid_job_id};
 use tokio::sync::{mpsc, oneshot};
 
 use super::auth::Caller;
+use super::openapi::{E400, E401, E403, E404, E409, E413, E422, E429, E500, E503, Submission};
 use super::{ApiError, Gateway};
 use crate::shutdown::Shutdown;
 use crate::store::{Cancel, Create};
 
+/// The answer for a job that was just queued.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Accepted {
+    job_id: String,
+    /// Always `queued`.
+    status: JobStatus,
+    model: String,
+    /// Where to read the job (`GET`, with `?wait=` to long-poll).
+    poll_url: String,
+}
+
+/// The answer to an array: one entry per item, in order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct AcceptedJobs {
+    /// An `Accepted` for a job just queued; the job's record (a `JobResult`
+    /// with `poll_url`) for a client-given `job_id` that exists already.
+    #[schema(value_type = Vec<Object>)]
+    jobs: Vec<Value>,
+}
+
+/// The 202 answer of `POST /v1/jobs`: for one job, or for an array.
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // a description only: the handler builds the two shapes
+pub(super) enum Submitted {
+    One(Accepted),
+    Many(AcceptedJobs),
+}
+
 /// `POST /v1/jobs`: one job (an object) or several (an array, all checked
 /// before any is accepted). A job whose client-given `job_id` exists already
 /// is not submitted again: its current record is returned (200).
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    operation_id = "submitJobs",
+    summary = "Submit one job (an object) or several (an array; all are checked before any is accepted)",
+    request_body(content = Submission, content_type = "application/json"),
+    responses(
+        (status = 202, body = Submitted, description = "Accepted: queued. One job: its id and poll URL (Location header too). An array: {\"jobs\": [...]}.",
+            headers(("Location" = String, description = "The poll URL (one job only)"))),
+        (status = 200, body = JobResult, description = "A job with this client-given job_id exists already: its current record, with `poll_url` (nothing is submitted again).",
+            headers(("Location" = String, description = "The poll URL"))),
+        (status = 400, response = E400),
+        (status = 401, response = E401),
+        (status = 403, response = E403),
+        (status = 409, response = E409),
+        (status = 413, response = E413),
+        (status = 422, response = E422),
+        (status = 429, response = E429),
+        (status = 500, response = E500),
+        (status = 503, response = E503),
+    ),
+)]
 pub(super) async fn submit(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
@@ -72,7 +125,7 @@ pub(super) async fn submit(
         return Ok((status, [(header::LOCATION, location)], Json(body)).into_response());
     }
     let jobs: Vec<Value> = answers.into_iter().map(|(_, body)| body).collect();
-    Ok((StatusCode::ACCEPTED, Json(json!({ "jobs": jobs }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(AcceptedJobs { jobs })).into_response())
 }
 
 fn at_index(e: ApiError, single: bool, i: usize) -> ApiError {
@@ -164,25 +217,56 @@ impl Gateway {
             return Err(e.into());
         }
         metrics::counter!("sluice_jobs_submitted_total", "model" => req.model.clone()).increment(1);
-        Ok((true, json!({"job_id": req.job_id, "status": "queued", "model": req.model, "poll_url": poll_url})))
+        let accepted =
+            Accepted { job_id: req.job_id.clone(), status: JobStatus::Queued, model: req.model.clone(), poll_url };
+        Ok((true, serde_json::to_value(accepted).expect("Accepted serialises. This is a bug.")))
     }
 }
 
-#[derive(Deserialize)]
+/// The query of `GET /v1/jobs/{id}`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReadQuery {
-    /// Seconds to wait for the job to finish (long-poll).
+    /// Seconds to wait for the job to finish (long-poll; capped by
+    /// `gateway.max_wait_secs`).
+    #[param(minimum = 0, maximum = 3600)]
     wait: Option<f64>,
+}
+
+/// The `{id}` of `/v1/jobs/{id}`: an unknown or malformed id is a 404.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(super) struct JobId {
+    /// The job's id.
+    #[param(pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
+    id: String,
 }
 
 /// `GET /v1/jobs/{id}[?wait=SECONDS]`: the job's record; with `wait`, held
 /// until the job finishes or the time is up (woken by a completion notice,
 /// not by polling). An id with no record yet (a job published straight to
 /// Kafka) is waited for too, and is a 404 only when the time is up.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    operation_id = "getJob",
+    summary = "A job's status and result; `wait` holds the request until the job finishes (long-poll)",
+    params(JobId, ReadQuery),
+    responses(
+        (status = 200, body = JobResult, description = "The job's record"),
+        (status = 401, response = E401),
+        (status = 404, response = E404),
+        (status = 422, response = E422),
+        (status = 500, response = E500),
+        (status = 503, response = E503),
+    ),
+)]
 pub(super) async fn read(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
-    Path(id): Path<String>,
+    Path(JobId { id }): Path<JobId>,
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<JobResult>, ApiError> {
     let caller = gw.keys.authenticate(&headers_in)?;
@@ -246,10 +330,26 @@ pub(super) async fn read(
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a job that has not finished.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    operation_id = "cancelJob",
+    summary = "Cancel a job that has not finished",
+    params(JobId),
+    responses(
+        (status = 200, body = JobResult, description = "Cancelled: the job's record"),
+        (status = 401, response = E401),
+        (status = 404, response = E404),
+        (status = 409, response = E409),
+        (status = 500, response = E500),
+        (status = 503, response = E503),
+    ),
+)]
 pub(super) async fn cancel(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
-    Path(id): Path<String>,
+    Path(JobId { id }): Path<JobId>,
 ) -> Result<Json<JobResult>, ApiError> {
     let caller = gw.keys.authenticate(&headers_in)?;
     if !valid_job_id(&id) {

@@ -12,33 +12,89 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sluice_sql::Scope;
 
+use super::openapi::{E400, E401, E403, E413, E500, E501, E503, E504};
 use super::{ApiError, Gateway};
 
 /// The request body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = SqlQuery)]
 #[serde(deny_unknown_fields)]
-struct SqlRequest {
+pub(super) struct SqlRequest {
+    /// One SELECT (or WITH … SELECT, EXPLAIN) statement; at most
+    /// `sql.max_query_bytes` bytes.
     query: String,
     #[serde(default)]
     format: Format,
-    /// Open mode only: restrict the query to this tenant's rows.
+    /// Open mode only: restrict the query to this tenant's rows. With an API
+    /// key it must be the key's tenant.
     #[serde(default)]
     tenant: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize, Clone, Copy)]
+/// How the rows come back.
+#[derive(Debug, Default, Deserialize, Clone, Copy, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
-enum Format {
+pub(super) enum Format {
     #[default]
     Json,
     Csv,
     Arrow,
 }
 
+/// The JSON answer (`"format": "json"`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = SqlAnswer)]
+pub(super) struct SqlAnswer {
+    columns: Vec<Column>,
+    /// One object per row, keyed by column name.
+    #[schema(value_type = Vec<Object>)]
+    rows: Value,
+    row_count: usize,
+    /// More rows existed than `sql.max_rows`.
+    truncated: bool,
+    elapsed_ms: u64,
+}
+
+/// A column of a [`SqlAnswer`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Column {
+    name: String,
+    /// The Arrow data type, e.g. `Utf8`, `Int64`.
+    #[serde(rename = "type")]
+    data_type: String,
+}
+
+/// `POST /v1/sql`: a read-only query, answered as JSON, CSV or Arrow IPC.
+#[utoipa::path(
+    post,
+    path = "/v1/sql",
+    tag = "sql",
+    operation_id = "querySql",
+    summary = "Run a read-only SQL query over the results lake (`results`) and the SQL shards (`shards`)",
+    description = "DataFusion SQL. Statements that write (DDL, DML, COPY, SET) are refused with 403 `read_only`. A caller with an API key sees only its tenant's rows; in open mode the body may name `tenant`. Answers are cut at `sql.max_rows` rows (`truncated`, and the `Sluice-Truncated` header) and queries stop at `sql.timeout_ms` (504 `query_timeout`).",
+    request_body = SqlRequest,
+    responses(
+        (status = 200, description = "The answer, in the requested format",
+            headers(("Sluice-Truncated" = String, description = "`true` when rows were cut at `sql.max_rows`, else `false`")),
+            content(
+                (SqlAnswer = "application/json"),
+                (String = "text/csv"),
+                (String = "application/vnd.apache.arrow.stream"),
+            )),
+        (status = 400, response = E400),
+        (status = 401, response = E401),
+        (status = 403, response = E403),
+        (status = 413, response = E413),
+        (status = 500, response = E500),
+        (status = 501, response = E501),
+        (status = 503, response = E503),
+        (status = 504, response = E504),
+    ),
+)]
 pub(super) async fn query(
     State(gw): State<Gateway>,
     headers: HeaderMap,
@@ -70,13 +126,18 @@ pub(super) async fn query(
     metrics::histogram!("sluice_sql_query_seconds").record(answer.elapsed.as_secs_f64());
     let truncated = HeaderValue::from_static(if answer.truncated { "true" } else { "false" });
     let mut resp = match req.format {
-        Format::Json => Json(json!({
-            "columns": answer.schema.fields().iter().map(|f| json!({"name": f.name(), "type": f.data_type().to_string()})).collect::<Vec<_>>(),
-            "rows": answer.to_json_rows()?,
-            "row_count": answer.rows,
-            "truncated": answer.truncated,
-            "elapsed_ms": answer.elapsed.as_millis() as u64,
-        }))
+        Format::Json => Json(SqlAnswer {
+            columns: answer
+                .schema
+                .fields()
+                .iter()
+                .map(|f| Column { name: f.name().clone(), data_type: f.data_type().to_string() })
+                .collect(),
+            rows: answer.to_json_rows()?,
+            row_count: answer.rows,
+            truncated: answer.truncated,
+            elapsed_ms: answer.elapsed.as_millis() as u64,
+        })
         .into_response(),
         Format::Csv => ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], answer.to_csv()?).into_response(),
         Format::Arrow => {

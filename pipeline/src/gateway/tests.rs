@@ -1,0 +1,179 @@
+//! The router and the generated document, checked against each other over
+//! HTTP; the statuses the document and README name, against [`ApiError`]'s.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use super::*;
+use crate::config::Config;
+use crate::shutdown;
+
+/// `(path, method)` of every operation in `doc`, methods in lower case.
+fn operations(doc: &Value) -> BTreeSet<(String, String)> {
+    let paths = doc["paths"].as_object().expect("the document has paths");
+    paths
+        .iter()
+        .flat_map(|(path, item)| {
+            let item = item.as_object().expect("a path item is an object");
+            item.keys().filter(|k| METHODS.contains(&k.as_str())).map(move |m| (path.clone(), m.clone()))
+        })
+        .collect()
+}
+
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+fn document() -> Value {
+    serde_json::to_value(openapi()).expect("the document serialises")
+}
+
+/// A gateway in open mode on port 0: in-process store, no models, no SQL,
+/// and a Kafka producer that never reaches a broker (no request here gets
+/// that far except `/readyz`, which reports Kafka down).
+async fn serve_gateway() -> (String, shutdown::Trigger, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let cfg = Config::load(None, serde_json::json!({})).expect("the default configuration loads");
+    let producer = crate::kafka::Producer::new("127.0.0.1:1", "gateway-test", Duration::from_millis(200))
+        .expect("a producer is made without connecting");
+    let models = std::env::temp_dir().join(format!("sluice-gateway-test-{}", std::process::id()));
+    std::fs::create_dir_all(&models).expect("temp dir");
+    let catalog = ModelCatalog::load(sluice_workers::ModelRepository::new(&models), Vec::new()).expect("empty catalog");
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let gateway = Gateway::new(producer, Store::memory(&cfg.store()), Arc::new(catalog), cfg.gateway(), metrics);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let base = format!("http://{}", listener.local_addr().expect("bound"));
+    let (trigger, shutdown) = shutdown::channel();
+    let server = tokio::spawn(serve(listener, gateway.router(), shutdown));
+    (base, trigger, server)
+}
+
+/// Every documented operation is routed (it answers neither 405 nor
+/// `no_route`), and on a documented path no undocumented method is routed
+/// (405). With the routes declared once for both (see `routes`), nothing
+/// else can be routed; this checks that the declaration holds together, and
+/// that `/openapi.json` serves exactly [`openapi`].
+#[tokio::test]
+async fn every_documented_route_is_routed_and_no_other_method_is() {
+    let doc = document();
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")), "OpenAPI 3.1: {}", doc["openapi"]);
+    let documented = operations(&doc);
+    assert!(documented.len() >= 11, "the document describes the routes: {documented:?}");
+
+    let (base, trigger, server) = serve_gateway().await;
+    let client = reqwest::Client::new();
+    let call = |method: &str, path: &str| {
+        let concrete = path.replace("{id}", "no-such-id");
+        let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("a method");
+        let request = client.request(method, format!("{base}{concrete}")).body("{}");
+        async move {
+            let response = request.send().await.expect("the gateway answers");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    let paths: BTreeSet<&String> = documented.iter().map(|(p, _)| p).collect();
+    for path in paths {
+        for method in METHODS {
+            let (status, body) = call(method, path).await;
+            if documented.contains(&(path.clone(), method.to_owned())) {
+                assert_ne!(status, 405, "{method} {path} is documented, so it is routed");
+                assert_ne!(body["error"]["code"], "no_route", "{method} {path} is documented, so it is routed");
+            } else {
+                assert_eq!(status, 405, "{method} {path} is not documented, so it is not routed: {body}");
+            }
+        }
+    }
+    assert_eq!(call("get", "/v1/no-such-route").await.1["error"]["code"], "no_route");
+    let served = client.get(format!("{base}/openapi.json")).send().await.expect("served");
+    assert_eq!(served.headers()[header::CONTENT_TYPE], "application/json");
+    assert_eq!(served.json::<Value>().await.expect("JSON"), doc, "the served document is the generated one");
+
+    trigger.fire();
+    server.await.expect("the server task ends").expect("the server stops cleanly");
+}
+
+/// Each error response of the document is a status [`ApiError`] answers
+/// with, and refers to the one error body schema.
+#[test]
+fn every_error_response_of_the_document_is_an_api_error() {
+    let statuses = ApiError::statuses();
+    let doc = document();
+    let shared = &doc["components"]["responses"];
+    for (path, method) in operations(&doc) {
+        let responses = doc["paths"][&path][&method]["responses"].as_object().expect("responses");
+        assert!(responses.keys().any(|s| s.starts_with('2')), "{method} {path} documents its success");
+        for (status, response) in responses {
+            let code: u16 = status.parse().expect("a numeric status");
+            if code < 400 {
+                continue;
+            }
+            assert!(statuses.contains(&code), "{method} {path}: {code} is not a status of ApiError ({statuses:?})");
+            if path == "/readyz" {
+                continue; // the readiness report, not an ApiError
+            }
+            let reference = response["$ref"].as_str().expect("error responses are shared components");
+            let name = reference.trim_start_matches("#/components/responses/");
+            assert_eq!(name, format!("E{code}"), "{method} {path}");
+            let schema = &shared[name]["content"]["application/json"]["schema"]["$ref"];
+            assert_eq!(schema, "#/components/schemas/ErrorBody", "{name}");
+        }
+    }
+    let body = &doc["components"]["schemas"]["ErrorBody"];
+    assert_eq!(body["required"], serde_json::json!(["error"]), "{body}");
+}
+
+/// The document keeps what the hand-written one said: security, the
+/// open operational routes, the job submission's optional fields.
+#[test]
+fn the_document_states_security_and_what_the_gateway_fills_in() {
+    let doc = document();
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert_eq!(
+        (schemes["apiKey"]["in"].as_str(), schemes["apiKey"]["name"].as_str()),
+        (Some("header"), Some("X-API-Key"))
+    );
+    assert_eq!(doc["security"], serde_json::json!([{"bearer": []}, {"apiKey": []}, {}]));
+    for open in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(doc["paths"][open]["get"]["security"], serde_json::json!([{}]), "{open} needs no key");
+    }
+    let schemas = &doc["components"]["schemas"];
+    let required = |name: &str| -> BTreeSet<String> {
+        let list = schemas[name]["required"].as_array().unwrap_or_else(|| panic!("{name} has required fields"));
+        list.iter().map(|v| v.as_str().expect("a field name").to_owned()).collect()
+    };
+    assert_eq!(required("JobSubmission"), ["input", "model"].map(String::from).into());
+    for name in ["JobResult", "Input", "Tensor", "Output", "JobStatus", "ErrorCode", "Batch", "SqlQuery", "SqlAnswer"] {
+        assert!(schemas.get(name).is_some(), "{name} is a component");
+    }
+    let wait = &doc["paths"]["/v1/jobs/{id}"]["get"]["parameters"];
+    assert!(wait.as_array().expect("parameters").iter().any(|p| p["name"] == "wait" && p["in"] == "query"), "{wait}");
+}
+
+/// README's table of error statuses (`| status | code(s) | when |`) names
+/// exactly the statuses [`ApiError`] answers with, and each code on the row
+/// of its status.
+#[test]
+fn the_readme_lists_exactly_the_statuses_and_codes_of_api_error() {
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let table = readme
+        .split_once("| status | code(s) | when |")
+        .expect("README has the table of error statuses")
+        .1
+        .lines()
+        .skip(2) // the rest of the header line, and the separator
+        .take_while(|l| l.starts_with('|'));
+    let mut rows: BTreeMap<u16, String> = BTreeMap::new();
+    for line in table {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let status = cells[1].parse().unwrap_or_else(|_| panic!("a status in the first column: {line}"));
+        assert!(rows.insert(status, cells[2].to_owned()).is_none(), "{status} appears once");
+    }
+    let statuses: BTreeSet<u16> = rows.keys().copied().collect();
+    assert_eq!(statuses, ApiError::statuses(), "README's statuses are ApiError's");
+    for e in ApiError::examples() {
+        let (status, code) = e.status_and_code();
+        let row = &rows[&status.as_u16()];
+        assert!(row.contains(&format!("`{code}`")), "README's {status} row names `{code}`: {row}");
+    }
+}
