@@ -200,7 +200,12 @@ impl Sluice {
 
         // Workers: one consumer group per model.
         if let Some(pool) = &pool {
-            let producer = Producer::new(&bootstrap, &worker_cfg.worker_id, cfg.publish_timeout())?;
+            let producer = Producer::with_max_message_bytes(
+                &bootstrap,
+                &worker_cfg.worker_id,
+                cfg.publish_timeout(),
+                cfg.kafka.max_message_bytes,
+            )?;
             ops = Some(Ops::new(metrics.clone(), producer.clone()).with_store(store.clone()).with_models(pool.clone()));
             for name in &names {
                 let group = format!("{prefix}.workers.{name}");
@@ -304,7 +309,12 @@ impl Sluice {
             let listener =
                 TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
             http_addr = listener.local_addr().ok();
-            let producer = Producer::new(&bootstrap, "sluice-gateway", cfg.produce_timeout())?;
+            let producer = Producer::with_max_message_bytes(
+                &bootstrap,
+                "sluice-gateway",
+                cfg.produce_timeout(),
+                cfg.kafka.max_message_bytes,
+            )?;
             let mut gateway = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), metrics.clone());
             if lake_dir.is_some() || !shard_urls.is_empty() {
                 let sources = Sources { lake: lake_dir.clone(), shards: shard_urls.clone() };

@@ -88,6 +88,7 @@ pub struct KafkaSection {
     pub embedded_listen: String,
     pub replication: i32,
     pub produce_timeout_ms: u64,
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ pub mod kafka;
 mod offsets;
 pub mod ops;
 pub mod publish;
+pub mod retry;
 pub mod shutdown;
 pub mod sinks;
 pub mod store;

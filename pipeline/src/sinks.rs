@@ -28,6 +28,7 @@ use sluice_schemas::results_table::ResultRow;
 use sluice_sql::{Lake, LakeError, ShardError, ShardSet};
 
 use crate::kafka::{Consumer, KafkaError, RebalanceHooks, Record};
+use crate::retry::{Attempts, Backoff, GaveUp, Retryable};
 use crate::shutdown::Shutdown;
 
 /// What stops a sink.
@@ -252,7 +253,25 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
-/// Flushes until it works; `false` if `shutdown` came first.
+impl Retryable for SinkError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            SinkError::Kafka(e) => e.is_retryable(),
+            // A full or read-only disk can be fixed while the sink waits.
+            SinkError::Lake(LakeError::Io { .. } | LakeError::Parquet { .. }) => true,
+            SinkError::Lake(LakeError::Arrow(_) | LakeError::Corrupt(_)) => false,
+            SinkError::Shard(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// Flushes until it works (offsets stay uncommitted meanwhile); `false` if
+/// `shutdown` came first. Retryable failures back off from `retry_initial`
+/// to `retry_max`. A result has nowhere else to go, so even a failure that
+/// retrying cannot fix (a damaged lake, a shard refusing the schema) holds
+/// the batch rather than skip it: it is logged as an error, counted with
+/// `retryable="false"`, and tried again every `retry_max` until an operator
+/// fixes the destination.
 async fn flush_with_retry<D: Destination>(
     dest: &mut D,
     batch: &Batch,
@@ -260,10 +279,12 @@ async fn flush_with_retry<D: Destination>(
     shutdown: &mut Shutdown,
 ) -> bool {
     let name = dest.name();
-    let mut delay = cfg.retry_initial;
+    let backoff = Backoff { initial: cfg.retry_initial, max: cfg.retry_max };
+    let shutdown = shutdown.clone();
+    let mut attempts = Attempts::new("sink flush", backoff, &shutdown);
     loop {
         let started = Instant::now();
-        match dest.flush(batch).await {
+        let e = match dest.flush(batch).await {
             Ok(()) => {
                 metrics::histogram!("sluice_sink_flush_seconds", "sink" => name)
                     .record(started.elapsed().as_secs_f64());
@@ -271,14 +292,20 @@ async fn flush_with_retry<D: Destination>(
                 metrics::counter!("sluice_sink_flushes_total", "sink" => name).increment(1);
                 return true;
             }
-            Err(e) => {
-                metrics::counter!("sluice_sink_flush_failures_total", "sink" => name).increment(1);
-                tracing::warn!(sink = name, error = %e, retry_in = ?delay, "flush failed; retrying (offsets stay uncommitted)");
+            Err(e) => e,
+        };
+        metrics::counter!("sluice_sink_flush_failures_total", "sink" => name, "retryable" => e.is_retryable().to_string())
+            .increment(1);
+        match attempts.failed(e).await {
+            Ok(()) => {}
+            Err(GaveUp::Shutdown) => return false,
+            Err(GaveUp::Permanent(e)) => {
+                tracing::error!(sink = name, error = %e, retry_in = ?cfg.retry_max, "flush refused; holding the batch (offsets stay uncommitted)");
+                let mut shutdown = shutdown.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(cfg.retry_max) => {}
                     _ = shutdown.wait() => return false,
                 }
-                delay = (delay * 2).min(cfg.retry_max);
             }
         }
     }
@@ -387,7 +414,7 @@ impl Destination for ShardSink {
             match r {
                 Ok(_) => self.done[i] = true,
                 Err(e) => {
-                    if !e.is_transient() {
+                    if !e.is_retryable() {
                         tracing::error!(shard = i, error = %e, "shard write failed and retrying may not help");
                     }
                     first_error.get_or_insert(e);

@@ -39,8 +39,10 @@ use tracing::Instrument;
 
 use crate::kafka::{Consumer, KafkaError, Producer, RebalanceHooks, Record};
 use crate::offsets::OffsetTracker;
+use crate::retry::{Backoff, GaveUp, Retryable, retry};
 use crate::shutdown::Shutdown;
 use crate::store::{Put, Store};
+use Unfinished::Abandoned;
 
 /// Settings of one worker.
 #[derive(Debug, Clone)]
@@ -202,8 +204,17 @@ impl Drop for InFlightBytes {
 /// `max.poll.interval.ms`, 300 s by default, must never pass unpolled).
 const HELD_PAUSE_AFTER: Duration = Duration::from_secs(5);
 
-/// A record given up on during shutdown: its offset stays uncommitted.
-struct Abandoned;
+/// Why a record's effects did not all happen.
+enum Unfinished {
+    /// Given up on during shutdown: its offset stays uncommitted, and the
+    /// record is redelivered.
+    Abandoned,
+    /// The broker or the store refused an effect for good (a result larger
+    /// than the topic accepts, a corrupt stored record): retrying cannot
+    /// help, so the record is dead-lettered with the reason instead of
+    /// holding its partition.
+    Refused { what: &'static str, error: String },
+}
 
 impl Worker {
     /// Consumes until `shutdown` fires, then drains and commits.
@@ -333,7 +344,7 @@ impl Worker {
                             async move {
                                 let _share = share;
                                 let at = (rec.topic.clone(), rec.partition, rec.offset);
-                                ctx.process(rec).await.ok().map(|()| at)
+                                ctx.settle(&rec).await.ok().map(|()| at)
                             }
                             .instrument(span),
                         );
@@ -342,7 +353,7 @@ impl Worker {
                     Err(e) => {
                         consume_errors += 1;
                         tracing::warn!(error = %e, "consumer error");
-                        tokio::time::sleep(backoff(consume_errors)).await;
+                        tokio::time::sleep(Backoff::DEFAULT.delay(consume_errors)).await;
                     }
                 },
             }
@@ -386,10 +397,6 @@ fn commit(consumer: &Consumer, tracker: &SharedTracker) {
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((50u64 << attempt.min(6)).min(2_000))
-}
-
 /// Cache key: model, version and a digest of the input's canonical JSON.
 fn cache_key(model: &str, version: &str, req: &JobRequest) -> String {
     let input = serde_json::to_vec(&req.input).expect("Input serialises. This is a bug.");
@@ -412,7 +419,28 @@ enum Ran {
 impl Ctx {
     /// Turns one record into its effects. `Err` only when shutdown stopped
     /// the work before its effects were durable.
-    async fn process(&self, rec: Record) -> Result<(), Abandoned> {
+    /// [`Ctx::process`], then, if an effect was refused for good, the record
+    /// dead-lettered (code `internal`, the refusal as the message) so that
+    /// its offset can be committed. `Err` only at shutdown.
+    async fn settle(&self, rec: &Record) -> Result<(), Unfinished> {
+        let (what, error) = match self.process(rec).await {
+            Err(Unfinished::Refused { what, error }) => (what, error),
+            done => return done,
+        };
+        let message = format!("{what} refused for good: {error}");
+        match self.dead_letter(rec, ErrorCode::Internal, &message).await {
+            Err(Unfinished::Refused { error, .. }) => {
+                // Nowhere left to put it: say so loudly and move on rather
+                // than stop the partition.
+                metrics::counter!("sluice_dead_letter_failures_total").increment(1);
+                tracing::error!(%message, dead_letter_error = %error, "record dropped: dead-lettering was refused too");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn process(&self, rec: &Record) -> Result<(), Unfinished> {
         let started = Instant::now();
         let req = match JobRequest::decode(&rec.payload) {
             Ok(req) => req,
@@ -421,13 +449,13 @@ impl Ctx {
                     tracing::Span::current().record("job_id", id.as_str());
                 }
                 let job_id = e.job_id.clone();
-                return self.reject(&rec, None, job_id, e.code, e.message).await;
+                return self.reject(rec, None, job_id, e.code, e.message).await;
             }
         };
         tracing::Span::current().record("job_id", req.job_id.as_str());
         let engine = match self.pool.route(&req) {
             Ok(e) => e,
-            Err((code, msg)) => return self.reject(&rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
+            Err((code, msg)) => return self.reject(rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
         };
         let submitted = req.submitted_at.or(rec.timestamp);
         let now = Utc::now();
@@ -522,13 +550,13 @@ impl Ctx {
             }
             Ran::Expired => self.finish_job(expired(record, Utc::now()), inferred).await,
             Ran::Cancelled => self.publish_stored(&req.job_id).await,
-            Ran::BadInput(code, msg) => self.reject(&rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
+            Ran::BadInput(code, msg) => self.reject(rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
         }
     }
 
     /// Stores the `running` record; `true` when the job has finished or
     /// been cancelled already (a redelivery, or a cancel) and must not run.
-    async fn store_running(&self, record: &JobResult) -> Result<bool, Abandoned> {
+    async fn store_running(&self, record: &JobResult) -> Result<bool, Unfinished> {
         match self.durably("store running status", || self.store.put(record)).await? {
             Put::Written | Put::Kept(JobStatus::Queued | JobStatus::Running) => Ok(false),
             Put::Kept(done) => {
@@ -540,7 +568,7 @@ impl Ctx {
 
     /// Runs the job, retrying while its model is unhealthy (the job waits
     /// for the breaker) and up to `max_attempts` while it is healthy.
-    async fn infer(&self, req: &JobRequest, expires: Option<DateTime<Utc>>) -> Result<Ran, Abandoned> {
+    async fn infer(&self, req: &JobRequest, expires: Option<DateTime<Utc>>) -> Result<Ran, Unfinished> {
         let cancel = self.cancels.register(&req.job_id);
         let deadline = expires.map(|at| {
             let left = (at - Utc::now()).to_std().unwrap_or_default();
@@ -576,15 +604,15 @@ impl Ctx {
                 Err(WorkerError::InvalidInput(m) | WorkerError::Tokenizer(m)) => {
                     return Ok(Ran::BadInput(ErrorCode::InvalidInput, m));
                 }
-                Err(WorkerError::Closed | WorkerError::Overloaded { .. }) if !self.shutdown.is_triggered() => {
+                Err(e) if e.is_retryable() && !self.shutdown.is_triggered() => {
                     // The engine was replaced by a reload: route again.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(WorkerError::Closed | WorkerError::Overloaded { .. }) => return Err(Abandoned),
+                Err(e) if e.is_retryable() => return Err(Abandoned),
                 Err(e) => {
                     retried = true;
                     metrics::counter!("sluice_job_retries_total", "model" => req.model.clone()).increment(1);
-                    tokio::time::sleep(backoff(attempts + 2)).await;
+                    tokio::time::sleep(Backoff::DEFAULT.delay(attempts + 1)).await;
                     if self.pool.health(&req.model) == Some(BreakerState::Open) {
                         tracing::info!(error = %e, "model unhealthy; job waits for the circuit breaker");
                         self.wait_for_breaker(&req.model).await?;
@@ -599,7 +627,7 @@ impl Ctx {
         }
     }
 
-    async fn wait_for_breaker(&self, model: &str) -> Result<(), Abandoned> {
+    async fn wait_for_breaker(&self, model: &str) -> Result<(), Unfinished> {
         let mut shutdown = self.shutdown.clone();
         while self.pool.health(model) == Some(BreakerState::Open) {
             tokio::select! {
@@ -612,7 +640,7 @@ impl Ctx {
 
     /// Makes a terminal record durable: results store, results topic, mark.
     /// `since`: when the stage before storing began (for its timing).
-    async fn finish_job(&self, record: JobResult, since: Instant) -> Result<(), Abandoned> {
+    async fn finish_job(&self, record: JobResult, since: Instant) -> Result<(), Unfinished> {
         debug_assert!(record.validate().is_ok(), "{:?}", record.validate());
         // Encoded once, for the store and the results topic.
         let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
@@ -627,7 +655,7 @@ impl Ctx {
 
     /// Publishes the stored terminal record if nobody has yet (a crash
     /// between storing and publishing, or a cancel from the gateway).
-    async fn publish_stored(&self, job_id: &str) -> Result<(), Abandoned> {
+    async fn publish_stored(&self, job_id: &str) -> Result<(), Unfinished> {
         if let Some((record, published)) = self.durably("read stored result", || self.store.get_meta(job_id)).await?
             && record.status.is_terminal()
             && !published
@@ -640,7 +668,7 @@ impl Ctx {
 
     /// Publishes a stored terminal record (`json`: the record, serialised)
     /// and marks it published.
-    async fn publish(&self, record: &JobResult, json: &str, since: Instant) -> Result<(), Abandoned> {
+    async fn publish(&self, record: &JobResult, json: &str, since: Instant) -> Result<(), Unfinished> {
         let topic = topics::results(&self.cfg.topic_prefix);
         let hdrs = [(headers::TENANT, record.tenant.as_bytes())];
         self.durably("publish result", || {
@@ -664,8 +692,25 @@ impl Ctx {
         job_id: Option<String>,
         code: ErrorCode,
         message: String,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Unfinished> {
         tracing::info!(%code, %message, "dead-lettering record");
+        self.dead_letter(rec, code, &message).await?;
+        let Some(job_id) = job_id else { return Ok(()) };
+        let tenant =
+            req.map(|r| r.tenant.clone()).or_else(|| readable_tenant(rec)).unwrap_or_else(|| "unknown".to_owned());
+        let model = req.map(|r| r.model.clone()).unwrap_or_else(|| model_of_topic(&self.cfg.topic_prefix, &rec.topic));
+        let mut failed = JobResult::failed(job_id, tenant, model, code, message, Utc::now());
+        failed.worker_id = Some(self.cfg.worker_id.clone());
+        failed.submitted_at = req.and_then(|r| r.submitted_at).or(rec.timestamp);
+        if let Some(r) = req {
+            failed.metadata = r.metadata.clone();
+        }
+        self.finish_job(failed, Instant::now()).await
+    }
+
+    /// The record, as it came, on the dead-letter topic with `code` and
+    /// `message` in its headers.
+    async fn dead_letter(&self, rec: &Record, code: ErrorCode, message: &str) -> Result<(), Unfinished> {
         let partition = rec.partition.to_string();
         let offset = rec.offset.to_string();
         let mut hdrs: Vec<(&str, &[u8])> = rec
@@ -686,44 +731,22 @@ impl Ctx {
         self.durably("dead-letter record", || self.producer.send(&dlq, rec.key.as_deref(), &rec.payload, &hdrs))
             .await?;
         metrics::counter!("sluice_dead_lettered_total", "code" => code.as_str()).increment(1);
-
-        let Some(job_id) = job_id else { return Ok(()) };
-        let tenant =
-            req.map(|r| r.tenant.clone()).or_else(|| readable_tenant(rec)).unwrap_or_else(|| "unknown".to_owned());
-        let model = req.map(|r| r.model.clone()).unwrap_or_else(|| model_of_topic(&self.cfg.topic_prefix, &rec.topic));
-        let mut failed = JobResult::failed(job_id, tenant, model, code, message, Utc::now());
-        failed.worker_id = Some(self.cfg.worker_id.clone());
-        failed.submitted_at = req.and_then(|r| r.submitted_at).or(rec.timestamp);
-        if let Some(r) = req {
-            failed.metadata = r.metadata.clone();
-        }
-        self.finish_job(failed, Instant::now()).await
+        Ok(())
     }
 
-    /// Retries `op` with backoff until it succeeds or shutdown is requested.
-    async fn durably<T, E: std::fmt::Display, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Abandoned>
+    /// Runs `op` with [`retry`]: retryable failures are retried until it
+    /// succeeds or shutdown is requested ([`Abandoned`]); a permanent one is
+    /// [`Unfinished::Refused`].
+    async fn durably<T, E, F, Fut>(&self, what: &'static str, op: F) -> Result<T, Unfinished>
     where
+        E: Retryable + std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let mut attempt = 0;
-        loop {
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    attempt += 1;
-                    tracing::warn!(attempt, error = %e, "{what} failed; retrying");
-                    if self.shutdown.is_triggered() {
-                        return Err(Abandoned);
-                    }
-                    let mut shutdown = self.shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff(attempt)) => {}
-                        _ = shutdown.wait() => return Err(Abandoned),
-                    }
-                }
-            }
-        }
+        retry(what, Backoff::DEFAULT, &self.shutdown, op).await.map_err(|e| match e {
+            GaveUp::Shutdown => Abandoned,
+            GaveUp::Permanent(e) => Unfinished::Refused { what, error: e.to_string() },
+        })
     }
 }
 

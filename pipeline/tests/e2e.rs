@@ -353,6 +353,48 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
     h.stop().await;
 }
 
+/// A result the broker refuses for good (larger than `max_message_bytes`:
+/// librdkafka's MSG_SIZE_TOO_LARGE, which no retry fixes) does not hold its
+/// partition: the job's record is dead-lettered with code `internal` and the
+/// refusal, and the group commits past it. (Before, the worker retried the
+/// send until shutdown and the partition's commits stopped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_broker_refuses_for_good_is_dead_lettered_and_the_partition_moves_on() {
+    let prefix = unique_prefix("refused");
+    // MiniLM's result (384 floats as JSON, about 8 KB) is over the bound;
+    // the job records and their dead letters are well under it.
+    let mut h = Harness::start_with(prefix.clone(), true, json!({"kafka": {"max_message_bytes": 4096}})).await;
+    let n = 5;
+    let records = numbered_jobs("refused", n, "a sentence whose embedding is too large to publish");
+    let positions = h.produce(&h.jobs_topic(), Some(0), records).await;
+
+    let dlq = h.consume(&format!("{prefix}.dlq"), n, 60).await;
+    assert_eq!(dlq.len(), n, "every refused result is dead-lettered: {dlq:?}");
+    for (_, offset) in &positions {
+        let d = dlq
+            .iter()
+            .find(|d| d["headers"]["sluice.source.offset"].as_str() == Some(offset.to_string().as_str()))
+            .unwrap_or_else(|| panic!("no dead letter for offset {offset}: {dlq:?}"));
+        assert_eq!(d["headers"]["sluice.error.code"], "internal");
+        let message = d["headers"]["sluice.error.message"].as_str().unwrap();
+        assert!(message.contains("publish result refused for good"), "{message}");
+    }
+    // The group commits past them: the partition is not held.
+    let lag = sluice_pipeline::kafka::LagProbe::new(&h.brokers, &format!("{prefix}.workers.{MODEL}"), &h.jobs_topic())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lag.lag().await.unwrap_or(i64::MAX) != 0 {
+        assert!(Instant::now() < deadline, "the jobs' offsets are never committed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The result itself was stored before the send was refused: its
+    // client can still read it; only the results topic (and so the lake
+    // and shards) lacks it, which the dead letter records.
+    let body = h.wait_done("refused-0").await;
+    assert_eq!(body["status"], "succeeded", "{body}");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_error() {
     let mut h = Harness::start("rest", true).await;
@@ -1655,7 +1697,7 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
 /// the member on time but keeps it in the member list it hands the group's
 /// leader, so the survivor is given back only its own partitions and the
 /// killed member's stay unowned (reproduced with two confluent-kafka
-/// consumers; see ARCHITECTURE.md, "Brokers").
+/// consumers; see ARCHITECTURE.md, `kafka/`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_sink_member_is_dropped_from_its_group_within_the_session_timeout() {
     let prefix = unique_prefix("sinkgroup");

@@ -38,7 +38,7 @@ pub enum ShardError {
 impl ShardError {
     /// Whether retrying later can succeed (the shard is down or busy), as
     /// opposed to a problem with the data or the schema.
-    pub fn is_transient(&self) -> bool {
+    pub fn is_retryable(&self) -> bool {
         match self {
             ShardError::Config(_) => false,
             ShardError::Migrate { source, .. } => match source {

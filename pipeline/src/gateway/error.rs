@@ -10,6 +10,7 @@ use sluice_schemas::{ErrorCode, JobStatus};
 use sluice_sql::QueryError;
 
 use crate::kafka::KafkaError;
+use crate::retry::Retryable;
 use crate::store::StoreError;
 
 /// Everything a gateway request can fail with. The body is always

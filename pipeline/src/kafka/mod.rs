@@ -46,9 +46,8 @@ pub enum KafkaError {
     Metadata(String),
 }
 
-impl KafkaError {
-    /// Whether the same operation may succeed later.
-    pub fn is_retryable(&self) -> bool {
+impl crate::retry::Retryable for KafkaError {
+    fn is_retryable(&self) -> bool {
         match self {
             KafkaError::Produce { retryable, .. } => *retryable,
             KafkaError::Consume(_) | KafkaError::Commit(_) | KafkaError::Metadata(_) => true,
@@ -97,10 +96,24 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// Connects lazily to `brokers`.
+    /// Connects lazily to `brokers`; records up to librdkafka's default
+    /// `message.max.bytes` (1,000,000).
     pub fn new(brokers: &str, client_id: &str, timeout: Duration) -> Result<Producer, KafkaError> {
+        Self::with_max_message_bytes(brokers, client_id, timeout, 1_000_000)
+    }
+
+    /// [`Producer::new`] for records of at most `max_message_bytes` (keep it
+    /// at most the broker's `message.max.bytes`): a larger record fails at
+    /// once with a permanent [`KafkaError::Produce`], never retried.
+    pub fn with_max_message_bytes(
+        brokers: &str,
+        client_id: &str,
+        timeout: Duration,
+        max_message_bytes: usize,
+    ) -> Result<Producer, KafkaError> {
         let ms = timeout.as_millis().max(1).to_string();
         let inner: FutureProducer = base_config(brokers, client_id)
+            .set("message.max.bytes", max_message_bytes.clamp(1000, 1_000_000_000).to_string())
             .set("enable.idempotence", "true")
             // One request in flight per connection: tansu 0.6 (our test
             // broker) races on concurrent idempotent batches for one

@@ -36,6 +36,13 @@ pub enum StoreError {
     Corrupt { job_id: String, message: String },
 }
 
+impl crate::retry::Retryable for StoreError {
+    /// An unreachable store may come back; a corrupt record stays corrupt.
+    fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
 /// Outcome of a conditional [`Store::put`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {

@@ -72,6 +72,9 @@ return out
 const MAX_BATCH_WRITES: usize = 512;
 /// Most bytes of records in one script call; a larger record goes alone.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Delays between attempts to reconnect the notification channel.
+const RECONNECT: crate::retry::Backoff =
+    crate::retry::Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(3) };
 /// Writes waiting for the writer; callers wait when it is full (the worker's
 /// in-flight bound keeps them far below it).
 const WRITE_QUEUE: usize = 4096;
@@ -395,7 +398,7 @@ impl RedisStore {
                     Err(e) => tracing::warn!(error = %e, channel, "notification channel: cannot connect"),
                 }
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis((100u64 << attempt.min(5)).min(3_000))).await;
+                tokio::time::sleep(RECONNECT.delay(attempt)).await;
             }
         });
         rx
