@@ -152,7 +152,7 @@ fn decode(rec: &Record) -> Option<ResultRow> {
             None
         }
         Err(e) => {
-            metrics::counter!("sluice_sink_undecodable_total").increment(1);
+            metrics::counter!(sluice_schemas::metrics::SINK_UNDECODABLE.name).increment(1);
             tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e, "undecodable result record; skipped");
             None
         }
@@ -169,7 +169,7 @@ pub async fn run<D: Destination>(
     mut shutdown: Shutdown,
 ) -> Result<(), SinkError> {
     let name = dest.name();
-    let buffered = metrics::gauge!("sluice_sink_buffered_rows", "sink" => name);
+    let buffered = metrics::gauge!(sluice_schemas::metrics::SINK_BUFFERED_ROWS.name, "sink" => name);
     let mut batch = Batch::default();
     let mut resume: HashMap<(String, i32), i64> = HashMap::new();
     // A member holding no partition checks that its group is not wedged.
@@ -209,7 +209,7 @@ pub async fn run<D: Destination>(
                 }
             };
             if rec.offset < from {
-                metrics::counter!("sluice_sink_replayed_skipped_total", "sink" => name).increment(1);
+                metrics::counter!(sluice_schemas::metrics::SINK_REPLAYED_SKIPPED.name, "sink" => name).increment(1);
                 continue;
             }
             batch.push(&rec, decode(&rec));
@@ -286,15 +286,15 @@ async fn flush_with_retry<D: Destination>(
         let started = Instant::now();
         let e = match dest.flush(batch).await {
             Ok(()) => {
-                metrics::histogram!("sluice_sink_flush_seconds", "sink" => name)
+                metrics::histogram!(sluice_schemas::metrics::SINK_FLUSH_SECONDS.name, "sink" => name)
                     .record(started.elapsed().as_secs_f64());
-                metrics::counter!("sluice_sink_rows_total", "sink" => name).increment(batch.rows as u64);
-                metrics::counter!("sluice_sink_flushes_total", "sink" => name).increment(1);
+                metrics::counter!(sluice_schemas::metrics::SINK_ROWS.name, "sink" => name).increment(batch.rows as u64);
+                metrics::counter!(sluice_schemas::metrics::SINK_FLUSHES.name, "sink" => name).increment(1);
                 return true;
             }
             Err(e) => e,
         };
-        metrics::counter!("sluice_sink_flush_failures_total", "sink" => name, "retryable" => e.is_retryable().to_string())
+        metrics::counter!(sluice_schemas::metrics::SINK_FLUSH_FAILURES.name, "sink" => name, "retryable" => e.is_retryable().to_string())
             .increment(1);
         match attempts.failed(e).await {
             Ok(()) => {}
@@ -398,17 +398,15 @@ impl Destination for ShardSink {
         // Every shard in parallel; the flush is done when all are. A retry
         // only goes to the shards that failed.
         let shards = &self.shards;
-        let writes = per_shard.iter().enumerate().filter(|(i, rows)| !rows.is_empty() && !self.done[*i]).map(
-            |(i, rows)| async move {
-                let r = shards.upsert(i, rows).await;
-                metrics::gauge!("sluice_sink_shard_up", "shard" => i.to_string()).set(if r.is_ok() {
-                    1.0
-                } else {
-                    0.0
-                });
-                (i, r)
-            },
-        );
+        let writes =
+            per_shard.iter().enumerate().filter(|(i, rows)| !rows.is_empty() && !self.done[*i]).map(
+                |(i, rows)| async move {
+                    let r = shards.upsert(i, rows).await;
+                    metrics::gauge!(sluice_schemas::metrics::SHARD_UP.name, "shard" => i.to_string())
+                        .set(if r.is_ok() { 1.0 } else { 0.0 });
+                    (i, r)
+                },
+            );
         let mut first_error = None;
         for (i, r) in futures::future::join_all(writes).await {
             match r {

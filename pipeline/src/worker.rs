@@ -171,7 +171,7 @@ struct Stages([metrics::Histogram; 5]);
 
 impl Stages {
     fn new(model: &str) -> Stages {
-        let h = |stage: &'static str| metrics::histogram!("sluice_worker_stage_seconds", "model" => model.to_owned(), "stage" => stage);
+        let h = |stage: &'static str| metrics::histogram!(sluice_schemas::metrics::WORKER_STAGE.name, "model" => model.to_owned(), "stage" => stage);
         Stages([h("started"), h("inferred"), h("stored"), h("published"), h("marked")])
     }
 
@@ -227,8 +227,8 @@ impl Worker {
         // back when it ends, however it ends.
         let bytes = Arc::new(AtomicUsize::new(0));
         let (commit_interval, drain_timeout) = (cfg.commit_interval, cfg.drain_timeout);
-        let in_flight = metrics::gauge!("sluice_worker_in_flight", "model" => model.clone());
-        let paused_gauge = metrics::gauge!("sluice_paused_partitions", "model" => model.clone());
+        let in_flight = metrics::gauge!(sluice_schemas::metrics::WORKER_IN_FLIGHT.name, "model" => model.clone());
+        let paused_gauge = metrics::gauge!(sluice_schemas::metrics::PAUSED_PARTITIONS.name, "model" => model.clone());
         let stages = Stages::new(&model);
         let ctx = Arc::new(Ctx {
             producer,
@@ -267,7 +267,7 @@ impl Worker {
         let mut paused = false;
         // Since when the in-flight bound has held consumption up.
         let mut held_since: Option<Instant> = None;
-        let pauses = |reason: &'static str| metrics::counter!("sluice_partition_pauses_total", "model" => model.clone(), "reason" => reason);
+        let pauses = |reason: &'static str| metrics::counter!(sluice_schemas::metrics::PARTITION_PAUSES.name, "model" => model.clone(), "reason" => reason);
 
         loop {
             // Flow control. At the in-flight bound the loop stops taking
@@ -432,7 +432,7 @@ impl Ctx {
             Err(Unfinished::Refused { error, .. }) => {
                 // Nowhere left to put it: say so loudly and move on rather
                 // than stop the partition.
-                metrics::counter!("sluice_dead_letter_failures_total").increment(1);
+                metrics::counter!(sluice_schemas::metrics::DEAD_LETTER_FAILURES.name).increment(1);
                 tracing::error!(%message, dead_letter_error = %error, "record dropped: dead-lettering was refused too");
                 Ok(())
             }
@@ -480,7 +480,7 @@ impl Ctx {
         if let Some(k) = &key
             && let Ok(Some(output)) = self.store.cache_get(k).await
         {
-            metrics::counter!("sluice_cache_hits_total", "model" => req.model.clone()).increment(1);
+            metrics::counter!(sluice_schemas::metrics::CACHE_HITS.name, "model" => req.model.clone()).increment(1);
             let finished = Utc::now();
             record.status = JobStatus::Succeeded;
             record.output = Some(output);
@@ -523,7 +523,7 @@ impl Ctx {
                 let finished = Utc::now();
                 let batch_start = finished - chrono::Duration::from_std(out.inference).unwrap_or_default();
                 let queued_ms = millis_between(submitted.unwrap_or(now), batch_start);
-                metrics::histogram!("sluice_queue_time_seconds", "model" => req.model.clone())
+                metrics::histogram!(sluice_schemas::metrics::QUEUE_TIME.name, "model" => req.model.clone())
                     .record(queued_ms as f64 / 1000.0);
                 if key.is_some()
                     && let Err(e) = self.store.cache_put(&cache_key(&req.model, &version, &req), &out.output).await
@@ -611,7 +611,8 @@ impl Ctx {
                 Err(e) if e.is_retryable() => return Err(Abandoned),
                 Err(e) => {
                     retried = true;
-                    metrics::counter!("sluice_job_retries_total", "model" => req.model.clone()).increment(1);
+                    metrics::counter!(sluice_schemas::metrics::JOB_RETRIES.name, "model" => req.model.clone())
+                        .increment(1);
                     tokio::time::sleep(Backoff::DEFAULT.delay(attempts + 1)).await;
                     if self.pool.health(&req.model) == Some(BreakerState::Open) {
                         tracing::info!(error = %e, "model unhealthy; job waits for the circuit breaker");
@@ -678,7 +679,7 @@ impl Ctx {
         let published = self.stages.done(Stage::Published, since);
         self.durably("mark result published", || self.store.mark_published(&record.job_id)).await?;
         self.stages.done(Stage::Marked, published);
-        metrics::counter!("sluice_jobs_completed_total", "model" => record.model.clone(), "status" => record.status.as_str())
+        metrics::counter!(sluice_schemas::metrics::JOBS_COMPLETED.name, "model" => record.model.clone(), "status" => record.status.as_str())
             .increment(1);
         Ok(())
     }
@@ -730,7 +731,7 @@ impl Ctx {
         let dlq = topics::dlq(&self.cfg.topic_prefix);
         self.durably("dead-letter record", || self.producer.send(&dlq, rec.key.as_deref(), &rec.payload, &hdrs))
             .await?;
-        metrics::counter!("sluice_dead_lettered_total", "code" => code.as_str()).increment(1);
+        metrics::counter!(sluice_schemas::metrics::DEAD_LETTERED.name, "code" => code.as_str()).increment(1);
         Ok(())
     }
 

@@ -1855,6 +1855,15 @@ async fn workers_and_sinks_answer_health_readiness_and_metrics() {
     for name in ["sluice_batch_size", "sluice_inference_seconds", "sluice_jobs_completed_total"] {
         assert!(text.lines().any(|l| l.starts_with(name)), "{name} in /metrics:\n{text}");
     }
+    // Every exported metric is described, with the catalog's text.
+    let typed: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    assert!(typed.len() >= 10, "{typed:?}");
+    for name in typed {
+        let declared = sluice_schemas::metrics::ALL.iter().find(|m| m.name == name);
+        let declared = declared.unwrap_or_else(|| panic!("{name} is exported but not in the catalog"));
+        let help = format!("# HELP {name} {}", declared.help);
+        assert!(text.lines().any(|l| l == help), "{name} has no HELP line with its description:\n{text}");
+    }
     gw.stop().await;
     worker.stop().await;
 

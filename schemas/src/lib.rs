@@ -15,6 +15,7 @@
 
 mod error_code;
 pub mod headers;
+pub mod metrics;
 mod request;
 mod result;
 pub mod results_table;

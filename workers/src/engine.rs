@@ -325,7 +325,7 @@ async fn batcher(
     mut sched: Scheduler<Queued>,
     model: String,
 ) {
-    let depth = metrics::gauge!("sluice_queue_depth", "model" => model.clone());
+    let depth = metrics::gauge!(sluice_schemas::metrics::QUEUE_DEPTH.name, "model" => model.clone());
     let push = |sched: &mut Scheduler<Queued>, (sub, prepared): (Submission, Prepared)| {
         let cost = prepared.cost();
         let Submission { job, enqueued, permit, reply } = sub;
@@ -396,7 +396,7 @@ async fn batcher(
                     Dropped::Expired => (WorkerError::Expired, "expired"),
                     Dropped::Cancelled => (WorkerError::Cancelled, "cancelled"),
                 };
-                metrics::counter!("sluice_jobs_dropped_total", "model" => model.clone(), "reason" => reason)
+                metrics::counter!(sluice_schemas::metrics::JOBS_DROPPED.name, "model" => model.clone(), "reason" => reason)
                     .increment(1);
                 let _ = e.item.reply.send(Err(err));
             }
@@ -419,8 +419,9 @@ async fn batcher(
         let batch = sched.take_batch(Instant::now());
         depth.set(sched.len() as f64);
         let padding_ratio = batch.padding_ratio();
-        metrics::histogram!("sluice_batch_padding_ratio", "model" => model.clone()).record(padding_ratio);
-        metrics::histogram!("sluice_batch_tokens", "model" => model.clone())
+        metrics::histogram!(sluice_schemas::metrics::BATCH_PADDING.name, "model" => model.clone())
+            .record(padding_ratio);
+        metrics::histogram!(sluice_schemas::metrics::BATCH_TOKENS.name, "model" => model.clone())
             .record((batch.padded_len * batch.entries.len()) as f64);
         permit.send(BatchMsg { entries: batch.entries, padding_ratio });
     }
@@ -447,7 +448,7 @@ fn inference_loop(
     breaker: Arc<Breaker>,
     model: String,
 ) {
-    let breaker_gauge = metrics::gauge!("sluice_breaker_state", "model" => model.clone());
+    let breaker_gauge = metrics::gauge!(sluice_schemas::metrics::BREAKER_STATE.name, "model" => model.clone());
     loop {
         // One idle thread waits on the channel while the others wait on the
         // lock; whoever gets a batch releases the lock before running it.
@@ -475,8 +476,10 @@ fn inference_loop(
         let refs: Vec<&Prepared> = prepared.iter().collect();
         let outcome = catch_unwind(AssertUnwindSafe(|| runner.run(&refs)));
         let inference = started.elapsed();
-        metrics::histogram!("sluice_batch_size", "model" => model.clone()).record(batch_size as f64);
-        metrics::histogram!("sluice_inference_seconds", "model" => model.clone()).record(inference.as_secs_f64());
+        metrics::histogram!(sluice_schemas::metrics::BATCH_SIZE.name, "model" => model.clone())
+            .record(batch_size as f64);
+        metrics::histogram!(sluice_schemas::metrics::INFERENCE_SECONDS.name, "model" => model.clone())
+            .record(inference.as_secs_f64());
         let results: Vec<Result<Output, WorkerError>> = match outcome {
             Ok(Ok(results)) => {
                 // Jobs of a tensor batch fail one by one; a batch where

@@ -403,7 +403,7 @@ impl ModelRepository {
         let result = ModelVersion::open(dir).map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::warn!(dir = %dir.display(), error = %e, "model version refused");
-            metrics::counter!("sluice_model_versions_refused_total").increment(1);
+            metrics::counter!(sluice_schemas::metrics::VERSIONS_REFUSED.name).increment(1);
         }
         cache.insert(dir.to_path_buf(), (stamp, result.clone()));
         result

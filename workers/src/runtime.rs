@@ -169,7 +169,8 @@ pub(crate) fn session(onnx: &Path, cfg: &SessionConfig, model: &str) -> Result<S
                 error = %e,
                 "execution provider unavailable: FALLING BACK TO CPU (policy cuda_fallback = \"cpu\")"
             );
-            metrics::counter!("sluice_execution_provider_fallback_total", "model" => model.to_owned()).increment(1);
+            metrics::counter!(sluice_schemas::metrics::PROVIDER_FALLBACK.name, "model" => model.to_owned())
+                .increment(1);
             build(onnx, cfg, ExecutionProvider::Cpu).map_err(load_err)
         }
         Err(e) => Err(load_err(e)),

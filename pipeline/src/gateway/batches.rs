@@ -208,7 +208,7 @@ pub(super) async fn create(
             tracing::warn!(job_id = %job.job_id, error = %e, "batch line neither queued nor failed");
         }
     }
-    metrics::counter!("sluice_batches_submitted_total").increment(1);
+    metrics::counter!(sluice_schemas::metrics::BATCHES_SUBMITTED.name).increment(1);
     let body = BatchAccepted {
         poll_url: format!("/v1/batches/{id}"),
         results_url: format!("/v1/batches/{id}/results"),

@@ -197,7 +197,7 @@ impl IntoResponse for ApiError {
             tracing::warn!(%status, code, error = %self, "request failed");
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
-            metrics::counter!("sluice_rate_limited_total").increment(1);
+            metrics::counter!(sluice_schemas::metrics::RATE_LIMITED.name).increment(1);
         }
         let retry_after = self.retry_after();
         let body = ErrorBody { error: ErrorDetail { code, message: self.to_string() } };

@@ -216,7 +216,7 @@ impl Gateway {
             }
             return Err(e.into());
         }
-        metrics::counter!("sluice_jobs_submitted_total", "model" => req.model.clone()).increment(1);
+        metrics::counter!(sluice_schemas::metrics::JOBS_SUBMITTED.name, "model" => req.model.clone()).increment(1);
         let accepted =
             Accepted { job_id: req.job_id.clone(), status: JobStatus::Queued, model: req.model.clone(), poll_url };
         Ok((true, serde_json::to_value(accepted).expect("Accepted serialises. This is a bug.")))
@@ -361,7 +361,8 @@ pub(super) async fn cancel(
     }
     match gw.store.cancel(&id).await? {
         Cancel::Cancelled(record) => {
-            metrics::counter!("sluice_jobs_cancelled_total", "model" => record.model.clone()).increment(1);
+            metrics::counter!(sluice_schemas::metrics::JOBS_CANCELLED.name, "model" => record.model.clone())
+                .increment(1);
             Ok(Json(record))
         }
         Cancel::Finished(record) => Err(ApiError::Finished(record.status)),

@@ -103,7 +103,8 @@ impl Backlog {
             for (model, probe) in &probes {
                 match probe.lag().await {
                     Ok(lag) => {
-                        metrics::gauge!("sluice_consumer_lag", "model" => model.clone()).set(lag as f64);
+                        metrics::gauge!(sluice_schemas::metrics::CONSUMER_LAG.name, "model" => model.clone())
+                            .set(lag as f64);
                         self.lag.write().unwrap_or_else(|p| p.into_inner()).insert(model.clone(), lag);
                     }
                     Err(e) => tracing::debug!(model, error = %e, "lag sample failed"),

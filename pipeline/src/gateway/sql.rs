@@ -123,7 +123,7 @@ pub(super) async fn query(
         retry_after: std::time::Duration::from_secs(1),
     })?;
     let answer = analytics.query(&req.query, &scope).await?;
-    metrics::histogram!("sluice_sql_query_seconds").record(answer.elapsed.as_secs_f64());
+    metrics::histogram!(sluice_schemas::metrics::SQL_QUERY_SECONDS.name).record(answer.elapsed.as_secs_f64());
     let truncated = HeaderValue::from_static(if answer.truncated { "true" } else { "false" });
     let mut resp = match req.format {
         Format::Json => Json(SqlAnswer {

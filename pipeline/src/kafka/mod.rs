@@ -215,7 +215,7 @@ impl ClientContext for GroupContext {
         // jumps to the oldest offset it still holds, and what lay between is
         // lost to this group. Never let that pass as a warning.
         if skipped_records(fac, message) {
-            metrics::counter!("sluice_consumer_offset_resets_total").increment(1);
+            metrics::counter!(sluice_schemas::metrics::OFFSET_RESETS.name).increment(1);
             tracing::error!(
                 target: "librdkafka",
                 "RECORDS SKIPPED: the broker no longer holds offsets this consumer had not read yet \
@@ -432,7 +432,7 @@ impl Consumer {
              leaving and rejoining the group",
             IDLE_REJOIN_AFTER.as_secs()
         );
-        metrics::counter!("sluice_consumer_rejoins_total").increment(1);
+        metrics::counter!(sluice_schemas::metrics::CONSUMER_REJOINS.name).increment(1);
         *self.idle.lock().expect("idle lock") = None;
         self.assigned.store(-1, Ordering::Release);
         self.inner.unsubscribe();

@@ -148,7 +148,7 @@ async fn writer(mut rx: mpsc::Receiver<Write>, conn: ConnectionManager, fixed: F
                     continue;
                 };
                 let batch = gather(first, &mut rx, &mut carry);
-                metrics::histogram!("sluice_store_batch_writes").record(batch.len() as f64);
+                metrics::histogram!(sluice_schemas::metrics::STORE_BATCH_WRITES.name).record(batch.len() as f64);
                 flushes.push(flush(batch, conn.clone(), script.clone(), fixed.clone()));
             }
         }

@@ -1,0 +1,126 @@
+//! Every Prometheus metric Sluice exports, declared once: name, kind, unit,
+//! labels and help. Like the topic and header names, metric names are an
+//! interface (dashboards, alerts, `deploy/`), so they live with the other
+//! contracts. Emitters use these constants (`metrics::counter!(JOBS_SUBMITTED.name, …)`),
+//! the pipeline's telemetry describes all of [`ALL`], and tests check that
+//! no metric is emitted under a name that is not here and that every
+//! exported one has its help text.
+
+/// What a metric counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The unit of a metric's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Seconds,
+    Count,
+    /// A ratio or a state with its own documented values.
+    None,
+}
+
+/// One exported metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Unit,
+    /// Label keys it is emitted with.
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+macro_rules! catalog {
+    ($($(#[$doc:meta])* $id:ident = $kind:ident $unit:ident $name:literal [$($label:literal),*] $help:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $id: Metric = Metric {
+                name: $name,
+                kind: Kind::$kind,
+                unit: Unit::$unit,
+                labels: &[$($label),*],
+                help: $help,
+            };
+        )*
+        /// Every metric, in declaration order.
+        pub const ALL: &[Metric] = &[$($id),*];
+    };
+}
+
+catalog! {
+    // Gateway.
+    JOBS_SUBMITTED = Counter Count "sluice_jobs_submitted_total" ["model"] "Jobs accepted by the gateway, by model.";
+    BATCHES_SUBMITTED = Counter Count "sluice_batches_submitted_total" [] "Batches (JSONL files) accepted by the gateway.";
+    JOBS_CANCELLED = Counter Count "sluice_jobs_cancelled_total" ["model"] "Jobs cancelled through the API, by model.";
+    RATE_LIMITED = Counter Count "sluice_rate_limited_total" [] "Requests answered 429 because their tenant's rate limit was exceeded.";
+    CONSUMER_LAG = Gauge Count "sluice_consumer_lag" ["model"] "Jobs in a model's topic past its worker group's committed offsets, as the gateway last sampled it.";
+    SQL_QUERY_SECONDS = Histogram Seconds "sluice_sql_query_seconds" [] "Time to answer one POST /v1/sql query.";
+    // Workers.
+    JOBS_COMPLETED = Counter Count "sluice_jobs_completed_total" ["model", "status"] "Jobs that reached a terminal status and were published, by model and status.";
+    DEAD_LETTERED = Counter Count "sluice_dead_lettered_total" ["code"] "Records sent to the dead-letter topic, by error code.";
+    DEAD_LETTER_FAILURES = Counter Count "sluice_dead_letter_failures_total" [] "Records dropped because the dead-letter topic refused them for good too (each is logged at error level).";
+    QUEUE_TIME = Histogram Seconds "sluice_queue_time_seconds" ["model"] "Submission to the start of the job's batch, by model.";
+    WORKER_STAGE = Histogram Seconds "sluice_worker_stage_seconds" ["model", "stage"] "Time a record spends in each worker stage (started, inferred, stored, published, marked), by model.";
+    WORKER_IN_FLIGHT = Gauge Count "sluice_worker_in_flight" ["model"] "Records being processed, by model.";
+    PAUSED_PARTITIONS = Gauge Count "sluice_paused_partitions" ["model"] "Partitions paused by flow control, by model.";
+    PARTITION_PAUSES = Counter Count "sluice_partition_pauses_total" ["model", "reason"] "Times a worker stopped taking records, by model and reason: in_flight (at worker.max_in_flight; fetched records wait in the consumer's bounded prefetch), stalled (held there for 5 s: partitions paused), breaker (model unhealthy: partitions paused).";
+    CACHE_HITS = Counter Count "sluice_cache_hits_total" ["model"] "Jobs answered from the inference cache, by model.";
+    JOB_RETRIES = Counter Count "sluice_job_retries_total" ["model"] "Inference retries after a failed batch, by model.";
+    // Kafka consumers.
+    OFFSET_RESETS = Counter Count "sluice_consumer_offset_resets_total" [] "Times a consumer found its next offset gone from the broker and skipped ahead (records lost to its group).";
+    CONSUMER_REJOINS = Counter Count "sluice_consumer_rejoins_total" [] "Times a member holding no partition left and rejoined a group that committed nothing while records waited.";
+    // Results store.
+    STORE_BATCH_WRITES = Histogram Count "sluice_store_batch_writes" [] "Record writes the Redis store applied in one round trip (its group commit).";
+    // Inference engines.
+    QUEUE_DEPTH = Gauge Count "sluice_queue_depth" ["model"] "Jobs queued in an engine's scheduler, by model version.";
+    JOBS_DROPPED = Counter Count "sluice_jobs_dropped_total" ["model", "reason"] "Jobs dropped before inference, by model version and reason (expired, cancelled).";
+    BATCH_SIZE = Histogram Count "sluice_batch_size" ["model"] "Jobs per batch, by model version.";
+    BATCH_TOKENS = Histogram Count "sluice_batch_tokens" ["model"] "Padded tokens per batch (longest input x jobs), by model version.";
+    BATCH_PADDING = Histogram None "sluice_batch_padding_ratio" ["model"] "Share of a batch's padded tokens that is padding, by model version.";
+    INFERENCE_SECONDS = Histogram Seconds "sluice_inference_seconds" ["model"] "One batch on an inference thread: input tensors built, ONNX Runtime's forward pass, outputs read (tokenisation runs before it, on the preprocessing thread), by model version.";
+    BREAKER_STATE = Gauge None "sluice_breaker_state" ["model"] "Circuit breaker by model version: 0 closed, 1 half-open, 2 open.";
+    VERSIONS_REFUSED = Counter Count "sluice_model_versions_refused_total" [] "Model versions refused (checksum, config).";
+    PROVIDER_FALLBACK = Counter Count "sluice_execution_provider_fallback_total" ["model"] "Sessions that fell back to the CPU because the configured execution provider failed.";
+    // Sinks.
+    SINK_UNDECODABLE = Counter Count "sluice_sink_undecodable_total" [] "Results-topic records the sinks could not decode (skipped, logged).";
+    SINK_BUFFERED_ROWS = Gauge Count "sluice_sink_buffered_rows" ["sink"] "Rows buffered in a sink, waiting for their flush.";
+    SINK_REPLAYED_SKIPPED = Counter Count "sluice_sink_replayed_skipped_total" ["sink"] "Records skipped because the lake already holds their offsets (a replay after a crash).";
+    SINK_FLUSH_SECONDS = Histogram Seconds "sluice_sink_flush_seconds" ["sink"] "Time of one successful flush, by sink.";
+    SINK_ROWS = Counter Count "sluice_sink_rows_total" ["sink"] "Rows made durable, by sink.";
+    SINK_FLUSHES = Counter Count "sluice_sink_flushes_total" ["sink"] "Successful flushes, by sink.";
+    SINK_FLUSH_FAILURES = Counter Count "sluice_sink_flush_failures_total" ["sink", "retryable"] "Failed flush attempts, by sink and whether retrying can fix them (the batch is kept and tried again either way).";
+    SHARD_UP = Gauge None "sluice_sink_shard_up" ["shard"] "Whether the last write to a shard succeeded (1) or failed (0).";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prometheus' naming conventions, and one declaration per name.
+    #[test]
+    fn names_follow_prometheus_conventions_and_are_unique() {
+        let mut names: Vec<&str> = ALL.iter().map(|m| m.name).collect();
+        names.sort();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "a metric is declared twice");
+        for m in ALL {
+            assert!(m.name.starts_with("sluice_"), "{}", m.name);
+            assert!(m.name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{}", m.name);
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters and only counters end in _total",
+                m.name
+            );
+            if m.unit == Unit::Seconds {
+                assert!(m.name.ends_with("_seconds"), "{}", m.name);
+            }
+            assert!(m.help.len() > 10 && m.help.ends_with('.'), "{}: help {:?}", m.name, m.help);
+        }
+    }
+}
