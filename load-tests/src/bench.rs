@@ -49,6 +49,8 @@ const TEXT_MODEL: &str = "all-minilm-l6-v2";
 const TENSOR_MODEL: &str = "sigmoid";
 /// Batch size of the ceiling (Sluice's `engine.max_batch_size` default).
 const CEILING_BATCH: usize = 32;
+/// The confluent-kafka publisher (`scripts/publish_jobs.py`), built in.
+const PUBLISH_SCRIPT: &str = include_str!("../scripts/publish_jobs.py");
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -149,7 +151,7 @@ impl Broker {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     ensure!(args.jobs.len() == 4, "--jobs takes four numbers: mixed, short, tensor (embedded), tensor (real)");
-    let sentences = corpus::sentences(corpus::sentences_file())?;
+    let sentences = corpus::sentences(corpus::SENTENCES_TSV)?;
     let sizes = if args.quick { [24, 48, 300, 100] } else { [args.jobs[0], args.jobs[1], args.jobs[2], args.jobs[3]] };
     let mut brokers = vec![Broker::Embedded];
     if let Some(b) = &args.brokers {
@@ -695,7 +697,9 @@ impl Publisher<'_> {
             body.push('\n');
         }
         tokio::fs::write(&file, body).await?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/publish_jobs.py");
+        // Built into the binary: an installed `sluice-load` needs no checkout.
+        let script = std::env::temp_dir().join(format!("sluice-publish-jobs-{}.py", std::process::id()));
+        tokio::fs::write(&script, PUBLISH_SCRIPT).await?;
         // The mock cluster takes concurrent idempotent batches; tansu 0.6 does not.
         let in_flight = match self.broker {
             Broker::Embedded => "5",

@@ -13,16 +13,22 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-/// The corpus next to this crate.
-pub fn sentences_file() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/sentences.tsv"))
+/// `data/sentences.tsv`, built into the binary: an installed `sluice-load`
+/// needs no checkout.
+pub const SENTENCES_TSV: &str = include_str!("../data/sentences.tsv");
+
+/// The `topic<TAB>sentence` lines of `path`, or the built-in corpus.
+pub fn corpus_text(path: Option<&Path>) -> anyhow::Result<String> {
+    match path {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())),
+        None => Ok(SENTENCES_TSV.to_owned()),
+    }
 }
 
 /// `topic<TAB>sentence` lines → sentences.
-pub fn sentences(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+pub fn sentences(text: &str) -> anyhow::Result<Vec<String>> {
     let out: Vec<String> = text.lines().filter_map(|l| l.split_once('\t')).map(|(_, s)| s.trim().to_owned()).collect();
-    anyhow::ensure!(out.len() >= 2, "{}: fewer than two sentences", path.display());
+    anyhow::ensure!(out.len() >= 2, "fewer than two sentences in the corpus");
     Ok(out)
 }
 
@@ -93,7 +99,7 @@ mod tests {
 
     #[test]
     fn corpora_have_the_documented_lengths_and_are_deterministic() {
-        let s = sentences(sentences_file()).unwrap();
+        let s = sentences(SENTENCES_TSV).unwrap();
         let m = mixed(&s, 500);
         assert!(m.iter().all(|t| (4..=110).contains(&words(t))), "mixed: 4..=110 words");
         assert!(m.iter().any(|t| words(t) > 60), "mixed has long paragraphs");

@@ -24,13 +24,14 @@ struct Sentence {
     text: String,
 }
 
-fn load_corpus(path: &Path) -> anyhow::Result<Vec<Sentence>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+fn load_corpus(path: Option<&Path>) -> anyhow::Result<Vec<Sentence>> {
+    let text = crate::corpus::corpus_text(path)?;
+    let name = path.map(|p| p.display().to_string()).unwrap_or_else(|| "the built-in corpus".into());
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| {
-            let (topic, text) = l.split_once('\t').with_context(|| format!("{}:{}: no tab", path.display(), i + 1))?;
+            let (topic, text) = l.split_once('\t').with_context(|| format!("{name}:{}: no tab", i + 1))?;
             Ok(Sentence { topic: topic.to_owned(), text: text.to_owned() })
         })
         .collect()
@@ -64,7 +65,7 @@ struct Outcome {
     record: Value,
 }
 
-pub async fn run(sluice: &Path, models: &Path, corpus: &Path, concurrency: usize) -> anyhow::Result<()> {
+pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrency: usize) -> anyhow::Result<()> {
     let sentences = load_corpus(corpus)?;
     ensure!(!sentences.is_empty(), "empty corpus");
     println!("== starting `sluice up` (embedded broker, in-process store, local lake and SQLite shards)");

@@ -38,8 +38,9 @@ enum Cmd {
         models: PathBuf,
         /// Corpus: `topic<TAB>sentence` per line; the first two lines of a
         /// topic are paraphrases.
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sentences.tsv"))]
-        corpus: PathBuf,
+        /// Default: `load-tests/data/sentences.tsv`, built into the binary.
+        #[arg(long)]
+        corpus: Option<PathBuf>,
         /// Concurrent HTTP requests.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
@@ -55,7 +56,9 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Demo { sluice, models, corpus, concurrency } => demo::run(&sluice, &models, &corpus, concurrency).await,
+        Cmd::Demo { sluice, models, corpus, concurrency } => {
+            demo::run(&sluice, &models, corpus.as_deref(), concurrency).await
+        }
         Cmd::Bench(args) => bench::run(args).await,
     }
 }
