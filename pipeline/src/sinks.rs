@@ -172,6 +172,11 @@ pub async fn run<D: Destination>(
     let buffered = metrics::gauge!(sluice_schemas::metrics::SINK_BUFFERED_ROWS.name, "sink" => name);
     let mut batch = Batch::default();
     let mut resume: HashMap<(String, i32), i64> = HashMap::new();
+    // Next offset past what is durable, per partition held: committed after
+    // each flush and again every tick, because an asynchronous commit can
+    // fail (a rebalance in progress) and a quiet partition would otherwise
+    // keep a stale committed offset, and its lag, until new records come.
+    let mut durable: HashMap<(String, i32), i64> = HashMap::new();
     // A member holding no partition checks that its group is not wedged.
     let mut group_tick = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -182,6 +187,17 @@ pub async fn run<D: Destination>(
             _ = sleep_until(due), if due.is_some() => None,
             _ = group_tick.tick() => {
                 consumer.rejoin_if_wedged().await;
+                // Only partitions still held: a revoked one may have a new
+                // owner further on.
+                for (t, p) in hooks.take() {
+                    batch.forget(&t, p);
+                    resume.remove(&(t.clone(), p));
+                    durable.remove(&(t, p));
+                }
+                let held: Vec<(String, i32, i64)> = durable.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
+                if let Err(e) = consumer.commit(&held) {
+                    tracing::warn!(sink = name, error = %e, "periodic offset commit failed; retried next tick");
+                }
                 continue;
             }
             rec = consumer.recv() => match rec {
@@ -196,7 +212,8 @@ pub async fn run<D: Destination>(
         };
         for (t, p) in hooks.take() {
             batch.forget(&t, p);
-            resume.remove(&(t, p));
+            resume.remove(&(t.clone(), p));
+            durable.remove(&(t, p));
         }
         if let Some(rec) = rec {
             let key = (rec.topic.clone(), rec.partition);
@@ -231,6 +248,7 @@ pub async fn run<D: Destination>(
         }
         for ((t, p), run) in &batch.runs {
             resume.insert((t.clone(), *p), run.last + 1);
+            durable.insert((t.clone(), *p), run.last + 1);
         }
         batch = Batch::default();
         buffered.set(0.0);

@@ -1550,7 +1550,12 @@ impl Drop for KillOnDrop {
 
 /// A `sluice sink` process in consumer group `<prefix>.sink-<run>`.
 fn start_sink(prefix: &str, run: usize, lake: &std::path::Path, shards: &[String]) -> KillOnDrop {
-    start_sink_with(&env("SLUICE_TEST_BROKERS"), prefix, run, lake, shards, "")
+    // tansu 0.6, busy with the 100,000 records just produced, answers the
+    // group coordinator's requests late (REQTMOUT); the default 10 s session
+    // would expire live members over and over. This test is about replays
+    // (each run is a new group), not about how soon a member is dropped.
+    let patient = "session_timeout_ms = 45000\nmax_poll_interval_ms = 300000";
+    start_sink_with(&env("SLUICE_TEST_BROKERS"), prefix, run, lake, shards, patient)
 }
 
 /// [`start_sink`] with more `[sinks]` settings (TOML lines).
