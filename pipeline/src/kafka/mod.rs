@@ -509,20 +509,25 @@ pub async fn ensure_topics(
     let admin: AdminClient<DefaultClientContext> =
         base_config(brokers, "sluice-admin").create().map_err(|e| KafkaError::Config(e.to_string()))?;
     // Only what the cluster lacks: a process without the right to create
-    // topics (or a broker without a controller) starts when they exist.
+    // topics (or a broker without a controller) starts when they exist. A
+    // topic whose metadata does not come back in time is created as before
+    // (`TopicAlreadyExists` is fine), so a slow broker only costs the wait.
     let existing: std::collections::HashSet<String> = {
         let client: rdkafka::consumer::BaseConsumer =
             base_config(brokers, "sluice-admin").create().map_err(|e| KafkaError::Config(e.to_string()))?;
+        let wanted = topics.to_vec();
         tokio::task::spawn_blocking(move || {
-            let md = client
-                .fetch_metadata(None, Duration::from_secs(10))
-                .map_err(|e| KafkaError::Metadata(e.to_string()))?;
-            Ok::<_, KafkaError>(
-                md.topics().iter().filter(|t| !t.partitions().is_empty()).map(|t| t.name().to_owned()).collect(),
-            )
+            wanted
+                .into_iter()
+                .filter(|t| {
+                    client
+                        .fetch_metadata(Some(t), Duration::from_secs(5))
+                        .is_ok_and(|md| md.topics().iter().any(|m| m.name() == t && !m.partitions().is_empty()))
+                })
+                .collect()
         })
         .await
-        .map_err(|e| KafkaError::Metadata(e.to_string()))??
+        .unwrap_or_default()
     };
     let new: Vec<NewTopic> = topics
         .iter()
