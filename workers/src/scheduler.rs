@@ -14,12 +14,12 @@
 //!    order anchors the batch and the other slots go to the candidates
 //!    whose token count is closest to the anchor's. With one tenant in the
 //!    lane there is no share to keep, and the batch is a run of the
-//!    length-sorted candidate window: the run that, with the rest cut into
-//!    sorted runs afterwards, pads least overall (so a backlog drains almost
-//!    exactly as if it had been sorted and cut, the least padding possible,
-//!    instead of leaving fragments that later batches pad around). The job
-//!    first in line may be passed over `max_skips` times, then its own run
-//!    goes, so none waits forever.
+//!    length-sorted candidate window: the run that pads least and, of runs
+//!    that pad equally, holds the job first in line (so a backlog drains
+//!    almost exactly as if it had been sorted and cut, and lengths are
+//!    served in the order they arrived). The job first in line may be
+//!    passed over `max_skips` times, then its own run goes, so none waits
+//!    forever.
 //! 4. **Budgets**: at most `max_batch_size` jobs and at most
 //!    `max_batch_tokens` padded tokens (longest input × jobs); one job alone
 //!    may exceed the token budget.
@@ -416,8 +416,18 @@ impl<T> Scheduler<T> {
 }
 
 /// Among the anchor (index 0) and `others`, the contiguous run by length
-/// that holds as many jobs as fit and pads least; with `pinned`, only runs
-/// that contain the anchor. Returns indices into `candidates`.
+/// that holds as many jobs as fit and pads least, and of those that pad
+/// equally the one holding the job first in line (lowest queue position);
+/// with `pinned`, only runs that contain the anchor. Returns indices into
+/// `candidates`.
+///
+/// Greedy, and that is what a stream wants: every length whose jobs fill a
+/// batch gets a batch with no padding, in the order its jobs arrived, so no
+/// length piles up in the window while others are cut across length
+/// boundaries. (An earlier rule that also minimised the padding of cutting
+/// the rest of the window, as if nothing more would come, did well on a
+/// one-off burst but let lengths pile up in a Kafka-fed stream: 4.3%
+/// padding on short texts where this rule leaves 0.2%.)
 fn least_padded_block(
     candidates: &[Candidate],
     others: &[usize],
@@ -434,50 +444,16 @@ fn least_padded_block(
     for width in (1..=max_size.min(n)).rev() {
         let (first, last) = if pinned { (k.saturating_sub(width - 1), k.min(n - width)) } else { (0, n - width) };
         let waste = |start: usize| costs[start + width - 1] * width - costs[start..start + width].iter().sum::<usize>();
-        // Two kinds of block compete: the one that pads least itself, and
-        // the runs of cutting everything into sorted runs from the longest
-        // end (which leave no fragments). The winner is the one that, with
-        // the rest cut into sorted runs afterwards, pads least overall.
-        let tightest =
-            (first..=last).filter(|&start| fits(start, width)).min_by_key(|&start| (waste(start) / width, start));
-        let mut aligned = Vec::new();
-        let mut end = n;
-        while end >= width {
-            if end - width >= first && end - width <= last && fits(end - width, width) {
-                aligned.push(end - width);
-            }
-            end -= width;
-        }
-        let best = tightest.into_iter().chain(aligned).min_by_key(|&start| {
-            let rest = costs[..start].iter().chain(&costs[start + width..]);
-            (waste(start) + sorted_cut_waste(rest, max_size, max_tokens), waste(start) / width, start)
-        });
+        let first_in_line =
+            |start: usize| sorted[start..start + width].iter().map(|&i| candidates[i].pos).min().unwrap_or(0);
+        let best = (first..=last)
+            .filter(|&start| fits(start, width))
+            .min_by_key(|&start| (waste(start), first_in_line(start)));
         if let Some(start) = best {
             return sorted[start..start + width].to_vec();
         }
     }
     vec![0]
-}
-
-/// Padding of ascending `costs` cut into runs from the longest end, each as
-/// long as the budgets allow.
-fn sorted_cut_waste<'a>(
-    costs: impl DoubleEndedIterator<Item = &'a usize>,
-    max_size: usize,
-    max_tokens: usize,
-) -> usize {
-    let (mut waste, mut longest, mut width) = (0, 0, 0);
-    for &c in costs.rev() {
-        if width > 0 && (width == max_size || longest * (width + 1) > max_tokens) {
-            width = 0;
-        }
-        if width == 0 {
-            longest = c;
-        }
-        waste += longest - c;
-        width += 1;
-    }
-    waste
 }
 
 #[cfg(test)]
@@ -678,24 +654,43 @@ mod tests {
         }
     }
 
+    /// Short texts: 6 to 22 tokens, uniformly, in random order.
+    fn short_lengths(total: usize) -> Vec<usize> {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        (0..total)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                6 + (x % 17) as usize
+            })
+            .collect()
+    }
+
     #[test]
     fn a_backlog_is_batched_nearly_as_tightly_as_sorting_it() {
-        // The whole backlog queued (a burst), and a long stream through a
-        // bounded queue (steady Kafka consumption).
-        for (total, capacity) in [(800, 800), (6000, 1024)] {
-            let lens = mixed_lengths(total);
+        // The whole backlog queued (a burst), and long streams through a
+        // bounded queue (steady Kafka consumption). Short texts differ by a
+        // token or two, so a batch cut across a length boundary pads by
+        // several percent: the stream must keep finding whole-length runs.
+        let cases = [
+            ("mixed burst", mixed_lengths(800), 800, 1.03),
+            ("mixed stream", mixed_lengths(6000), 1024, 1.03),
+            ("short stream", short_lengths(12_000), 1024, 1.01),
+        ];
+        for (name, lens, capacity, bound) in cases {
             let ideal = sorted_chunks_padded(&lens, 32) as f64;
             let (aware, longest_wait) = drain(&lens, capacity, true);
             let (arrival, _) = drain(&lens, capacity, false);
             let (aware, arrival) = (aware as f64 / ideal, arrival as f64 / ideal);
             println!(
-                "{total} jobs: padded tokens / sorted ideal: length-aware {aware:.3}, arrival {arrival:.3}; longest wait {longest_wait} batches"
+                "{name}: padded tokens / sorted ideal: length-aware {aware:.3}, arrival {arrival:.3}; longest wait {longest_wait} batches"
             );
-            assert!(aware <= 1.03, "{total} jobs: length-aware pads {aware:.3} × the sorted ideal");
-            assert!(arrival >= 1.3, "{total} jobs: arrival order pads {arrival:.3} × the sorted ideal");
+            assert!(aware <= bound, "{name}: length-aware pads {aware:.3} × the sorted ideal");
+            assert!(arrival >= 1.3, "{name}: arrival order pads {arrival:.3} × the sorted ideal");
             // Nobody is passed over without bound: at most the queue's own
             // depth in batches plus the skips.
-            assert!(longest_wait <= capacity / 32 * 4 + 4, "{total} jobs: a job waited {longest_wait} batches");
+            assert!(longest_wait <= capacity / 32 * 4 + 4, "{name}: a job waited {longest_wait} batches");
         }
     }
 
