@@ -186,13 +186,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     return anyhow::Ok(None);
                 }
                 let c = tokio::task::spawn_blocking(move || ceiling(&model, &texts)).await??;
+                let cores = procstat::cores();
+                // A batch's time on one session, comparable with Sluice's
+                // `inference ... ms per batch`.
+                let per_batch = |sessions: usize, rate: f64| 1000.0 * (sessions * CEILING_BATCH) as f64 / rate;
                 println!(
-                    "   ceiling {:>8.1} texts/s (raw ONNX Runtime, sorted batches of {CEILING_BATCH}: one session × {} threads {:.1}/s, {} sessions × 1 thread {:.1}/s)",
+                    "   ceiling {:>8.1} texts/s (raw ONNX Runtime, sorted batches of {CEILING_BATCH}: one session × {cores} threads {:.1}/s = {:.1} ms per batch, {cores} sessions × 1 thread {:.1}/s = {:.1} ms per batch; padding {:.1}%)",
                     c.best(),
-                    procstat::cores(),
                     c.one_session,
-                    procstat::cores(),
-                    c.sessions
+                    per_batch(1, c.one_session),
+                    c.sessions,
+                    per_batch(cores, c.sessions),
+                    100.0 * c.padding,
                 );
                 Ok(Some(c))
             }
@@ -297,11 +302,15 @@ fn print_run(round: usize, broker: &Broker, r: &RunReport, ratio: Option<f64>) {
     );
     let order = ["started", "inferred", "stored", "published", "marked"];
     let stages: Vec<String> =
-        order.iter().filter_map(|s| r.stages.get(*s).map(|v| format!("{s} {:.1}", v * 1000.0))).collect();
+        order.iter().filter_map(|s| r.engine.stages.get(*s).map(|v| format!("{s} {:.1}", v * 1000.0))).collect();
     println!(
-        "               published in {:.2} s; batch size mean {:.1}; queue p50 {:.0} ms p99 {:.0} ms; RSS {} MiB; ms per stage: {}",
+        "               published in {:.2} s; batch size mean {:.1}, padding {}, inference {} ms per batch, scheduler depth p50 {:.0} p10 {:.0}; queue p50 {:.0} ms p99 {:.0} ms; RSS {} MiB; ms per stage: {}",
         r.publish_seconds,
         r.batch_mean,
+        r.engine.padding.map(|p| format!("{:.1}%", 100.0 * p)).unwrap_or_else(|| "?".into()),
+        r.engine.inference_per_batch.map(|s| format!("{:.1}", 1000.0 * s)).unwrap_or_else(|| "?".into()),
+        r.depth_p50,
+        r.depth_p10,
         r.queue_p50_ms,
         r.queue_p99_ms,
         r.rss >> 20,
@@ -321,7 +330,11 @@ fn run_json(r: &RunReport, ratio: Option<f64>) -> Value {
         "batch_size_mean": r.batch_mean,
         "queue_ms_p50": r.queue_p50_ms,
         "queue_ms_p99": r.queue_p99_ms,
-        "stage_mean_seconds": r.stages,
+        "stage_mean_seconds": r.engine.stages,
+        "padding_ratio_mean": r.engine.padding,
+        "scheduler_depth_p50": r.depth_p50,
+        "scheduler_depth_p10": r.depth_p10,
+        "inference_seconds_per_batch": r.engine.inference_per_batch,
         "rss_bytes": r.rss,
     })
 }
@@ -332,6 +345,8 @@ struct Ceiling {
     one_session: f64,
     /// One single-threaded session per core, each running its own batches.
     sessions: f64,
+    /// Share of the sorted batches' padded tokens that is padding.
+    padding: f64,
 }
 
 impl Ceiling {
@@ -342,12 +357,14 @@ impl Ceiling {
 }
 
 fn ceiling(model: &ModelVersion, texts: &[String]) -> anyhow::Result<Ceiling> {
-    Ok(Ceiling { one_session: raw_run(model, texts)?.per_s, sessions: raw_parallel(model, texts, procstat::cores())? })
+    let (sessions, padding) = raw_parallel(model, texts, procstat::cores())?;
+    Ok(Ceiling { one_session: raw_run(model, texts)?.per_s, sessions, padding })
 }
 
 /// `n` single-threaded sessions on `n` OS threads, taking the sorted batches
 /// in turn. Sessions are loaded and inputs tokenized before the clock starts.
-fn raw_parallel(model: &ModelVersion, texts: &[String], n: usize) -> anyhow::Result<f64> {
+/// Returns texts/s and the batches' padding share.
+fn raw_parallel(model: &ModelVersion, texts: &[String], n: usize) -> anyhow::Result<(f64, f64)> {
     let one = SessionConfig { intra_threads: 1, ..SessionConfig::default() };
     let tokenizer = RawSession::load(model, &one)?;
     let mut prepared =
@@ -355,6 +372,8 @@ fn raw_parallel(model: &ModelVersion, texts: &[String], n: usize) -> anyhow::Res
     drop(tokenizer);
     prepared.sort_by_key(|p| p.cost());
     let batches: Vec<&[sluice_workers::Prepared]> = prepared.chunks(CEILING_BATCH).collect();
+    let padded: usize = batches.iter().map(|b| b.iter().map(|p| p.cost()).max().unwrap_or(0) * b.len()).sum();
+    let padding = 1.0 - prepared.iter().map(|p| p.cost()).sum::<usize>() as f64 / padded.max(1) as f64;
     let next = std::sync::atomic::AtomicUsize::new(0);
     let start = std::sync::Barrier::new(n + 1);
     let elapsed = std::thread::scope(|scope| -> anyhow::Result<Duration> {
@@ -380,7 +399,7 @@ fn raw_parallel(model: &ModelVersion, texts: &[String], n: usize) -> anyhow::Res
         }
         Ok(started.elapsed())
     })?;
-    Ok(texts.len() as f64 / elapsed.as_secs_f64())
+    Ok((texts.len() as f64 / elapsed.as_secs_f64(), padding))
 }
 
 /// The repository's default version of `name`.
@@ -483,8 +502,8 @@ impl ServicePids {
 }
 
 struct RunReport {
-    /// Mean seconds a job spent in each worker stage (Sluice's own metrics).
-    stages: BTreeMap<String, f64>,
+    /// Sluice's own metrics.
+    engine: EngineReport,
     /// Resident memory of the Sluice process after the run.
     rss: u64,
     jobs: usize,
@@ -498,6 +517,9 @@ struct RunReport {
     batch_mean: f64,
     queue_p50_ms: f64,
     queue_p99_ms: f64,
+    /// Median and 10th percentile of the scheduler's queue while it ran.
+    depth_p50: f64,
+    depth_p10: f64,
 }
 
 /// One end-to-end run: start Sluice, warm up, publish `inputs`, wait until
@@ -582,7 +604,14 @@ async fn end_to_end(
     let started = Instant::now();
     let publishing = ready.go();
     let waiting = wait_all(&store, &mut notices, &ids, started);
-    let (published, done) = tokio::join!(publishing, waiting);
+    // The batcher's window while the backlog drains: how many jobs the
+    // scheduler had to choose a batch from.
+    let depths = std::cell::RefCell::new(Vec::new());
+    let (published, done) = tokio::select! {
+        r = async { tokio::join!(publishing, waiting) } => r,
+        never = sample_queue_depth(sluice.http.as_deref(), &depths) => match never {},
+    };
+    let depths = depths.into_inner();
     let (published, finished) = (published?, done?);
     let seconds = finished.duration_since(started).as_secs_f64();
     let mut cpu = BTreeMap::new();
@@ -616,13 +645,13 @@ async fn end_to_end(
         ids.len()
     );
     let rss = sluice.pid().and_then(procstat::rss_bytes).unwrap_or(0);
-    let stages = match &sluice.http {
-        Some(http) => stage_means(http).await.unwrap_or_default(),
-        None => BTreeMap::new(),
+    let engine = match &sluice.http {
+        Some(http) => engine_report(http).await.unwrap_or_default(),
+        None => EngineReport::default(),
     };
     sluice.stop().await?;
     Ok(RunReport {
-        stages,
+        engine,
         rss,
         jobs: ids.len(),
         seconds,
@@ -633,29 +662,72 @@ async fn end_to_end(
         batch_mean: stats::mean(&batch),
         queue_p50_ms: stats::percentile(&queued, 50.0),
         queue_p99_ms: stats::percentile(&queued, 99.0),
+        depth_p50: stats::percentile(&depths, 50.0),
+        depth_p10: stats::percentile(&depths, 10.0),
     })
 }
 
-/// Mean time per worker stage from `sluice_worker_stage_seconds` (a summary:
-/// `_sum` and `_count` per stage), in the worker's stage order.
-async fn stage_means(http: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+/// What Sluice's own metrics say about a run (`/metrics`, read after it).
+#[derive(Default)]
+struct EngineReport {
+    /// Mean seconds a job spent in each worker stage.
+    stages: BTreeMap<String, f64>,
+    /// Mean share of a batch's padded tokens that was padding.
+    padding: Option<f64>,
+    /// Mean seconds of one batch on an inference thread (tensors built,
+    /// forward pass, outputs read).
+    inference_per_batch: Option<f64>,
+}
+
+async fn engine_report(http: &str) -> anyhow::Result<EngineReport> {
     let text = reqwest::get(format!("{http}/metrics")).await?.text().await?;
+    let overall = |metric: &str| summary_means(&text, metric, None).remove("");
+    Ok(EngineReport {
+        stages: summary_means(&text, sluice_schemas::metrics::WORKER_STAGE.name, Some("stage")),
+        padding: overall(sluice_schemas::metrics::BATCH_PADDING.name),
+        inference_per_batch: overall(sluice_schemas::metrics::INFERENCE_SECONDS.name),
+    })
+}
+
+/// Mean of a summary (`_sum` ÷ `_count`) per value of `label`, or over all
+/// series under the key `""` when `label` is `None`.
+fn summary_means(text: &str, metric: &str, label: Option<&str>) -> BTreeMap<String, f64> {
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("sluice_worker_stage_seconds_")) {
-        let (Some(stage), Some(value)) = (
-            line.split("stage=\"").nth(1).and_then(|s| s.split('"').next()),
-            line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
-        ) else {
-            continue;
+    let (sum, count) = (format!("{metric}_sum"), format!("{metric}_count"));
+    for line in text.lines().filter(|l| l.starts_with(metric)) {
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        let key = match label {
+            None => String::new(),
+            Some(l) => match line.split(&format!("{l}=\"")).nth(1).and_then(|s| s.split('"').next()) {
+                Some(k) => k.to_owned(),
+                None => continue,
+            },
         };
-        let e = sums.entry(stage.to_owned()).or_default();
-        if line.starts_with("sluice_worker_stage_seconds_sum") {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let e = sums.entry(key).or_default();
+        if name == sum {
             e.0 += value;
-        } else if line.starts_with("sluice_worker_stage_seconds_count") {
+        } else if name == count {
             e.1 += value;
         }
     }
-    Ok(sums.into_iter().filter(|(_, (_, n))| *n > 0.0).map(|(k, (s, n))| (k, s / n)).collect())
+    sums.into_iter().filter(|(_, (_, n))| *n > 0.0).map(|(k, (s, n))| (k, s / n)).collect()
+}
+
+/// Reads `sluice_queue_depth` every 200 ms into `into`, until dropped.
+async fn sample_queue_depth(http: Option<&str>, into: &std::cell::RefCell<Vec<f64>>) -> std::convert::Infallible {
+    let name = sluice_schemas::metrics::QUEUE_DEPTH.name;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(http) = http else { continue };
+        let Ok(text) = async { reqwest::get(format!("{http}/metrics")).await?.text().await }.await else { continue };
+        let depth: f64 = text
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        into.borrow_mut().push(depth);
+    }
 }
 
 /// `(job_id, JobRequest JSON)`.
