@@ -407,6 +407,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What [`Ctx::dead_letter`] calls its send when it is refused.
+const DEAD_LETTER: &str = "dead-letter record";
+
 /// How inference ended for a job.
 enum Ran {
     Done { version: String, out: sluice_workers::Inferred },
@@ -417,27 +420,30 @@ enum Ran {
 }
 
 impl Ctx {
-    /// Turns one record into its effects. `Err` only when shutdown stopped
-    /// the work before its effects were durable.
     /// [`Ctx::process`], then, if an effect was refused for good, the record
     /// dead-lettered (code `internal`, the refusal as the message) so that
-    /// its offset can be committed. `Err` only at shutdown.
+    /// its offset can be committed. When what was refused is the record's
+    /// own dead letter (a bad input's), it is not tried a second time.
+    /// `Err` only at shutdown.
     async fn settle(&self, rec: &Record) -> Result<(), Unfinished> {
         let (what, error) = match self.process(rec).await {
             Err(Unfinished::Refused { what, error }) => (what, error),
             done => return done,
         };
         let message = format!("{what} refused for good: {error}");
-        match self.dead_letter(rec, ErrorCode::Internal, &message).await {
-            Err(Unfinished::Refused { error, .. }) => {
-                // Nowhere left to put it: say so loudly and move on rather
-                // than stop the partition.
-                metrics::counter!(sluice_schemas::metrics::DEAD_LETTER_FAILURES.name).increment(1);
-                tracing::error!(%message, dead_letter_error = %error, "record dropped: dead-lettering was refused too");
-                Ok(())
+        let dead_letter_error = if what == DEAD_LETTER {
+            error
+        } else {
+            match self.dead_letter(rec, ErrorCode::Internal, &message).await {
+                Err(Unfinished::Refused { error, .. }) => error,
+                other => return other,
             }
-            other => other,
-        }
+        };
+        // Nowhere left to put it: say so loudly and move on rather than
+        // stop the partition.
+        metrics::counter!(sluice_schemas::metrics::DEAD_LETTER_FAILURES.name).increment(1);
+        tracing::error!(%message, %dead_letter_error, "record dropped: dead-lettering was refused too");
+        Ok(())
     }
 
     async fn process(&self, rec: &Record) -> Result<(), Unfinished> {
@@ -729,8 +735,7 @@ impl Ctx {
             (headers::WORKER_ID, self.cfg.worker_id.as_bytes()),
         ]);
         let dlq = topics::dlq(&self.cfg.topic_prefix);
-        self.durably("dead-letter record", || self.producer.send(&dlq, rec.key.as_deref(), &rec.payload, &hdrs))
-            .await?;
+        self.durably(DEAD_LETTER, || self.producer.send(&dlq, rec.key.as_deref(), &rec.payload, &hdrs)).await?;
         metrics::counter!(sluice_schemas::metrics::DEAD_LETTERED.name, "code" => code.as_str()).increment(1);
         Ok(())
     }

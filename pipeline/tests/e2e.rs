@@ -365,12 +365,25 @@ async fn a_result_the_broker_refuses_for_good_is_dead_lettered_and_the_partition
     // the job records and their dead letters are well under it.
     let mut h = Harness::start_with(prefix.clone(), true, json!({"kafka": {"max_message_bytes": 4096}})).await;
     let n = 5;
-    let records = numbered_jobs("refused", n, "a sentence whose embedding is too large to publish");
+    let mut records = numbered_jobs("refused", n, "a sentence whose embedding is too large to publish");
+    // And a bad input that is itself over the bound: its own dead letter is
+    // refused, which is counted and logged once (not retried as a second
+    // dead letter), and the partition moves on past it too.
+    records.push(record(Some("too-large-and-bad"), format!("{{\"not json {}", "x".repeat(6000))));
+    // Counters are process-wide (other tests run in this process): deltas.
+    let counts = |text: &str| {
+        (
+            metric(text, sluice_schemas::metrics::DEAD_LETTER_FAILURES.name),
+            metric(text, sluice_schemas::metrics::DEAD_LETTERED.name),
+        )
+    };
+    let before = counts(&metrics_text(&h).await);
     let positions = h.produce(&h.jobs_topic(), Some(0), records).await;
+    let positions = &positions[..n];
 
     let dlq = h.consume(&format!("{prefix}.dlq"), n, 60).await;
     assert_eq!(dlq.len(), n, "every refused result is dead-lettered: {dlq:?}");
-    for (_, offset) in &positions {
+    for (_, offset) in positions {
         let d = dlq
             .iter()
             .find(|d| d["headers"]["sluice.source.offset"].as_str() == Some(offset.to_string().as_str()))
@@ -392,6 +405,9 @@ async fn a_result_the_broker_refuses_for_good_is_dead_lettered_and_the_partition
     // and shards) lacks it, which the dead letter records.
     let body = h.wait_done("refused-0").await;
     assert_eq!(body["status"], "succeeded", "{body}");
+    let after = counts(&metrics_text(&h).await);
+    assert_eq!(after.0 - before.0, 1.0, "one dead letter was refused, and counted once");
+    assert_eq!(after.1 - before.1, n as f64, "the other dead letters were sent");
     h.stop().await;
 }
 
