@@ -140,6 +140,22 @@ impl RebalanceHooks for SinkHooks {
     }
 }
 
+/// Drops what is held for the partitions revoked since the last call: their
+/// buffered rows, resume points and durable offsets (a revoked partition may
+/// have a new owner, whose progress this member must not commit over).
+fn forget_revoked(
+    hooks: &SinkHooks,
+    batch: &mut Batch,
+    resume: &mut HashMap<(String, i32), i64>,
+    durable: &mut HashMap<(String, i32), i64>,
+) {
+    for (t, p) in hooks.take() {
+        batch.forget(&t, p);
+        resume.remove(&(t.clone(), p));
+        durable.remove(&(t, p));
+    }
+}
+
 /// Decodes a results-topic record. `None`: not a JobResult (counted, then
 /// skipped: the record's offset is still covered by the next commit).
 fn decode(rec: &Record) -> Option<ResultRow> {
@@ -189,11 +205,7 @@ pub async fn run<D: Destination>(
                 consumer.rejoin_if_wedged().await;
                 // Only partitions still held: a revoked one may have a new
                 // owner further on.
-                for (t, p) in hooks.take() {
-                    batch.forget(&t, p);
-                    resume.remove(&(t.clone(), p));
-                    durable.remove(&(t, p));
-                }
+                forget_revoked(&hooks, &mut batch, &mut resume, &mut durable);
                 let held: Vec<(String, i32, i64)> = durable.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
                 if let Err(e) = consumer.commit(&held) {
                     tracing::warn!(sink = name, error = %e, "periodic offset commit failed; retried next tick");
@@ -210,11 +222,7 @@ pub async fn run<D: Destination>(
                 }
             },
         };
-        for (t, p) in hooks.take() {
-            batch.forget(&t, p);
-            resume.remove(&(t.clone(), p));
-            durable.remove(&(t, p));
-        }
+        forget_revoked(&hooks, &mut batch, &mut resume, &mut durable);
         if let Some(rec) = rec {
             let key = (rec.topic.clone(), rec.partition);
             let from = match resume.get(&key) {
