@@ -26,7 +26,7 @@ use crate::WorkerError;
 use crate::backend::{Prepared, Preprocessor, Runner};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::model::ModelVersion;
-use crate::runtime::SessionConfig;
+use crate::runtime::{ExecutionProvider, SessionConfig};
 use crate::scheduler::{Dropped, Entry, Limits, Scheduler};
 
 /// Batching and threading of one model's engine. `model.toml`'s
@@ -50,7 +50,8 @@ pub struct EngineConfig {
     /// consumer) and [`InferenceHandle::try_enqueue`] fails with
     /// [`WorkerError::Overloaded`].
     pub queue_capacity: usize,
-    /// OS threads running inference, each with its own session.
+    /// OS threads running inference, each with its own session; 0: one per
+    /// core (one on a GPU).
     pub inference_threads: usize,
     /// ONNX Runtime settings.
     pub session: SessionConfig,
@@ -192,7 +193,12 @@ impl InferenceHandle {
         };
         let label = model.label();
         let breaker = Arc::new(Breaker::new(cfg.breaker.clone()));
-        let threads = cfg.inference_threads.max(1);
+        let threads = match (cfg.inference_threads, cfg.session.provider) {
+            // A GPU runs one batch at a time anyway.
+            (0, ExecutionProvider::Cuda { .. }) => 1,
+            (0, ExecutionProvider::Cpu) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            (n, _) => n,
+        };
         let idle = Arc::new(Idle { busy: AtomicUsize::new(0), threads, notify: tokio::sync::Notify::new() });
         // Bound: one batch in hand-over. Batches are formed only when a thread
         // is free (see `Idle`), so none waits here for long.
@@ -233,7 +239,7 @@ impl InferenceHandle {
             .spawn(move || preprocess_loop(p, submit_rx, sched_tx))
             .map_err(|e| WorkerError::Load { model: label.clone(), message: format!("spawn thread: {e}") })?;
         tokio::spawn(batcher(sched_rx, batch_tx, idle, Scheduler::new(limits), label.clone()));
-        tracing::info!(model = %label, threads = cfg.inference_threads.max(1), "inference engine ready");
+        tracing::info!(model = %label, threads, "inference engine ready");
         Ok(InferenceHandle {
             tx,
             admission: Arc::new(Semaphore::new(cfg.queue_capacity)),

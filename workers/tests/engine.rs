@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use sluice_schemas::{DType, ErrorCode, Input, JobRequest, Output, Tensor};
 use sluice_workers::{
-    BreakerConfig, BreakerState, EngineConfig, EngineJob, InferenceHandle, ModelPool, ModelRepository, WorkerError,
+    BreakerConfig, BreakerState, EngineConfig, EngineJob, InferenceHandle, ModelPool, ModelRepository, SessionConfig,
+    WorkerError,
 };
 
 const MODEL: &str = "all-minilm-l6-v2";
@@ -190,6 +191,35 @@ async fn an_embedding_alone_and_inside_a_padded_batch_of_32_agree() {
     }
     let c = cosine(alone.embedding().unwrap(), target.embedding().unwrap());
     assert!(c >= 0.99999, "cosine {c}");
+}
+
+/// Two inference threads, each with a single-threaded session (the default
+/// layout on 2 cores), taking batches as they free up: every result is the
+/// one a lone session gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_single_threaded_sessions_give_a_lone_sessions_results() {
+    let model = repo().latest(MODEL).unwrap();
+    let one = SessionConfig { intra_threads: 1, ..Default::default() };
+    let engine = InferenceHandle::start(
+        model.clone(),
+        EngineConfig { inference_threads: 2, max_batch_size: 8, session: one.clone(), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let texts: Vec<String> =
+        (0..64).map(|i| format!("sentence number {i} {}", "about sessions ".repeat(i % 9))).collect();
+    let mut tickets = Vec::new();
+    for t in &texts {
+        tickets.push(engine.enqueue(EngineJob::text(t.clone())).await.unwrap());
+    }
+    let mut lone = sluice_workers::RawSession::load(&model, &one).unwrap();
+    for (t, ticket) in texts.iter().zip(tickets) {
+        let shared = ticket.wait().await.unwrap();
+        let prepared = lone.prepare(&Input::Text(t.clone())).unwrap();
+        let Output::Embedding(alone) = lone.run(&[&prepared]).unwrap().remove(0) else { panic!() };
+        let c = cosine(shared.embedding().unwrap(), &alone);
+        assert!(c >= 0.99999, "{t}: cosine {c}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,7 +513,7 @@ async fn failing_inference_opens_the_breaker_until_a_healthy_version_serves() {
 /// when the policy says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unavailable_execution_provider_fails_or_falls_back_by_policy() {
-    use sluice_workers::{ExecutionProvider, ProviderFallback, SessionConfig};
+    use sluice_workers::{ExecutionProvider, ProviderFallback};
     let model = repo().latest(MODEL).unwrap();
     let cuda = |fallback| EngineConfig {
         session: SessionConfig { provider: ExecutionProvider::Cuda { device_id: 0 }, fallback, ..Default::default() },
