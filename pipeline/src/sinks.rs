@@ -229,12 +229,19 @@ pub async fn run<D: Destination>(
                 Some(o) => *o,
                 None => {
                     let o = dest.resume_point(&rec.topic, rec.partition).await?;
-                    resume.insert(key, o);
+                    resume.insert(key.clone(), o);
                     o
                 }
             };
             if rec.offset < from {
                 metrics::counter!(sluice_schemas::metrics::SINK_REPLAYED_SKIPPED.name, "sink" => name).increment(1);
+                // Already durable in the destination, so the group may
+                // commit past it (next tick). Without this, a partition
+                // whose commit was lost (one that failed in a rebalance) is
+                // read again, skipped to its end and never committed: its
+                // lag stays until new records come.
+                let d = durable.entry(key).or_insert(0);
+                *d = (*d).max(rec.offset + 1);
                 continue;
             }
             batch.push(&rec, decode(&rec));

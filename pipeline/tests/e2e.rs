@@ -1784,6 +1784,72 @@ async fn a_killed_sink_member_is_dropped_from_its_group_within_the_session_timeo
     assert_eq!(rows(lake_b.clone(), "third").await, 400, "every result after the kill is in the survivor's lake");
 }
 
+/// A sink whose destination is ahead of its group's committed offsets (its
+/// commits were lost: one that fails in a rebalance is not repeated) reads
+/// those records again, skips them as durable, and commits past them. Before,
+/// it skipped them and committed nothing, and the partition's lag stayed
+/// until new records came (seen as "both sinks: lag 50 after 120s" in the
+/// test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_commits_past_records_its_destination_already_holds() {
+    let prefix = unique_prefix("sinkahead");
+    let broker = sluice_pipeline::kafka::EmbeddedBroker::start().unwrap();
+    let results = format!("{prefix}.results");
+    for topic in [results.clone(), format!("{prefix}.dlq")] {
+        broker.create_topic(&topic, 4).unwrap();
+    }
+    let brokers = broker.bootstrap().to_owned();
+    let lake = scratch(&prefix).join("lake");
+    let group = format!("{prefix}.sink-0.lake");
+    let probe = sluice_pipeline::kafka::LagProbe::new(&brokers, &group, &results).unwrap();
+    let lag_reaches = |want: i64, within: Duration| {
+        let probe = &probe;
+        async move {
+            let started = Instant::now();
+            loop {
+                let lag = probe.lag().await.unwrap_or(i64::MAX);
+                if lag == want {
+                    return;
+                }
+                assert!(started.elapsed() < within, "lag {lag}, not {want}, after {within:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    produce_results_to(&brokers, &prefix, "ahead", 0..200, false);
+    let sink = start_sink_with(&brokers, &prefix, 0, &lake, &[], "");
+    lag_reaches(0, Duration::from_secs(60)).await;
+    // Gracefully: it leaves the group, so the group has no member.
+    unsafe { libc::kill(sink.0.id() as i32, libc::SIGTERM) };
+    let mut sink = sink;
+    sink.0.wait().unwrap();
+    python(
+        ["commit", "--brokers", &brokers, "--topic", &results, "--group", &group, "--offset", "0"]
+            .map(str::to_owned)
+            .to_vec(),
+        String::new(),
+    )
+    .await;
+    lag_reaches(200, Duration::from_secs(10)).await;
+
+    // librdkafka's mock cluster keeps the committing consumer in the group
+    // until its session (45 s) times out, though it left: the sink is
+    // assigned its partitions after that.
+    let _sink = start_sink_with(&brokers, &prefix, 0, &lake, &[], "");
+    lag_reaches(0, Duration::from_secs(180)).await;
+    let analytics = sluice_sql::Analytics::new(
+        sluice_sql::Sources { lake: Some(lake), shards: vec![] },
+        sluice_sql::QueryLimits { max_rows: 10, timeout: Duration::from_secs(30) },
+    )
+    .unwrap();
+    let counted = count_json(
+        &analytics,
+        "SELECT count(*) AS n, count(DISTINCT job_id) AS d FROM results WHERE job_id LIKE 'ahead-%'",
+    )
+    .await;
+    assert_eq!((counted["n"].as_i64(), counted["d"].as_i64()), (Some(200), Some(200)), "nothing written twice");
+}
+
 /// A PostgreSQL shard is stopped for 10 s while results keep coming: the
 /// sink retries (committing nothing), catches up when it returns, and every
 /// result ends in its own shard exactly once.

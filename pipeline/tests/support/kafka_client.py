@@ -86,17 +86,39 @@ def committed(args):
     c.close()
 
 
+def commit(args):
+    """Joins --group, commits --offset for every partition of --topic and
+    leaves, as if its members' commits had been lost. (A commit from outside
+    the group is refused by librdkafka's mock cluster.)"""
+    c = Consumer({"bootstrap.servers": args.brokers, "group.id": args.group, "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest"})
+    md = c.list_topics(args.topic, timeout=10)
+    want = len(md.topics[args.topic].partitions)
+    c.subscribe([args.topic])
+    deadline = time.time() + args.timeout
+    while len(c.assignment()) < want:
+        if time.time() > deadline:
+            raise SystemExit(f"assigned {c.assignment()} of {want} partitions")
+        c.poll(0.2)
+    tps = [TopicPartition(args.topic, p, args.offset) for p in md.topics[args.topic].partitions]
+    for tp in c.commit(offsets=tps, asynchronous=False):
+        if tp.error:
+            raise SystemExit(f"commit {tp}: {tp.error}")
+    c.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["produce", "consume", "committed"])
+    ap.add_argument("command", choices=["produce", "consume", "committed", "commit"])
     ap.add_argument("--brokers", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--partition", type=int)
     ap.add_argument("--count", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=30)
     ap.add_argument("--group")
+    ap.add_argument("--offset", type=int, default=0)
     args = ap.parse_args()
-    {"produce": produce, "consume": consume, "committed": committed}[args.command](args)
+    {"produce": produce, "consume": consume, "committed": committed, "commit": commit}[args.command](args)
 
 
 if __name__ == "__main__":
