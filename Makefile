@@ -25,9 +25,9 @@ export SLUICE_TEST_PYTHON := $(PY)
 # Resolved when a recipe runs (the venv may not exist when make starts).
 ORT_ENV = export ORT_DYLIB_PATH="$$(ls $(VENV)/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)"
 
-APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates kcat
+APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates kcat chromium
 
-.PHONY: bench bench-e2e help install setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
+.PHONY: bench bench-e2e load help install setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
 
 help:
 	@echo "make install install what is missing, build release sluice and sluice-load into $(PREFIX)/bin"
@@ -36,6 +36,7 @@ help:
 	@echo "make models  export the MiniLM model into $(MODELS)"
 	@echo "make bench   batching benchmark: raw ONNX Runtime ceiling vs the engine"
 	@echo "make bench-e2e  end-to-end throughput (release): Kafka -> sluice -> Redis vs the raw ONNX Runtime ceiling"
+	@echo "make load    load scenarios (steady, capacity, spike, tenants) against sluice up; reports in $(LOAD_DIR)"
 	@echo "make lint    rustfmt check + clippy"
 
 ## --- installation (idempotent) ---------------------------------------------
@@ -108,6 +109,7 @@ test: setup tansu install
 	deploy/local/services.sh start $(SERVICES_DIR); \
 	trap 'deploy/local/services.sh stop $(SERVICES_DIR)' EXIT; \
 	source $(SERVICES_DIR)/env; \
+	export SLUICE_BIN=$(BIN)/sluice; \
 	status=0; \
 	cargo test --workspace --no-fail-fast --exclude sluice-pipeline -- $(TEST_ARGS) || status=$$?; \
 	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 $(TEST_ARGS) || status=$$?; \
@@ -146,6 +148,26 @@ bench-e2e: setup tansu
 	$(RELEASE)/sluice-load bench --sluice $(RELEASE)/sluice --models $(MODELS) --python $(PY) \
 	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $$dir \
 	  --out $$out $${prev:+--baseline $$prev} $(BENCH_ARGS)
+
+# Load scenarios (release build), each against a `sluice up` it starts, about
+# 8 minutes on 2 cores in all: capacity on short queries and on mixed
+# paragraphs, a steady run with 1% poison records, a 10x spike, a noisy tenant
+# next to a quiet one. Each writes report.json and report.html (plots) under
+# $(LOAD_DIR)/<time>/<scenario>. `make load LOAD_ARGS="--via kafka"` adds
+# arguments to every scenario.
+LOAD_DIR := $(CACHE)/load-reports
+LOAD_ARGS ?=
+load: setup
+	cargo build --release --bin sluice --bin sluice-load
+	@$(ORT_ENV); export SLUICE_BIN=$(RELEASE)/sluice; \
+	dir=$(LOAD_DIR)/$$(date -u +%Y%m%dT%H%M%SZ); status=0; \
+	L=$(RELEASE)/sluice-load; \
+	$$L capacity --corpus short --start-rate 200 --factor 1.3 --step-secs 10 --p99-ms 2000 --out $$dir/capacity-short $(LOAD_ARGS) || status=$$?; \
+	$$L capacity --corpus mixed --start-rate 30 --factor 1.3 --step-secs 10 --p99-ms 5000 --out $$dir/capacity-mixed $(LOAD_ARGS) || status=$$?; \
+	$$L steady --corpus short --rate 300 --duration 60 --poison 0.01 --via kafka --out $$dir/steady $(LOAD_ARGS) || status=$$?; \
+	$$L spike --corpus short --rate 100 --factor 10 --before-secs 15 --spike-secs 15 --after-secs 45 --out $$dir/spike $(LOAD_ARGS) || status=$$?; \
+	$$L tenants --corpus short --limit 100 --quiet-rate 50 --noisy-rate 1000 --duration 30 --out $$dir/tenants $(LOAD_ARGS) || status=$$?; \
+	echo "reports: $$dir/*/report.html"; exit $$status
 
 services-start: tansu
 	deploy/local/services.sh start $(SERVICES_DIR)

@@ -98,12 +98,8 @@ pub struct BenchArgs {
     baseline: Option<PathBuf>,
     /// Extra environment for the `sluice` processes (`KEY=VALUE`, repeatable),
     /// e.g. `--env SLUICE__WORKER__MAX_IN_FLIGHT=4096`.
-    #[arg(long = "env", value_parser = parse_env)]
+    #[arg(long = "env", value_parser = crate::child::parse_env)]
     envs: Vec<(String, String)>,
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 
+/// A `KEY=VALUE` command-line argument: a setting for a `sluice` child.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
 /// A running `sluice` process.
 pub struct SluiceProcess {
     child: tokio::process::Child,

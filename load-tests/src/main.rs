@@ -7,11 +7,15 @@
 //!   back.
 //! - `bench` is `make bench-e2e`: Sluice end to end against the raw ONNX
 //!   Runtime ceiling, with the embedded and a real broker (see `bench.rs`).
+//! - `steady`, `capacity`, `spike`, `tenants` are load scenarios against a
+//!   `sluice up` they start or an existing deployment, each writing a report
+//!   (see `load/mod.rs`).
 
 mod bench;
 mod child;
 mod corpus;
 mod demo;
+mod load;
 mod procstat;
 mod stats;
 
@@ -51,6 +55,8 @@ enum Cmd {
     /// the same model, with the CPU each process used. Also compares the
     /// text model's versions (fp32, int8) for speed and accuracy.
     Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Load(load::Scenario),
 }
 
 #[tokio::main]
@@ -60,5 +66,12 @@ async fn main() -> anyhow::Result<()> {
             demo::run(&sluice, &models, corpus.as_deref(), concurrency).await
         }
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Load(scenario) => {
+            if !load::run(scenario).await? {
+                eprintln!("verdict: FAILED (see the report)");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
