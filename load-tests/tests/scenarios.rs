@@ -5,7 +5,8 @@
 //! must hold the plots.
 //!
 //! Environment (set by `make test`): SLUICE_BIN (the `sluice` binary),
-//! SLUICE_MODEL_REPO, ORT_DYLIB_PATH; `chromium` on the PATH.
+//! SLUICE_MODEL_REPO, ORT_DYLIB_PATH, SLUICE_TEST_BROKERS and
+//! SLUICE_TEST_REDIS (tansu and Redis); `chromium` on the PATH.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +30,11 @@ fn out_dir(name: &str) -> PathBuf {
 /// Runs `sluice-load <args> --out <dir>` and returns its report and exit status.
 fn run(name: &str, args: &[&str]) -> (Value, bool, PathBuf) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    run_alone(name, args)
+}
+
+/// [`run`], for a caller that holds [`SERIAL`].
+fn run_alone(name: &str, args: &[&str]) -> (Value, bool, PathBuf) {
     let dir = out_dir(name);
     let out = Command::new(env!("CARGO_BIN_EXE_sluice-load"))
         .args(args)
@@ -200,6 +206,84 @@ fn a_noisy_tenant_is_limited_and_the_quiet_one_is_not() {
     assert_eq!(u(&streams[0]["sent"]), 20);
     assert_eq!(u(&streams[1]["sent"]), 240);
     assert_eq!(u(&r["total"]["unfinished"]), 0);
+}
+
+/// A `sluice gateway` or `sluice worker` of the test's own, killed on drop.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `sluice <args>` and returns it with the REST address from its
+/// ready file (for a gateway).
+fn start(args: &[&str], prefix: &str) -> (Process, Option<String>) {
+    let ready = std::env::temp_dir().join(format!("sluice-load-smoke-{}-{}.ready", std::process::id(), args[0]));
+    let _ = std::fs::remove_file(&ready);
+    let child = Command::new(need("SLUICE_BIN"))
+        .args(args)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("SLUICE__KAFKA__TOPIC_PREFIX", prefix)
+        .env("SLUICE__STORE__KEY_PREFIX", format!("{prefix}:"))
+        .env("SLUICE__STORE__CACHE_TTL_SECS", "0")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("sluice starts");
+    let mut process = Process(child);
+    for _ in 0..1200 {
+        if let Ok(bytes) = std::fs::read(&ready)
+            && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+        {
+            return (process, v["http"].as_str().map(str::to_owned));
+        }
+        assert!(process.0.try_wait().unwrap().is_none(), "sluice {} exited before it was ready", args[0]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("sluice {} not ready after 120 s", args[0]);
+}
+
+/// `steady` against a deployment it did not start: a gateway and a worker as
+/// separate processes on the real broker (tansu) and Redis, as `make test`
+/// runs them; jobs through REST, results read from the deployment's topic.
+#[test]
+fn steady_drives_a_deployment_of_separate_processes_on_the_real_broker() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (brokers, redis, models) = (need("SLUICE_TEST_BROKERS"), need("SLUICE_TEST_REDIS"), need("SLUICE_MODEL_REPO"));
+    let prefix = format!("loadsmoke{}", std::process::id());
+    let (_worker, _) = start(
+        &["worker", "--brokers", &brokers, "--redis", &redis, "--models", &models, "--ops-listen", "127.0.0.1:0"],
+        &prefix,
+    );
+    let (_gateway, http) =
+        start(&["gateway", "--brokers", &brokers, "--redis", &redis, "--listen", "127.0.0.1:0"], &prefix);
+    let http = http.expect("the gateway's REST address");
+    let (r, ok, _) = run_alone(
+        "separate",
+        &[
+            "steady",
+            "--http",
+            &http,
+            "--brokers",
+            &brokers,
+            "--topic-prefix",
+            &prefix,
+            "--corpus",
+            "short",
+            "--rate",
+            "10",
+            "--duration",
+            "4",
+        ],
+    );
+    assert!(ok, "{}", r["verdict"]);
+    assert_eq!(r["target"]["started"], Value::Null, "nothing started by the tool");
+    assert_eq!(u(&r["total"]["sent"]), 40);
+    assert_eq!(u(&r["total"]["finished"]), 40);
+    assert_eq!(u(&r["total"]["statuses"]["succeeded"]), 40);
 }
 
 /// The HTML report, rendered by a real browser, shows its plots.

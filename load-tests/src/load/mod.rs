@@ -369,7 +369,7 @@ async fn judge_steps(run: Arc<Run>, phases: Vec<Phase>, p99_ms: f64, out: Arc<Mu
             "sent": sent,
             "accepted": accepted,
             "within_target_share": round(within_share * 100.0) / 100.0,
-            "p99_ms_so_far": (!lat.is_empty()).then(|| crate::stats::percentile(&lat, 99.0)),
+            "p99_ms_of_finished": (!lat.is_empty()).then(|| crate::stats::percentile(&lat, 99.0).round()),
             "finished_per_s": round(finished_in_step as f64 / phase.secs),
             "held": held,
         }));
@@ -386,7 +386,7 @@ fn capacity_charts(steps: &[Value], p99_ms: f64) -> Vec<report::Chart> {
     };
     let finished = pts("finished_per_s");
     let offered: Vec<(f64, f64)> = finished.iter().map(|&(r, _)| (r, r)).collect();
-    let p99: Vec<(f64, f64)> = pts("p99_ms_so_far").into_iter().map(|(r, v)| (r, v.min(p99_ms * 4.0))).collect();
+    let p99: Vec<(f64, f64)> = pts("p99_ms_of_finished").into_iter().map(|(r, v)| (r, v.min(p99_ms * 4.0))).collect();
     let mut out = Vec::new();
     if let Ok(svg) = report::line_chart(
         "Capacity: throughput per step",
