@@ -153,10 +153,6 @@ pub struct Run {
 }
 
 impl Run {
-    fn now(&self) -> f64 {
-        self.start.elapsed().as_secs_f64()
-    }
-
     /// Reads the book under its lock.
     pub fn with_book<T>(&self, f: impl FnOnce(&Book) -> T) -> T {
         f(&self.book.lock().expect("book lock"))
@@ -164,7 +160,7 @@ impl Run {
 
     /// Seconds since the run started.
     pub fn elapsed(&self) -> f64 {
-        self.now()
+        self.start.elapsed().as_secs_f64()
     }
 }
 
@@ -200,7 +196,16 @@ where
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(plan.max_outstanding)
         .build()?;
-    warm_up(target, plan, &consumer, &producer, &http, &tag).await?;
+    let submitter = Submitter {
+        http_base: target.http.clone(),
+        api_key: target.api_key.clone(),
+        topic_prefix: target.topic_prefix.clone(),
+        model: plan.model.clone(),
+        via: plan.via,
+        producer,
+        http,
+    };
+    warm_up(&submitter, plan, &consumer, &tag).await?;
     let run = Arc::new(Run {
         start: Instant::now(),
         book: Mutex::new(Book::default()),
@@ -213,24 +218,14 @@ where
     let watch = watch_results(&run, &consumer, &dlq);
     let sample = sample(&run, target, &bar);
     let slots = Arc::new(Semaphore::new(plan.max_outstanding.max(1)));
-    let sender = Arc::new(Sender {
-        http_base: target.http.clone(),
-        api_key: target.api_key.clone(),
-        topic_prefix: target.topic_prefix.clone(),
-        model: plan.model.clone(),
-        via: plan.via,
-        run: run.clone(),
-        producer,
-        http,
-        tag,
-    });
+    let sender = Arc::new(Sender { submitter, run: run.clone(), tag });
     let send = async {
         let streams =
             plan.streams.iter().enumerate().map(|(i, s)| sender.clone().stream(i, s.clone(), plan, slots.clone()));
         futures::future::join_all(streams).await;
         // Every submission answered.
         let _ = slots.acquire_many(plan.max_outstanding.max(1) as u32).await;
-        run.book.lock().expect("book lock").sent_until = run.now();
+        run.book.lock().expect("book lock").sent_until = run.elapsed();
         drain(&run, plan.drain, &bar).await;
     };
     tokio::select! {
@@ -240,20 +235,57 @@ where
     }
     bar.finish_and_clear();
     let mut book = std::mem::take(&mut *run.book.lock().expect("book lock"));
-    book.ended = run.now();
+    book.ended = run.elapsed();
     Ok(book)
 }
 
-/// Sends jobs; shared by the streams' submission tasks.
-struct Sender {
+/// Submits one job through REST or Kafka.
+struct Submitter {
     http_base: String,
     api_key: Option<String>,
     topic_prefix: String,
     model: String,
     via: Via,
-    run: Arc<Run>,
     producer: Producer,
     http: reqwest::Client,
+}
+
+impl Submitter {
+    /// Sends job `id` of stream `s`; how it was answered, or why it failed.
+    async fn submit(&self, id: &str, s: &Stream, input: &Value) -> Result<Answer, String> {
+        let body = json!({"job_id": id, "tenant": s.tenant, "model": self.model, "input": input});
+        match self.via {
+            Via::Rest => self.post(&body, s.api_key.as_ref().or(self.api_key.as_ref())).await,
+            Via::Kafka => {
+                let topic = topics::jobs(&self.topic_prefix, &self.model);
+                let hdrs = [(headers::TENANT, s.tenant.as_bytes())];
+                match self.producer.send(&topic, Some(id.as_bytes()), body.to_string().as_bytes(), &hdrs).await {
+                    Ok(_) => Ok(Answer::Accepted),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn post(&self, body: &Value, key: Option<&String>) -> Result<Answer, String> {
+        let mut req = self.http.post(format!("{}/v1/jobs", self.http_base)).json(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| format!("POST /v1/jobs: {e}"))?;
+        match resp.status().as_u16() {
+            200 | 202 => Ok(Answer::Accepted),
+            429 => Ok(Answer::Limited),
+            503 => Ok(Answer::Overloaded),
+            s => Err(format!("POST /v1/jobs: {s} {}", resp.text().await.unwrap_or_default())),
+        }
+    }
+}
+
+/// Sends jobs on schedule and books them; shared by the streams' tasks.
+struct Sender {
+    submitter: Submitter,
+    run: Arc<Run>,
     tag: String,
 }
 
@@ -278,7 +310,7 @@ impl Sender {
                 let due = phase_start + k as f64 / phase.rate;
                 tokio::time::sleep_until(start + Duration::from_secs_f64(due)).await;
                 let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
-                if self.run.now() - due > 0.1 {
+                if self.run.elapsed() - due > 0.1 {
                     self.run.book.lock().expect("book lock").late_sends += 1;
                 }
                 let id = format!("{}-{index}-{n}", self.tag);
@@ -314,19 +346,7 @@ impl Sender {
             delivery_ms: None,
         };
         self.run.book.lock().expect("book lock").jobs.insert(id.clone(), job);
-        let body = json!({"job_id": id, "tenant": s.tenant, "model": self.model, "input": input});
-        let answer = match self.via {
-            Via::Rest => self.post(&body, s.api_key.as_ref().or(self.api_key.as_ref())).await,
-            Via::Kafka => {
-                let topic = topics::jobs(&self.topic_prefix, &self.model);
-                let payload = body.to_string();
-                let hdrs = [(headers::TENANT, s.tenant.as_bytes())];
-                match self.producer.send(&topic, Some(id.as_bytes()), payload.as_bytes(), &hdrs).await {
-                    Ok(_) => Ok(Answer::Accepted),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        };
+        let answer = self.submitter.submit(&id, s, &input).await;
         let mut book = self.run.book.lock().expect("book lock");
         let answer = answer.unwrap_or_else(|e| {
             if book.errors.len() < 10 {
@@ -339,24 +359,10 @@ impl Sender {
         }
     }
 
-    async fn post(&self, body: &Value, key: Option<&String>) -> Result<Answer, String> {
-        let mut req = self.http.post(format!("{}/v1/jobs", self.http_base)).json(body);
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().await.map_err(|e| format!("POST /v1/jobs: {e}"))?;
-        match resp.status().as_u16() {
-            200 | 202 => Ok(Answer::Accepted),
-            429 => Ok(Answer::Limited),
-            503 => Ok(Answer::Overloaded),
-            s => Err(format!("POST /v1/jobs: {s} {}", resp.text().await.unwrap_or_default())),
-        }
-    }
-
     /// A malformed record, produced straight to the jobs topic: the worker
     /// must dead-letter it with a code and go on.
     async fn send_poison(&self, id: &str, tenant: &str, kind: usize) {
-        let model = &self.model;
+        let model = &self.submitter.model;
         let payload = match kind % 4 {
             // Not JSON at all.
             0 => format!("{{\"job_id\": \"{id}\", \"model\": \"{model}\", \"inp"),
@@ -368,9 +374,9 @@ impl Sender {
             _ => json!({"job_id": id, "tenant": tenant, "model": "no-such-model", "input": {"text": "x"}}).to_string(),
         };
         self.run.book.lock().expect("book lock").poison.insert(id.to_owned(), None);
-        let topic = topics::jobs(&self.topic_prefix, model);
+        let topic = topics::jobs(&self.submitter.topic_prefix, model);
         let hdrs = [(headers::TENANT, tenant.as_bytes())];
-        if let Err(e) = self.producer.send(&topic, Some(id.as_bytes()), payload.as_bytes(), &hdrs).await {
+        if let Err(e) = self.submitter.producer.send(&topic, Some(id.as_bytes()), payload.as_bytes(), &hdrs).await {
             let mut book = self.run.book.lock().expect("book lock");
             book.poison.remove(id);
             if book.errors.len() < 10 {
@@ -387,33 +393,15 @@ const WARM_UP_JOBS: usize = 8;
 /// Longest wait for the warm-up results.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(180);
 
-async fn warm_up(
-    target: &Target,
-    plan: &Plan,
-    consumer: &Consumer,
-    producer: &Producer,
-    http: &reqwest::Client,
-    tag: &str,
-) -> anyhow::Result<()> {
+async fn warm_up(submitter: &Submitter, plan: &Plan, consumer: &Consumer, tag: &str) -> anyhow::Result<()> {
     let mut waiting = std::collections::HashSet::new();
     let stream = plan.streams.first().context("a plan without streams")?;
     for i in 0..WARM_UP_JOBS {
         let id = format!("{tag}-warm-{i}");
-        let body = json!({"job_id": id, "tenant": stream.tenant, "model": plan.model, "input": plan.inputs[i % plan.inputs.len()]});
-        match plan.via {
-            Via::Rest => {
-                let mut req = http.post(format!("{}/v1/jobs", target.http)).json(&body);
-                if let Some(k) = stream.api_key.as_ref().or(target.api_key.as_ref()) {
-                    req = req.bearer_auth(k);
-                }
-                let resp = req.send().await.context("warm-up: POST /v1/jobs")?;
-                anyhow::ensure!(resp.status().is_success(), "warm-up: POST /v1/jobs answered {}", resp.status());
-            }
-            Via::Kafka => {
-                let topic = topics::jobs(&target.topic_prefix, &plan.model);
-                let hdrs = [(headers::TENANT, stream.tenant.as_bytes())];
-                producer.send(&topic, Some(id.as_bytes()), body.to_string().as_bytes(), &hdrs).await?;
-            }
+        match submitter.submit(&id, stream, &plan.inputs[i % plan.inputs.len()]).await {
+            Ok(Answer::Accepted) => {}
+            Ok(other) => anyhow::bail!("warm-up: job {id} answered {other:?}"),
+            Err(e) => anyhow::bail!("warm-up: {e}"),
         }
         waiting.insert(id);
     }
@@ -448,7 +436,7 @@ fn poisoned(n: usize, share: f64) -> Option<usize> {
 async fn watch_results(run: &Run, consumer: &Consumer, dlq: &str) -> anyhow::Result<()> {
     loop {
         let rec = consumer.recv().await.context("reading the results topic")?;
-        let now = run.now();
+        let now = run.elapsed();
         let mut book = run.book.lock().expect("book lock");
         if rec.topic == dlq {
             let key = rec.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
@@ -487,7 +475,7 @@ async fn sample(run: &Run, target: &Target, bar: &indicatif::ProgressBar) -> std
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let now = run.now();
+        let now = run.elapsed();
         let mut book = run.book.lock().expect("book lock");
         for (name, pid) in &target.pids {
             if let Some(bytes) = procstat::rss_bytes(*pid) {
