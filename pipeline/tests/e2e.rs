@@ -72,6 +72,45 @@ fn scratch(prefix: &str) -> PathBuf {
     dir
 }
 
+/// A tansu (and a Redis) of one test's own, started by
+/// `deploy/local/services.sh` and stopped on drop. For tests that fetch
+/// hundreds of thousands of records: tansu 0.6's fetch costs CPU in
+/// proportion to everything its SQLite storage holds (measured: ~15,000
+/// records/s into a fresh broker, ~1,800/s once the suite's earlier tests
+/// have stored ~220,000 records, with tansu at 100% of a core), and a
+/// saturated tansu answers group heartbeats late enough to expire
+/// members. On the shared broker such a test would depend on what ran
+/// before it.
+struct OwnServices {
+    dir: PathBuf,
+    brokers: String,
+}
+
+impl OwnServices {
+    fn start(prefix: &str) -> OwnServices {
+        let dir = scratch(prefix).join("services");
+        let out = Command::new(services_script()).args(["start"]).arg(&dir).env("PG_CLUSTERS", "0").output().unwrap();
+        assert!(out.status.success(), "services.sh start: {}", String::from_utf8_lossy(&out.stderr));
+        let env = std::fs::read_to_string(dir.join("env")).unwrap();
+        let brokers = env
+            .lines()
+            .find_map(|l| l.strip_prefix("export SLUICE_TEST_BROKERS="))
+            .expect("services.sh writes SLUICE_TEST_BROKERS")
+            .to_owned();
+        OwnServices { dir, brokers }
+    }
+}
+
+impl Drop for OwnServices {
+    fn drop(&mut self) {
+        let _ = Command::new(services_script()).arg("stop").arg(&self.dir).output();
+    }
+}
+
+fn services_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/services.sh")
+}
+
 fn merge(a: &mut Value, b: Value) {
     match (a, b) {
         (Value::Object(a), Value::Object(b)) => {
@@ -1565,13 +1604,13 @@ impl Drop for KillOnDrop {
 }
 
 /// A `sluice sink` process in consumer group `<prefix>.sink-<run>`.
-fn start_sink(prefix: &str, run: usize, lake: &std::path::Path, shards: &[String]) -> KillOnDrop {
+fn start_sink(brokers: &str, prefix: &str, run: usize, lake: &std::path::Path, shards: &[String]) -> KillOnDrop {
     // tansu 0.6, busy with the 100,000 records just produced, answers the
     // group coordinator's requests late (REQTMOUT); the default 10 s session
     // would expire live members over and over. This test is about replays
     // (each run is a new group), not about how soon a member is dropped.
     let patient = "session_timeout_ms = 45000\nmax_poll_interval_ms = 300000";
-    start_sink_with(&env("SLUICE_TEST_BROKERS"), prefix, run, lake, shards, patient)
+    start_sink_with(brokers, prefix, run, lake, shards, patient)
 }
 
 /// [`start_sink`] with more `[sinks]` settings (TOML lines).
@@ -1614,9 +1653,13 @@ async fn count_json(analytics: &sluice_sql::Analytics, sql: &str) -> Value {
 /// 100,000 results through both sinks while the sink process is SIGKILLed
 /// twice at random points: the lake and the shards each end with exactly
 /// 100,000 distinct jobs, and DataFusion's counts agree with both.
+///
+/// On a tansu of its own ([`OwnServices`]): the three sink processes fetch
+/// the topic from offset 0 each, ~600,000 records in all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
     let prefix = unique_prefix("sinks");
+    let services = OwnServices::start(&prefix);
     let n = 100_000;
     let lake = scratch(&prefix).join("lake");
     let shards = vec![
@@ -1624,7 +1667,7 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
         fresh_pg_database(1, &format!("{prefix}_b")).await,
         format!("sqlite:{}/shard-2.db", scratch(&prefix).display()),
     ];
-    let brokers = env("SLUICE_TEST_BROKERS");
+    let brokers = services.brokers.clone();
     let started = Instant::now();
     produce_results(&brokers, &prefix, "r", 0..n);
     println!("sinks: produced {n} results in {:.1} s", started.elapsed().as_secs_f64());
@@ -1653,7 +1696,7 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
     // what its commit log holds and the shards must insert nothing twice.
     // (It also keeps this test clear of tansu 0.6's group coordinator, which
     // can leave a rejoining member waiting on the killed one for minutes.)
-    let mut sink = start_sink(&prefix, 0, &lake, &shards);
+    let mut sink = start_sink(&brokers, &prefix, 0, &lake, &shards);
     for (run, kill_at) in [(1, 15_000 + jitter), (2, 50_000 + jitter)] {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
@@ -1667,7 +1710,7 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
             assert!(Instant::now() < deadline, "no progress: lake {l}, shards {s}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        sink = start_sink(&prefix, run, &lake, &shards);
+        sink = start_sink(&brokers, &prefix, run, &lake, &shards);
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

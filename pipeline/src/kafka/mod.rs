@@ -392,7 +392,10 @@ impl Consumer {
     /// and the group commits nothing (a wedged group; see there). Returns
     /// whether it rejoined.
     pub async fn rejoin_if_wedged(&self) -> bool {
-        if self.assigned.load(Ordering::Acquire) != 0 {
+        // Idle also while a join is pending (-1: never assigned since this
+        // member joined or rejoined): a join tansu never answers is the
+        // wedge this exists for, and a rejoin must be retried, not waited on.
+        if self.assigned.load(Ordering::Acquire) > 0 {
             *self.idle.lock().expect("idle lock") = None;
             return false;
         }
