@@ -10,6 +10,12 @@
 #
 #   services.sh start DIR   # writes DIR/env (source it) and DIR/*.pid
 #   services.sh stop DIR    # stops what `start DIR` started
+#
+# DIR/ctl stops and starts one service while the others run (the fault
+# scenario of `sluice-load faults` uses it):
+#   DIR/ctl redis stop|start   # stop saves a snapshot that start loads
+#   DIR/ctl kafka stop|start   # tansu's SQLite storage survives a restart
+#   DIR/ctl pg N stop|start    # the same as DIR/pgctl N
 set -euo pipefail
 
 cmd=${1:?usage: services.sh start|stop DIR}
@@ -54,17 +60,40 @@ case "$cmd" in
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     redis_port=$(free_port)
-    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-      --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
-    wait_for redis 10 redis-cli -p "$redis_port" ping
-
     kafka_port=$(free_port)
-    (cd "$dir" && exec "$TANSU" broker \
-        --listener-url "tcp://127.0.0.1:$kafka_port" \
-        --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
-        --storage-engine sqlite://tansu.db >tansu.log 2>&1) &
-    echo $! >"$dir/tansu.pid"
-    wait_for tansu 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$kafka_port"
+    # Redis keeps no snapshot or log while it runs (`--save ''`); `ctl redis
+    # stop` saves one on the way down, so a restart keeps the jobs.
+    cat >"$dir/ctl" <<CTL
+#!/usr/bin/env bash
+# ctl redis|kafka stop|start, ctl pg N stop|start (written by services.sh)
+set -euo pipefail
+wait_for() { for _ in \$(seq 1 300); do if "\$@" >/dev/null 2>&1; then return 0; fi; sleep 0.1; done; echo "ctl: \$1 did not answer" >&2; return 1; }
+case "\$1 \${2:-}" in
+  "redis start")
+    redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no \\
+      --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+    wait_for redis-cli -p $redis_port ping ;;
+  "redis stop")
+    redis-cli -p $redis_port shutdown save >/dev/null 2>&1 || true
+    while [ -f "$dir/redis.pid" ] && kill -0 "\$(cat "$dir/redis.pid")" 2>/dev/null; do sleep 0.1; done ;;
+  "kafka start")
+    (cd "$dir" && exec "$TANSU" broker \\
+        --listener-url "tcp://127.0.0.1:$kafka_port" \\
+        --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \\
+        --storage-engine sqlite://tansu.db >>tansu.log 2>&1) &
+    echo \$! >"$dir/tansu.pid"
+    wait_for bash -c "exec 3<>/dev/tcp/127.0.0.1/$kafka_port" ;;
+  "kafka stop")
+    pid=\$(cat "$dir/tansu.pid"); kill "\$pid" 2>/dev/null || true
+    for _ in \$(seq 1 50); do kill -0 "\$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "\$pid" 2>/dev/null || true ;;
+  "pg "*) exec "$dir/pgctl" "\$2" "\$3" ;;
+  *) echo "usage: ctl redis|kafka stop|start, ctl pg N stop|start" >&2; exit 2 ;;
+esac
+CTL
+    chmod +x "$dir/ctl"
+    "$dir/ctl" redis start
+    "$dir/ctl" kafka start
 
     pg_base=$(mktemp -d /tmp/sluice-pg.XXXXXX)
     echo "$pg_base" >"$dir/pg.base"
