@@ -22,8 +22,9 @@
 //! Nothing here waits on a round trip of its own: the store batches the
 //! writes of concurrent jobs into shared script calls, the producer batches
 //! their results, and a job's `running` record is written only if its
-//! inference outlasts `running_after` (so a fast job costs two store writes:
-//! its terminal record and the published mark).
+//! batch's forward pass outlasts `running_after` (so a fast job costs two
+//! store writes however long it queued: its terminal record and the
+//! published mark).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -68,10 +69,11 @@ pub struct WorkerConfig {
     /// How long shutdown waits for in-flight records before abandoning them
     /// (uncommitted, so they are redelivered).
     pub drain_timeout: Duration,
-    /// A job whose inference has not finished this long after it was taken
-    /// gets its `running` record stored; one that finishes sooner goes from
-    /// queued to its terminal status in one write. Zero stores `running`
-    /// before inference starts (one more store write per job).
+    /// A job whose batch's forward pass has not finished this long after it
+    /// began gets its `running` record stored; one that finishes sooner goes
+    /// from queued to its terminal status in one write, however long it
+    /// waited in the engine's queue. Zero stores `running` as soon as the
+    /// job is taken (one more store write per job).
     pub running_after: Duration,
     /// Inference attempts of a job while its model is healthy, before the
     /// job fails with `inference_failed`. Attempts while the model's breaker
@@ -502,18 +504,25 @@ impl Ctx {
 
         let inferring = Instant::now();
         let ran = {
-            // The `running` record is stored only once inference has taken
-            // `running_after`: a job that finishes sooner goes from queued
-            // to its terminal status in one store write. Nothing else
+            // The `running` record is stored only once the job's batch has
+            // been in its forward pass for `running_after`: a job that
+            // finishes sooner (or waits in the engine's queue, where it is
+            // still queued) goes to its terminal status in one store write,
+            // so a backlog costs no extra write per job. Nothing else
             // changes: the terminal write refuses to replace a finished or
             // cancelled record, so a redelivered or cancelled job only runs
             // once more and then publishes what the store holds.
-            let infer = self.infer(&req, expires);
+            let started = tokio::sync::Notify::new();
+            let infer = self.infer(&req, expires, &started);
             tokio::pin!(infer);
+            let running_for = async {
+                started.notified().await;
+                tokio::time::sleep(self.cfg.running_after).await;
+            };
             tokio::select! {
                 biased;
                 ran = &mut infer => ran?,
-                _ = tokio::time::sleep(self.cfg.running_after), if !self.cfg.running_after.is_zero() => {
+                _ = running_for, if !self.cfg.running_after.is_zero() => {
                     if self.store_running(&record).await? {
                         // Its engine job is dropped unrun.
                         self.cancels.cancel(&req.job_id);
@@ -574,7 +583,13 @@ impl Ctx {
 
     /// Runs the job, retrying while its model is unhealthy (the job waits
     /// for the breaker) and up to `max_attempts` while it is healthy.
-    async fn infer(&self, req: &JobRequest, expires: Option<DateTime<Utc>>) -> Result<Ran, Unfinished> {
+    /// `started` is notified when an attempt's batch starts its forward pass.
+    async fn infer(
+        &self,
+        req: &JobRequest,
+        expires: Option<DateTime<Utc>>,
+        started: &tokio::sync::Notify,
+    ) -> Result<Ran, Unfinished> {
         let cancel = self.cancels.register(&req.job_id);
         let deadline = expires.map(|at| {
             let left = (at - Utc::now()).to_std().unwrap_or_default();
@@ -599,7 +614,12 @@ impl Ctx {
                 solo: retried,
             };
             let outcome = match engine.enqueue(job).await {
-                Ok(ticket) => ticket.wait().await,
+                Ok(mut ticket) => {
+                    if ticket.started().await {
+                        started.notify_one();
+                    }
+                    ticket.wait().await
+                }
                 Err(e) => Err(e),
             };
             drop(engine);

@@ -680,11 +680,15 @@ async fn jobs_can_be_cancelled_until_they_finish() {
         .post(json!({"job_id": "c-2", "model": MODEL, "input": {"text": "cancel me while batched"}}).to_string())
         .await;
     assert_eq!(code, 202);
+    // In the engine's queue, waiting for its batch: still `queued` (a job
+    // is `running` only once its batch's forward pass has lasted
+    // `worker.running_status_after_ms`).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while gw.get("/v1/jobs/c-2").await.1["status"] != "running" {
-        assert!(Instant::now() < deadline, "c-2 never picked up");
+    while metric(&metrics_text(&worker).await, "sluice_queue_depth{model=\"all-minilm-l6-v2/1\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "c-2 never reached the engine");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(gw.get("/v1/jobs/c-2").await.1["status"], "queued");
     let (code, body) = delete(&gw, "c-2").await;
     assert_eq!(code, 200, "{body}");
     let published = wait_for_record(&worker, &format!("{prefix}.results"), "c-2").await;

@@ -140,12 +140,15 @@ struct Submission {
     job: EngineJob,
     enqueued: Instant,
     permit: OwnedSemaphorePermit,
+    started: oneshot::Sender<()>,
     reply: Reply,
 }
 
 struct Queued {
     prepared: Prepared,
     permit: OwnedSemaphorePermit,
+    /// Sent when the job's batch starts its forward pass.
+    started: oneshot::Sender<()>,
     reply: Reply,
 }
 
@@ -166,13 +169,32 @@ pub struct InferenceHandle {
 }
 
 /// A job accepted by the engine; await it for the result.
-pub struct Ticket(oneshot::Receiver<Result<Inferred, WorkerError>>);
+pub struct Ticket {
+    /// `None` once the answer is in `began`.
+    started: Option<oneshot::Receiver<()>>,
+    began: bool,
+    result: oneshot::Receiver<Result<Inferred, WorkerError>>,
+}
 
 impl Ticket {
+    /// Waits until the job's batch starts its forward pass (`true`), or
+    /// until the job leaves the engine without running (`false`: expired,
+    /// cancelled, refused by preprocessing, or the engine stopped; [`wait`]
+    /// says which). Once answered, answers the same at once.
+    ///
+    /// [`wait`]: Ticket::wait
+    pub async fn started(&mut self) -> bool {
+        if let Some(rx) = &mut self.started {
+            self.began = rx.await.is_ok();
+            self.started = None;
+        }
+        self.began
+    }
+
     /// Waits for the job's batch to run.
     pub async fn wait(self) -> Result<Inferred, WorkerError> {
         // A dropped sender means the inference thread is gone.
-        self.0.await.unwrap_or(Err(WorkerError::Closed))
+        self.result.await.unwrap_or(Err(WorkerError::Closed))
     }
 }
 
@@ -288,13 +310,14 @@ impl InferenceHandle {
     }
 
     async fn submit(&self, job: EngineJob, permit: OwnedSemaphorePermit) -> Result<Ticket, WorkerError> {
-        let (reply, rx) = oneshot::channel();
+        let (reply, result) = oneshot::channel();
+        let (started, started_rx) = oneshot::channel();
         // Never blocks for long: the channel holds as many as there are permits.
         self.tx
-            .send(Submission { job, enqueued: Instant::now(), permit, reply })
+            .send(Submission { job, enqueued: Instant::now(), permit, started, reply })
             .await
             .map_err(|_| WorkerError::Closed)?;
-        Ok(Ticket(rx))
+        Ok(Ticket { started: Some(started_rx), began: false, result })
     }
 
     /// Runs one job (enqueue and wait).
@@ -334,9 +357,9 @@ async fn batcher(
     let depth = metrics::gauge!(sluice_schemas::metrics::QUEUE_DEPTH.name, "model" => model.clone());
     let push = |sched: &mut Scheduler<Queued>, (sub, prepared): (Submission, Prepared)| {
         let cost = prepared.cost();
-        let Submission { job, enqueued, permit, reply } = sub;
+        let Submission { job, enqueued, permit, started, reply } = sub;
         sched.push(Entry {
-            item: Queued { prepared, permit, reply },
+            item: Queued { prepared, permit, started, reply },
             tenant: job.tenant,
             priority: job.priority,
             cost,
@@ -469,9 +492,10 @@ fn inference_loop(
         let (prepared, rest): (Vec<Prepared>, Vec<(Instant, usize, Reply)>) = entries
             .into_iter()
             .map(|e| {
-                let Queued { prepared, permit, reply } = e.item;
+                let Queued { prepared, permit, started, reply } = e.item;
                 // Running jobs no longer count against the admission bound.
                 drop(permit);
+                let _ = started.send(());
                 let tokens = match &prepared {
                     Prepared::Tokens { ids, .. } => ids.len(),
                     Prepared::Tensors(_) => 0,

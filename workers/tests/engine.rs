@@ -331,12 +331,17 @@ async fn expired_and_cancelled_jobs_never_reach_inference() {
     let cancel = Arc::new(AtomicBool::new(false));
     let mut cancelled = EngineJob::new(x(1, 1.0), "t");
     cancelled.cancel = Some(cancel.clone());
-    let late = engine.enqueue(late).await.unwrap();
-    let cancelled = engine.enqueue(cancelled).await.unwrap();
-    let fine = engine.enqueue(EngineJob::new(x(2, 1.5), "t")).await.unwrap();
+    let mut late = engine.enqueue(late).await.unwrap();
+    let mut cancelled = engine.enqueue(cancelled).await.unwrap();
+    let mut fine = engine.enqueue(EngineJob::new(x(2, 1.5), "t")).await.unwrap();
     cancel.store(true, Ordering::Release);
+    // `started` says whether the job's batch began its forward pass.
+    assert!(!late.started().await, "an expired job never starts");
+    assert!(!cancelled.started().await, "a cancelled job never starts");
     assert!(matches!(late.wait().await, Err(WorkerError::Expired)));
     assert!(matches!(cancelled.wait().await, Err(WorkerError::Cancelled)));
+    assert!(fine.started().await, "the live job's batch starts");
+    assert!(fine.started().await, "asked again, it answers the same");
     let out = fine.wait().await.unwrap();
     assert_eq!(out.batch_size, 1, "only the live job ran");
     assert_eq!(tensor(&out.output, "y").data, vec![3.0; 8]);
