@@ -157,7 +157,7 @@ bench-e2e: setup tansu
 # arguments to every scenario.
 LOAD_DIR := $(CACHE)/load-reports
 LOAD_ARGS ?=
-load: setup
+load: setup tansu
 	cargo build --release --bin sluice --bin sluice-load
 	@$(ORT_ENV); export SLUICE_BIN=$(RELEASE)/sluice; \
 	dir=$(LOAD_DIR)/$$(date -u +%Y%m%dT%H%M%SZ); status=0; \
@@ -167,6 +167,11 @@ load: setup
 	$$L steady --corpus short --rate 300 --duration 60 --poison 0.01 --via kafka --out $$dir/steady $(LOAD_ARGS) || status=$$?; \
 	$$L spike --corpus short --rate 100 --factor 10 --before-secs 15 --spike-secs 15 --after-secs 45 --out $$dir/spike $(LOAD_ARGS) || status=$$?; \
 	$$L tenants --corpus short --limit 100 --quiet-rate 50 --noisy-rate 1000 --duration 30 --out $$dir/tenants $(LOAD_ARGS) || status=$$?; \
+	sdir=$(CACHE)/load-services; deploy/local/services.sh stop $$sdir >/dev/null; rm -rf $$sdir; \
+	if PG_CLUSTERS=1 deploy/local/services.sh start $$sdir >/dev/null; then \
+	  $$L faults --services $$sdir --corpus short --rate 50 --out $$dir/faults $(LOAD_ARGS) || status=$$?; \
+	else status=1; fi; \
+	deploy/local/services.sh stop $$sdir >/dev/null; \
 	echo "reports: $$dir/*/report.html"; exit $$status
 
 services-start: tansu

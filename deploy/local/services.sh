@@ -15,6 +15,7 @@
 # scenario of `sluice-load faults` uses it):
 #   DIR/ctl redis stop|start   # stop saves a snapshot that start loads
 #   DIR/ctl kafka stop|start   # tansu's SQLite storage survives a restart
+#   DIR/ctl kafka alive        # exit status 0 while tansu runs
 #   DIR/ctl pg N stop|start    # the same as DIR/pgctl N
 set -euo pipefail
 
@@ -65,7 +66,7 @@ case "$cmd" in
     # stop` saves one on the way down, so a restart keeps the jobs.
     cat >"$dir/ctl" <<CTL
 #!/usr/bin/env bash
-# ctl redis|kafka stop|start, ctl pg N stop|start (written by services.sh)
+# ctl redis|kafka stop|start, ctl kafka alive, ctl pg N stop|start (written by services.sh)
 set -euo pipefail
 wait_for() { for _ in \$(seq 1 300); do if "\$@" >/dev/null 2>&1; then return 0; fi; sleep 0.1; done; echo "ctl: \$1 did not answer" >&2; return 1; }
 case "\$1 \${2:-}" in
@@ -83,6 +84,7 @@ case "\$1 \${2:-}" in
         --storage-engine sqlite://tansu.db >>tansu.log 2>&1) &
     echo \$! >"$dir/tansu.pid"
     wait_for bash -c "exec 3<>/dev/tcp/127.0.0.1/$kafka_port" ;;
+  "kafka alive") kill -0 "\$(cat "$dir/tansu.pid")" 2>/dev/null ;;
   "kafka stop")
     pid=\$(cat "$dir/tansu.pid"); kill "\$pid" 2>/dev/null || true
     for _ in \$(seq 1 50); do kill -0 "\$pid" 2>/dev/null || break; sleep 0.1; done

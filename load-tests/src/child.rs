@@ -79,6 +79,13 @@ impl SluiceProcess {
         self.child.id()
     }
 
+    /// SIGKILL: no drain, no commit, no goodbye to the group (a crash).
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
     /// SIGTERM (the graceful path: drain, commit, leave the group), then
     /// waits up to 30 s for a clean exit.
     pub async fn stop(mut self) -> anyhow::Result<()> {

@@ -103,6 +103,9 @@ pub struct Job {
     pub answer: Answer,
     /// When its terminal result was first seen on the results topic.
     pub done: Option<f64>,
+    /// Terminal results seen for it on the results topic (more than one:
+    /// an at-least-once redelivery).
+    pub deliveries: u32,
     pub status: Option<JobStatus>,
     pub error_code: Option<String>,
     /// The pipeline's own timings from the result.
@@ -124,6 +127,8 @@ impl Job {
 /// Everything a run recorded.
 #[derive(Default)]
 pub struct Book {
+    /// Every job id of the run starts with `<tag>-`.
+    pub tag: String,
     pub jobs: HashMap<String, Job>,
     /// Poison record key → the code of its dead letter, once seen.
     pub poison: HashMap<String, Option<String>>,
@@ -145,6 +150,8 @@ pub struct Book {
 
 /// The shared state of a running run.
 pub struct Run {
+    /// Every job id of the run starts with `<tag>-`.
+    pub tag: String,
     start: Instant,
     book: Mutex<Book>,
     /// Set to stop sending at the next phase boundary.
@@ -207,6 +214,7 @@ where
     };
     warm_up(&submitter, plan, &consumer, &tag).await?;
     let run = Arc::new(Run {
+        tag: tag.clone(),
         start: Instant::now(),
         book: Mutex::new(Book::default()),
         stop: AtomicBool::new(false),
@@ -229,13 +237,14 @@ where
         drain(&run, plan.drain, &bar).await;
     };
     tokio::select! {
-        _ = watch => anyhow::bail!("the results consumer stopped"),
+        _ = watch => unreachable!("the results consumer runs until the run ends"),
         _ = sample => unreachable!("the sampler runs until the run ends"),
         _ = async { tokio::join!(send, during(run.clone())) } => {}
     }
     bar.finish_and_clear();
     let mut book = std::mem::take(&mut *run.book.lock().expect("book lock"));
     book.ended = run.elapsed();
+    book.tag = run.tag.clone();
     Ok(book)
 }
 
@@ -338,6 +347,7 @@ impl Sender {
             due,
             answer: Answer::Pending,
             done: None,
+            deliveries: 0,
             status: None,
             error_code: None,
             queued_ms: None,
@@ -433,9 +443,22 @@ fn poisoned(n: usize, share: f64) -> Option<usize> {
 }
 
 /// Reads results and dead letters into the book until the run ends.
-async fn watch_results(run: &Run, consumer: &Consumer, dlq: &str) -> anyhow::Result<()> {
+async fn watch_results(run: &Run, consumer: &Consumer, dlq: &str) -> std::convert::Infallible {
+    let mut reported = false;
     loop {
-        let rec = consumer.recv().await.context("reading the results topic")?;
+        let rec = match consumer.recv().await {
+            Ok(rec) => rec,
+            Err(e) => {
+                // The broker restarting or down (the `faults` scenario):
+                // librdkafka reconnects by itself; say so once.
+                if !reported {
+                    eprintln!("results consumer: {e} (retrying)");
+                    reported = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         let now = run.elapsed();
         let mut book = run.book.lock().expect("book lock");
         if rec.topic == dlq {
@@ -453,6 +476,7 @@ async fn watch_results(run: &Run, consumer: &Consumer, dlq: &str) -> anyhow::Res
             continue;
         }
         let Some(job) = book.jobs.get_mut(&result.job_id) else { continue };
+        job.deliveries += 1;
         if job.done.is_some() {
             book.duplicate_results += 1;
             continue;
@@ -575,6 +599,7 @@ mod tests {
             due: 10.0,
             answer: Answer::Accepted,
             done: Some(10.25),
+            deliveries: 1,
             status: Some(JobStatus::Succeeded),
             error_code: None,
             queued_ms: None,

@@ -1,4 +1,4 @@
-//! Load scenarios: `steady`, `capacity`, `spike`, `tenants`.
+//! Load scenarios: `steady`, `capacity`, `spike`, `tenants`, `faults`.
 //!
 //! Each drives a Sluice with the open-loop driver ([`drive`]) — against a
 //! `sluice up` it starts, or a deployment given by `--http`/`--brokers` —
@@ -10,6 +10,7 @@
 //! error other than 429/503).
 
 mod drive;
+mod faults;
 mod report;
 mod target;
 
@@ -114,6 +115,42 @@ pub enum Scenario {
         /// The noisy tenant's API key.
         #[arg(long)]
         noisy_key: Option<String>,
+    },
+    /// Steady load through a gateway, two workers and a sink this tool
+    /// starts as separate processes on the services of `services.sh start
+    /// DIR`, while one fault at a time breaks something for `--fault-secs`
+    /// (a worker SIGKILLed, Redis stopped, a PostgreSQL shard stopped, the
+    /// broker restarted). Reports, per fault, what was accepted, finished,
+    /// lost and redelivered, and checks every finished job's record in the
+    /// store and its row in the lake and the shards, exactly once.
+    Faults {
+        #[command(flatten)]
+        common: Common,
+        /// The directory of `deploy/local/services.sh start DIR` (its `env`
+        /// and `ctl`).
+        #[arg(long)]
+        services: PathBuf,
+        /// Jobs per second, all along.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// The faults, in order.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "worker-kill,redis-stop,pg-stop,broker-restart"
+        )]
+        faults: Vec<faults::Fault>,
+        /// How long each fault lasts.
+        #[arg(long, default_value_t = 10.0)]
+        fault_secs: f64,
+        /// Normal operation before the first fault and after each.
+        #[arg(long, default_value_t = 20.0)]
+        gap_secs: f64,
+        /// Longest wait, once every accepted job finished, for the sink to
+        /// land them all in the lake and the shards.
+        #[arg(long, default_value_t = 120.0)]
+        land_secs: f64,
     },
 }
 
@@ -300,6 +337,119 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             )
             .await
         }
+        Scenario::Faults { common, services, rate, faults, fault_secs, gap_secs, land_secs } => {
+            run_faults(common, services, rate, faults, fault_secs, gap_secs, land_secs).await
+        }
+    }
+}
+
+/// The `faults` scenario (see [`faults`]).
+async fn run_faults(
+    common: Common,
+    services: PathBuf,
+    rate: f64,
+    list: Vec<faults::Fault>,
+    fault_secs: f64,
+    gap_secs: f64,
+    land_secs: f64,
+) -> anyhow::Result<bool> {
+    ensure!(rate > 0.0 && fault_secs > 0.0 && gap_secs > 0.0, "--rate, --fault-secs and --gap-secs must be positive");
+    ensure!(common.via == Via::Rest, "faults: jobs go through the gateway it starts: use --via rest");
+    let services = Arc::new(faults::Services::read(&services)?);
+    faults::check(&list, &services)?;
+    let (sluice, models) = common.target.own_binaries()?;
+    let out = out_dir("faults", &common)?;
+    let tag = chrono::Utc::now().format("%H%M%S%3f").to_string();
+    let deployment = faults::Deployment::start(&sluice, &models, &services, &out, &tag, common.target.envs()).await?;
+    let target = deployment.target(&services.brokers);
+    let prefix = deployment.prefix.clone();
+    let deployment = Arc::new(tokio::sync::Mutex::new(deployment));
+    let phases = faults::phases(&list, rate, gap_secs, fault_secs, gap_secs);
+    let injected: Arc<Mutex<Vec<faults::Injected>>> = Arc::default();
+    let crashes: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let audited: Arc<Mutex<Option<anyhow::Result<Value>>>> = Arc::default();
+    let (d, s, p, l, i, a, c) = (
+        deployment.clone(),
+        services.clone(),
+        phases.clone(),
+        list.clone(),
+        injected.clone(),
+        audited.clone(),
+        crashes.clone(),
+    );
+    let drain = Duration::from_secs_f64(common.drain_secs.max(0.0));
+    let during = move |run: Arc<Run>| async move {
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let results = sluice_schemas::topics::results(&prefix);
+        let supervise = faults::supervise_broker(run.clone(), s.clone(), results, down.clone(), c);
+        tokio::select! {
+            _ = supervise => unreachable!("the supervisor runs until the run ends"),
+            _ = faults_then_audit(run, d, s, p, l, i, a, down, drain, land_secs) => {}
+        }
+    };
+    let verdict_phases = phases.clone();
+    let verdict = move |plan: &Plan, book: &Book| {
+        let audit = match audited.lock().expect("audit").take() {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => json!({"error": format!("{e:#}")}),
+            None => json!({"error": "not audited"}),
+        };
+        let injected = injected.lock().expect("faults log").clone();
+        let crashes = crashes.lock().expect("crashes").clone();
+        let v = faults::verdict(book, &verdict_phases, &injected, &crashes, &audit, basic_verdict(plan, book));
+        (v, Vec::new())
+    };
+    let streams = vec![one("load", phases)];
+    let outcome = execute_on("faults", &common, &out, target, streams, during, verdict).await;
+    match Arc::try_unwrap(deployment) {
+        Ok(d) => {
+            if let Err(e) = d.into_inner().stop().await {
+                eprintln!("warning: stopping the deployment: {e:#}");
+            }
+        }
+        Err(_) => eprintln!("warning: the deployment is still in use; its processes are killed on exit"),
+    }
+    outcome
+}
+
+/// The faults, then (once every accepted job has finished, or the drain is
+/// up) the audit of each finished job's effects, while the deployment runs.
+#[allow(clippy::too_many_arguments)]
+async fn faults_then_audit(
+    run: Arc<Run>,
+    d: Arc<tokio::sync::Mutex<faults::Deployment>>,
+    s: Arc<faults::Services>,
+    p: Vec<Phase>,
+    l: Vec<faults::Fault>,
+    i: Arc<Mutex<Vec<faults::Injected>>>,
+    a: Arc<Mutex<Option<anyhow::Result<Value>>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    drain: Duration,
+    land_secs: f64,
+) {
+    {
+        faults::inject(run.clone(), d.clone(), s, p, l, i, down).await;
+        // Once every accepted job has finished (or the drain is up), look
+        // for each one's effects while the deployment still runs.
+        // Sending ends with the last phase; the drain is counted from there.
+        let mut until = None;
+        loop {
+            let (sent, waiting) = run.with_book(|b| {
+                let waiting = b.jobs.values().filter(|j| j.answer == Answer::Accepted && j.done.is_none()).count();
+                (b.sent_until > 0.0, waiting)
+            });
+            if sent {
+                let until = *until.get_or_insert_with(|| tokio::time::Instant::now() + drain);
+                if waiting == 0 || tokio::time::Instant::now() >= until {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ids = run.with_book(faults::finished_ids);
+        let tag = run.tag.clone();
+        let result = faults::audit(&*d.lock().await, &tag, &ids, Duration::from_secs_f64(land_secs)).await;
+        *a.lock().expect("audit") = Some(result);
     }
 }
 
@@ -423,11 +573,36 @@ where
     DF: std::future::Future<Output = ()>,
     V: FnOnce(&Plan, &Book) -> (Value, Vec<report::Chart>),
 {
-    ensure!((0.0..1.0).contains(&common.poison), "--poison is a share in [0, 1)");
+    let out = out_dir(scenario, common)?;
+    let target = Target::open(&common.target, &settings, out.join("sluice.log")).await?;
+    execute_on(scenario, common, &out, target, streams, during, verdict).await
+}
+
+/// The report directory of a run (created).
+fn out_dir(scenario: &str, common: &Common) -> anyhow::Result<PathBuf> {
     let out = common.out.clone().unwrap_or_else(|| {
         PathBuf::from("load-reports").join(format!("{scenario}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ")))
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(out)
+}
+
+/// [`execute`] on a target already open.
+async fn execute_on<D, DF, V>(
+    scenario: &str,
+    common: &Common,
+    out: &Path,
+    target: Target,
+    streams: Vec<Stream>,
+    during: D,
+    verdict: V,
+) -> anyhow::Result<bool>
+where
+    D: FnOnce(Arc<Run>) -> DF,
+    DF: std::future::Future<Output = ()>,
+    V: FnOnce(&Plan, &Book) -> (Value, Vec<report::Chart>),
+{
+    ensure!((0.0..1.0).contains(&common.poison), "--poison is a share in [0, 1)");
     let (model, inputs) = workload(&common.corpus, common.model.as_deref())?;
     let plan = Plan {
         model,
@@ -439,7 +614,6 @@ where
         max_jobs: common.max_jobs,
         drain: Duration::from_secs_f64(common.drain_secs.max(0.0)),
     };
-    let target = Target::open(&common.target, &settings, out.join("sluice.log")).await?;
     println!("{scenario}: {} via {:?}, report in {}", plan.model, plan.via, out.display());
     if let Some(how) = &target.started {
         println!("   started {how}");
@@ -455,8 +629,8 @@ where
     let book = driven?;
     let (verdict, charts) = verdict(&plan, &book);
     let report = report::build(scenario, described, &plan, &book, verdict.clone());
-    report::write(&out, &report, charts)?;
-    print_summary(&report, &out);
+    report::write(out, &report, charts)?;
+    print_summary(&report, out);
     if let Err(e) = closed {
         eprintln!("warning: stopping sluice: {e:#}");
     }

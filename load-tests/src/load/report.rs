@@ -434,6 +434,7 @@ mod tests {
             due,
             answer,
             done,
+            deliveries: u32::from(done.is_some()),
             status: done.map(|_| JobStatus::Succeeded),
             error_code: None,
             queued_ms: None,

@@ -51,6 +51,23 @@ pub struct TargetArgs {
     pids: Vec<u32>,
 }
 
+impl TargetArgs {
+    /// The `sluice` binary and model repository, for a scenario that starts
+    /// its own processes.
+    pub fn own_binaries(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        ensure!(self.http.is_none(), "this scenario starts its own deployment: no --http");
+        let sluice = self.sluice.clone().context("give --sluice (or SLUICE_BIN)")?;
+        let models = self.models.clone().context("give --models (or SLUICE_MODEL_REPO)")?;
+        ensure!(models.is_dir(), "model repository {} is not a directory", models.display());
+        Ok((sluice, models))
+    }
+
+    /// The user's `--env` settings.
+    pub fn envs(&self) -> &[(String, String)] {
+        &self.envs
+    }
+}
+
 /// A Sluice to drive.
 pub struct Target {
     /// REST API base URL.
@@ -116,6 +133,18 @@ impl Target {
             started: Some(format!("sluice up ({}; log {})", shown.join(" "), log.display())),
             process: Some(process),
         })
+    }
+
+    /// A deployment this tool started and manages itself (the `faults`
+    /// scenario's processes): nothing for [`Target::close`] to stop.
+    pub fn deployed(
+        http: String,
+        brokers: String,
+        topic_prefix: String,
+        pids: Vec<(String, u32)>,
+        how: String,
+    ) -> Target {
+        Target { http, brokers, topic_prefix, api_key: None, pids, started: Some(how), process: None }
     }
 
     /// Stops what this tool started.
