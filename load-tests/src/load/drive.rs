@@ -11,8 +11,9 @@
 //! Jobs go through `POST /v1/jobs` or straight to the model's jobs topic.
 //! Completion is read from the results topic (a consumer group of this
 //! run's own), so finishing is observed where every consumer of Sluice sees
-//! it, once per job, with the pipeline's own timings; a job seen twice
-//! there is counted as a duplicate delivery. Poison records (`--poison`)
+//! it, once per job, with the pipeline's own timings; a job with results
+//! at two offsets there is counted as a duplicate delivery (the same record
+//! read again by this consumer is not). Poison records (`--poison`)
 //! always go to Kafka and are matched to their dead letters by key.
 //!
 //! Everything a report needs is derived afterwards from the per-job book
@@ -103,9 +104,14 @@ pub struct Job {
     pub answer: Answer,
     /// When its terminal result was first seen on the results topic.
     pub done: Option<f64>,
-    /// Terminal results seen for it on the results topic (more than one:
-    /// an at-least-once redelivery).
+    /// Terminal results for it on the results topic, at distinct offsets
+    /// (more than one: the pipeline published it again).
     pub deliveries: u32,
+    /// Where its first terminal result is (partition, offset): seeing that
+    /// record again is this run's consumer reading it twice (it commits
+    /// nothing, so a rebalance or a broker restart starts it over), not a
+    /// second result.
+    pub result_at: Option<(i32, i64)>,
     pub status: Option<JobStatus>,
     pub error_code: Option<String>,
     /// The pipeline's own timings from the result.
@@ -132,8 +138,9 @@ pub struct Book {
     pub jobs: HashMap<String, Job>,
     /// Poison record key → the code of its dead letter, once seen.
     pub poison: HashMap<String, Option<String>>,
-    /// Results seen again for a job already finished (at-least-once
-    /// redeliveries on the results topic).
+    /// Results for a job already finished, at another offset of the results
+    /// topic (at-least-once redeliveries; a record read twice by this run's
+    /// consumer does not count).
     pub duplicate_results: u64,
     /// Dead letters for jobs that were not poison (should be none).
     pub good_dead_lettered: u64,
@@ -348,6 +355,7 @@ impl Sender {
             answer: Answer::Pending,
             done: None,
             deliveries: 0,
+            result_at: None,
             status: None,
             error_code: None,
             queued_ms: None,
@@ -476,12 +484,16 @@ async fn watch_results(run: &Run, consumer: &Consumer, dlq: &str) -> std::conver
             continue;
         }
         let Some(job) = book.jobs.get_mut(&result.job_id) else { continue };
+        if job.result_at == Some((rec.partition, rec.offset)) {
+            continue;
+        }
         job.deliveries += 1;
         if job.done.is_some() {
             book.duplicate_results += 1;
             continue;
         }
         job.done = Some(now);
+        job.result_at = Some((rec.partition, rec.offset));
         job.delivery_ms =
             result.finished_at.map(|f| (chrono::Utc::now() - f).num_microseconds().unwrap_or(0) as f64 / 1000.0);
         job.status = Some(result.status);
@@ -600,6 +612,7 @@ mod tests {
             answer: Answer::Accepted,
             done: Some(10.25),
             deliveries: 1,
+            result_at: None,
             status: Some(JobStatus::Succeeded),
             error_code: None,
             queued_ms: None,

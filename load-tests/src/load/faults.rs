@@ -530,6 +530,7 @@ mod tests {
             answer,
             done,
             deliveries,
+            result_at: None,
             status: None,
             error_code: None,
             queued_ms: None,

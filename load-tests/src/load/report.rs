@@ -435,6 +435,7 @@ mod tests {
             answer,
             done,
             deliveries: u32::from(done.is_some()),
+            result_at: None,
             status: done.map(|_| JobStatus::Succeeded),
             error_code: None,
             queued_ms: None,
