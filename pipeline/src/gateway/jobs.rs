@@ -1,8 +1,8 @@
 //! `/v1/jobs`: submit (one job or an array), read (with long-poll), cancel.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -259,6 +259,7 @@ pub(super) struct JobId {
         (status = 401, response = E401),
         (status = 404, response = E404),
         (status = 422, response = E422),
+        (status = 429, response = E429),
         (status = 500, response = E500),
         (status = 503, response = E503),
     ),
@@ -285,18 +286,24 @@ pub(super) async fn read(
     if !valid_job_id(&id) {
         return Err(ApiError::NotFound(id));
     }
-    // Register before reading, so a completion between the two is not missed.
-    let ticket = if wait.is_zero() {
+    // Register before reading, so a completion between the two is not
+    // missed. The slot is freed when `waiter` is dropped, on every way out
+    // (an answer, a store error, the client going away).
+    let waiter = if wait.is_zero() {
         None
     } else {
-        Some(gw.waiters.register(&id).ok_or_else(|| ApiError::Overloaded {
-            why: "too many long-polls in progress".into(),
-            retry_after: Duration::from_secs(1),
+        Some(Waiters::register(&gw.waiters, &id, caller.tenant.as_deref()).map_err(|full| match full {
+            Full::Total => ApiError::Overloaded {
+                why: "too many long-polls in progress".into(),
+                retry_after: Duration::from_secs(1),
+            },
+            Full::Tenant(tenant) => ApiError::RateLimited { tenant, retry_after: Duration::from_secs(1) },
         })?)
     };
     let visible = |r: Option<JobResult>| r.filter(|r| caller.may_see(&r.tenant));
     let record = visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
-    let Some((token, rx)) = ticket else { return record.map(Json) };
+    let Some(mut waiter) = waiter else { return record.map(Json) };
+    let rx = waiter.rx.take().expect("a new waiter holds its receiver");
     let finished = |r: &Result<JobResult, ApiError>| matches!(r, Ok(r) if r.status.is_terminal());
     let record = match record {
         // A job published straight to Kafka has no record until a worker
@@ -325,7 +332,7 @@ pub(super) async fn read(
         }
         other => other,
     };
-    gw.waiters.remove(&id, token);
+    drop(waiter);
     record.map(Json)
 }
 
@@ -374,50 +381,112 @@ pub(super) async fn cancel(
 /// completion notice costs at most this much).
 const RECHECK: Duration = Duration::from_secs(2);
 
-/// Waiters by job id: (token, wake-up).
-type WaiterMap = HashMap<String, Vec<(u64, oneshot::Sender<()>)>>;
+/// One registered long-poll: (token, its caller's tenant, wake-up).
+type Entry = (u64, Option<String>, oneshot::Sender<()>);
 
-/// Long-polls waiting for jobs to finish. Bounded: at most `max` at once.
-pub struct Waiters {
-    map: Mutex<WaiterMap>,
-    next: AtomicU64,
-    max: usize,
+#[derive(Default)]
+struct Registry {
+    by_id: HashMap<String, Vec<Entry>>,
+    total: usize,
+    /// Long-polls by the tenant of their API key (none in open mode).
+    per_tenant: HashMap<String, usize>,
 }
 
-impl Waiters {
-    pub fn new(max: usize) -> Waiters {
-        Waiters { map: Mutex::new(HashMap::new()), next: AtomicU64::new(0), max }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, WaiterMap> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers a waiter for `id`, unless `max` are waiting already.
-    fn register(&self, id: &str) -> Option<(u64, oneshot::Receiver<()>)> {
-        let mut g = self.lock();
-        if g.values().map(Vec::len).sum::<usize>() >= self.max {
-            return None;
-        }
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        g.entry(id.to_owned()).or_default().push((token, tx));
-        Some((token, rx))
-    }
-
-    fn remove(&self, id: &str, token: u64) {
-        let mut g = self.lock();
-        if let Some(v) = g.get_mut(id) {
-            v.retain(|(t, _)| *t != token);
-            if v.is_empty() {
-                g.remove(id);
+impl Registry {
+    fn forget(&mut self, tenant: Option<&String>) {
+        self.total -= 1;
+        if let Some(t) = tenant
+            && let Some(n) = self.per_tenant.get_mut(t)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_tenant.remove(t);
             }
         }
     }
+}
+
+/// Long-polls waiting for jobs to finish. Bounded: at most `max` at once,
+/// and at most `max_per_tenant` of one API key's tenant.
+pub struct Waiters {
+    registry: Mutex<Registry>,
+    next: AtomicU64,
+    max: usize,
+    max_per_tenant: usize,
+}
+
+/// Why a long-poll was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Full {
+    Total,
+    Tenant(String),
+}
+
+/// A registered long-poll; dropping it frees its slot.
+pub struct Waiter {
+    waiters: Arc<Waiters>,
+    id: String,
+    token: u64,
+    /// Woken when the job's completion notice arrives.
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut g = self.waiters.lock();
+        if let Some(v) = g.by_id.get_mut(&self.id)
+            && let Some(i) = v.iter().position(|(t, _, _)| *t == self.token)
+        {
+            let (_, tenant, _) = v.swap_remove(i);
+            if v.is_empty() {
+                g.by_id.remove(&self.id);
+            }
+            g.forget(tenant.as_ref());
+        }
+    }
+}
+
+impl Waiters {
+    pub fn new(max: usize, max_per_tenant: usize) -> Waiters {
+        Waiters { registry: Mutex::new(Registry::default()), next: AtomicU64::new(0), max, max_per_tenant }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a long-poll for `id` by a caller of `tenant` (`None`: open
+    /// mode), unless the total or the tenant's bound is reached.
+    fn register(this: &Arc<Waiters>, id: &str, tenant: Option<&str>) -> Result<Waiter, Full> {
+        let mut g = this.lock();
+        if g.total >= this.max {
+            return Err(Full::Total);
+        }
+        if let Some(t) = tenant {
+            let n = g.per_tenant.entry(t.to_owned()).or_insert(0);
+            if *n >= this.max_per_tenant {
+                return Err(Full::Tenant(t.to_owned()));
+            }
+            *n += 1;
+        }
+        g.total += 1;
+        let token = this.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        g.by_id.entry(id.to_owned()).or_default().push((token, tenant.map(str::to_owned), tx));
+        Ok(Waiter { waiters: this.clone(), id: id.to_owned(), token, rx: Some(rx) })
+    }
+
+    /// Long-polls registered now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().total
+    }
 
     fn wake(&self, id: &str) {
-        if let Some(waiters) = self.lock().remove(id) {
-            for (_, tx) in waiters {
+        let mut g = self.lock();
+        if let Some(waiters) = g.by_id.remove(id) {
+            for (_, tenant, tx) in waiters {
+                g.forget(tenant.as_ref());
                 let _ = tx.send(());
             }
         }
@@ -434,5 +503,42 @@ impl Waiters {
                 _ = shutdown.wait() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_poll_slot_is_freed_on_every_way_out_and_one_tenant_cannot_take_them_all() {
+        let waiters = Arc::new(Waiters::new(4, 2));
+        // Dropped without an answer (a store error, a client gone): freed.
+        let gone = Waiters::register(&waiters, "a", Some("t1")).unwrap();
+        assert_eq!(waiters.len(), 1);
+        drop(gone);
+        assert_eq!(waiters.len(), 0);
+        // A tenant of a key gets at most its share; others still get slots.
+        let t1 = [
+            Waiters::register(&waiters, "a", Some("t1")).unwrap(),
+            Waiters::register(&waiters, "b", Some("t1")).unwrap(),
+        ];
+        assert_eq!(Waiters::register(&waiters, "c", Some("t1")).err(), Some(Full::Tenant("t1".into())));
+        let t2 = Waiters::register(&waiters, "a", Some("t2")).unwrap();
+        let open = Waiters::register(&waiters, "d", None).unwrap();
+        assert_eq!(Waiters::register(&waiters, "e", Some("t3")).err(), Some(Full::Total));
+        // Woken by a completion notice, then dropped: freed once, not twice.
+        let mut t2 = t2;
+        let mut rx = t2.rx.take().unwrap();
+        waiters.wake("a");
+        assert!(rx.try_recv().is_ok(), "the waiter on `a` was woken");
+        assert_eq!(waiters.len(), 2, "both waiters on `a` are gone: {}", waiters.len());
+        drop(t1);
+        drop(t2);
+        drop(open);
+        assert_eq!(waiters.len(), 0);
+        let again: Vec<Waiter> =
+            (0..2).map(|i| Waiters::register(&waiters, &i.to_string(), Some("t1")).unwrap()).collect();
+        assert_eq!(again.len(), 2, "t1's slots came back");
     }
 }
