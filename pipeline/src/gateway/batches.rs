@@ -5,8 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -112,14 +111,14 @@ pub(super) struct BatchId {
         (status = 503, response = E503),
     ),
 )]
-pub(super) async fn create(
-    State(gw): State<Gateway>,
-    headers_in: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let caller = gw.keys.authenticate(&headers_in)?;
+pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Result<Response, ApiError> {
+    // Who is asking, and whether there is room, before a byte of the body
+    // (up to `max_batch_bytes`) is read: an unauthenticated or refused
+    // caller makes the gateway buffer nothing.
+    let caller = gw.keys.authenticate(request.headers())?;
     let _slot = gw.admit()?;
-    let body = body.map_err(|e| gw.body_error(e, gw.cfg.max_batch_bytes))?;
+    let headers_in = request.headers().clone();
+    let body = Bytes::from_request(request, &gw).await.map_err(|e| gw.body_error(e, gw.cfg.max_batch_bytes))?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::InvalidJson(format!("not UTF-8: {e}")))?;
     let lines: Vec<(usize, &str)> =
         text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty()).collect();

@@ -31,7 +31,14 @@ fn document() -> Value {
 /// and a Kafka producer that never reaches a broker (no request here gets
 /// that far except `/readyz`, which reports Kafka down).
 async fn serve_gateway() -> (String, shutdown::Trigger, tokio::task::JoinHandle<std::io::Result<()>>) {
-    let cfg = Config::load(None, serde_json::json!({})).expect("the default configuration loads");
+    serve_gateway_with(serde_json::json!({})).await
+}
+
+/// [`serve_gateway`] with configuration overrides.
+async fn serve_gateway_with(
+    overrides: Value,
+) -> (String, shutdown::Trigger, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let cfg = Config::load(None, overrides).expect("the configuration loads");
     let producer = crate::kafka::Producer::new("127.0.0.1:1", "gateway-test", Duration::from_millis(200))
         .expect("a producer is made without connecting");
     let models = std::env::temp_dir().join(format!("sluice-gateway-test-{}", std::process::id()));
@@ -176,4 +183,32 @@ fn the_readme_lists_exactly_the_statuses_and_codes_of_api_error() {
         let row = &rows[&status.as_u16()];
         assert!(row.contains(&format!("`{code}`")), "README's {status} row names `{code}`: {row}");
     }
+}
+
+/// `POST /v1/batches` answers an unauthenticated caller before reading its
+/// body: headers announcing 32 MB and no body at all get a 401 at once
+/// (were the body read first, the gateway would wait for those bytes).
+#[tokio::test]
+async fn a_batch_upload_is_authenticated_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let key = serde_json::json!({"tenant": "t1", "sha256": auth::hash_key("k1")});
+    let (base, trigger, server) = serve_gateway_with(serde_json::json!({"gateway": {"api_keys": [key]}})).await;
+    let addr = base.trim_start_matches("http://");
+    for auth in ["", "Authorization: Bearer wrong\r\n"] {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/batches HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\n\
+             Content-Length: 33554432\r\n{auth}\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.expect("send the head, never the body");
+        let mut answer = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("answered without the body")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{auth:?}: {answer}");
+    }
+    trigger.fire();
+    let _ = server.await;
 }
