@@ -665,7 +665,7 @@ async fn jobs_can_be_cancelled_until_they_finish() {
         prefix.clone(),
         Role::Worker,
         true,
-        json!({"engine": {"max_wait_ms": 3000, "max_batch_size": 64}}),
+        json!({"engine": {"max_wait_ms": 3000, "max_batch_size": 64}, "worker": {"running_status_after_ms": 0}}),
     )
     .await;
     let cancelled = wait_for_record(&worker, &format!("{prefix}.results"), "c-1").await;
@@ -680,15 +680,13 @@ async fn jobs_can_be_cancelled_until_they_finish() {
         .post(json!({"job_id": "c-2", "model": MODEL, "input": {"text": "cancel me while batched"}}).to_string())
         .await;
     assert_eq!(code, 202);
-    // In the engine's queue, waiting for its batch: still `queued` (a job
-    // is `running` only once its batch's forward pass has lasted
-    // `worker.running_status_after_ms`).
+    // `running` as soon as the worker has taken it (running_status_after_ms
+    // is 0 here); it then waits in the engine's queue for its batch.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&metrics_text(&worker).await, "sluice_queue_depth{model=\"all-minilm-l6-v2/1\"}") < 1.0 {
-        assert!(Instant::now() < deadline, "c-2 never reached the engine");
+    while gw.get("/v1/jobs/c-2").await.1["status"] != "running" {
+        assert!(Instant::now() < deadline, "c-2 never picked up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(gw.get("/v1/jobs/c-2").await.1["status"], "queued");
     let (code, body) = delete(&gw, "c-2").await;
     assert_eq!(code, 200, "{body}");
     let published = wait_for_record(&worker, &format!("{prefix}.results"), "c-2").await;
