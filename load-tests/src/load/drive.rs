@@ -124,6 +124,25 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job of `stream` due at `due` (seconds) in `phase`, not yet answered.
+    pub fn new(stream: usize, phase: usize, due: f64) -> Job {
+        Job {
+            stream,
+            phase,
+            due,
+            answer: Answer::Pending,
+            done: None,
+            deliveries: 0,
+            result_at: None,
+            status: None,
+            error_code: None,
+            queued_ms: None,
+            inference_ms: None,
+            batch_size: None,
+            delivery_ms: None,
+        }
+    }
+
     /// Submit → result, in milliseconds.
     pub fn latency_ms(&self) -> Option<f64> {
         self.done.map(|d| ((d - self.due) * 1000.0).max(0.0))
@@ -348,21 +367,7 @@ impl Sender {
     }
 
     async fn send_job(&self, id: String, stream: usize, phase: usize, due: f64, s: &Stream, input: Value) {
-        let job = Job {
-            stream,
-            phase,
-            due,
-            answer: Answer::Pending,
-            done: None,
-            deliveries: 0,
-            result_at: None,
-            status: None,
-            error_code: None,
-            queued_ms: None,
-            inference_ms: None,
-            batch_size: None,
-            delivery_ms: None,
-        };
+        let job = Job::new(stream, phase, due);
         self.run.book.lock().expect("book lock").jobs.insert(id.clone(), job);
         let answer = self.submitter.submit(&id, s, &input).await;
         let mut book = self.run.book.lock().expect("book lock");
@@ -606,19 +611,11 @@ mod tests {
     #[test]
     fn latency_counts_from_when_the_job_was_due() {
         let j = Job {
-            stream: 0,
-            phase: 0,
-            due: 10.0,
             answer: Answer::Accepted,
             done: Some(10.25),
             deliveries: 1,
-            result_at: None,
             status: Some(JobStatus::Succeeded),
-            error_code: None,
-            queued_ms: None,
-            inference_ms: None,
-            batch_size: None,
-            delivery_ms: None,
+            ..Job::new(0, 0, 10.0)
         };
         assert_eq!(j.latency_ms(), Some(250.0));
         let h = histogram([5.0, 10.0, 1000.0].into_iter());

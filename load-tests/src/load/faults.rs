@@ -523,21 +523,7 @@ mod tests {
     use crate::load::drive::Job;
 
     fn job(phase: usize, answer: Answer, done: Option<f64>, deliveries: u32) -> Job {
-        Job {
-            stream: 0,
-            phase,
-            due: phase as f64,
-            answer,
-            done,
-            deliveries,
-            result_at: None,
-            status: None,
-            error_code: None,
-            queued_ms: None,
-            inference_ms: None,
-            batch_size: None,
-            delivery_ms: None,
-        }
+        Job { answer, done, deliveries, ..Job::new(0, phase, phase as f64) }
     }
 
     #[test]

@@ -429,19 +429,12 @@ mod tests {
 
     fn job(due: f64, answer: Answer, done: Option<f64>) -> Job {
         Job {
-            stream: 0,
-            phase: 0,
-            due,
             answer,
             done,
             deliveries: u32::from(done.is_some()),
-            result_at: None,
             status: done.map(|_| JobStatus::Succeeded),
-            error_code: None,
-            queued_ms: None,
-            inference_ms: None,
             batch_size: Some(4),
-            delivery_ms: None,
+            ..Job::new(0, 0, due)
         }
     }
 
