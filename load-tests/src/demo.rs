@@ -211,7 +211,9 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
     println!("\n== results at rest: waiting for the lake and shard sinks to land every job");
     let sql = |q: &str| {
         let (http, base) = (&client, &http);
-        let body = json!({"query": q}).to_string();
+        // Open mode: SQL sees the tenant it names (default: the gateway's
+        // default tenant), never every tenant unless configured.
+        let body = json!({"query": q, "tenant": "demo"}).to_string();
         async move {
             let r = http.post(format!("{base}/v1/sql")).body(body).send().await?;
             let status = r.status();

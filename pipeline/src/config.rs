@@ -76,6 +76,10 @@ pub struct SqlSection {
     pub timeout_ms: u64,
     pub max_query_bytes: usize,
     pub max_concurrent: usize,
+    pub max_query_memory_bytes: usize,
+    pub max_total_memory_bytes: usize,
+    pub max_expression_bytes: usize,
+    pub open_mode_all_tenants: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -274,6 +278,7 @@ impl Config {
             api_keys: g.api_keys.clone(),
             max_query_bytes: self.sql.max_query_bytes,
             max_concurrent_queries: self.sql.max_concurrent,
+            open_mode_sql_all_tenants: self.sql.open_mode_all_tenants,
         }
     }
 
@@ -328,7 +333,12 @@ impl Config {
     }
 
     pub fn query_limits(&self) -> QueryLimits {
-        QueryLimits { max_rows: self.sql.max_rows.max(1), timeout: Duration::from_millis(self.sql.timeout_ms.max(1)) }
+        QueryLimits {
+            max_query_memory_bytes: self.sql.max_query_memory_bytes,
+            max_total_memory_bytes: self.sql.max_total_memory_bytes,
+            max_expression_bytes: self.sql.max_expression_bytes,
+            ..QueryLimits::new(self.sql.max_rows.max(1), Duration::from_millis(self.sql.timeout_ms.max(1)))
+        }
     }
 
     pub fn poll_interval(&self) -> Duration {

@@ -1677,7 +1677,7 @@ async fn sinks_land_100k_results_exactly_once_through_two_sigkills() {
     let set = sluice_sql::ShardSet::open(&shards, sluice_sql::ShardStrategy::Jump, Duration::from_secs(3)).unwrap();
     let analytics = sluice_sql::Analytics::new(
         sluice_sql::Sources { lake: Some(lake.clone()), shards: shards.clone() },
-        sluice_sql::QueryLimits { max_rows: 10, timeout: Duration::from_secs(60) },
+        sluice_sql::QueryLimits::new(10, Duration::from_secs(60)),
     )
     .unwrap();
     let progress = || async {
@@ -1796,7 +1796,7 @@ async fn a_killed_sink_member_is_dropped_from_its_group_within_the_session_timeo
         }
         let analytics = sluice_sql::Analytics::new(
             sluice_sql::Sources { lake: Some(lake), shards: vec![] },
-            sluice_sql::QueryLimits { max_rows: 10, timeout: Duration::from_secs(30) },
+            sluice_sql::QueryLimits::new(10, Duration::from_secs(30)),
         )
         .unwrap();
         let sql = format!("SELECT count(DISTINCT job_id) AS n FROM results WHERE job_id LIKE '{tag}-%'");
@@ -1884,7 +1884,7 @@ async fn a_sink_commits_past_records_its_destination_already_holds() {
     lag_reaches(0, Duration::from_secs(180)).await;
     let analytics = sluice_sql::Analytics::new(
         sluice_sql::Sources { lake: Some(lake), shards: vec![] },
-        sluice_sql::QueryLimits { max_rows: 10, timeout: Duration::from_secs(30) },
+        sluice_sql::QueryLimits::new(10, Duration::from_secs(30)),
     )
     .unwrap();
     let counted = count_json(

@@ -14,9 +14,10 @@
 //!
 //! Queries are read-only (DDL, DML, `COPY` and `SET`-like statements are
 //! refused before anything runs), bounded in time and rows, and optionally
-//! scoped to one tenant: a scoped query sees the two tables through a
-//! `tenant = '<t>'` filter and cannot name anything else, because nothing
-//! else is registered in its session.
+//! scoped to one tenant: a scoped query sees the two tables as
+//! [`TenantTable`]s, which yield only that tenant's rows before any of the
+//! caller's expressions sees a row (see `scoped.rs`), and cannot name
+//! anything else, because nothing else is registered in its session.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,7 +32,9 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
-use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, col, lit};
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{LogicalPlan, TableProviderFilterPushDown};
 use datafusion_table_providers_common::sql::db_connection_pool::Mode;
 use datafusion_table_providers_postgres::PostgresTableFactory;
 use datafusion_table_providers_postgres::pool::PostgresConnectionPool;
@@ -42,6 +45,8 @@ use secrecy::SecretString;
 use sluice_schemas::results_table::{PARTITION_COLUMNS, lake_schema, shard_schema};
 use tokio::sync::Mutex;
 
+use crate::bounds::{BoundConcat, Bounded, QueryPool, SharedBudget};
+use crate::scoped::TenantTable;
 use crate::shards::{ShardSet, ShardStrategy, redact};
 
 /// Why a query was not answered.
@@ -63,6 +68,13 @@ pub enum QueryError {
     Execution(String),
     #[error("analytics setup: {0}")]
     Setup(String),
+    /// The query needs more memory than one query may use; it will never fit.
+    #[error("{0}")]
+    TooBig(String),
+    /// The queries running together hold all the memory SQL may use; the
+    /// same query can succeed later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl From<DataFusionError> for QueryError {
@@ -72,18 +84,42 @@ impl From<DataFusionError> for QueryError {
                 QueryError::Invalid(e.strip_backtrace())
             }
             DataFusionError::NotImplemented(_) => QueryError::Invalid(e.strip_backtrace()),
+            DataFusionError::ResourcesExhausted(m) if m.contains(crate::bounds::BUSY) => QueryError::Busy(m.clone()),
+            DataFusionError::ResourcesExhausted(m) => QueryError::TooBig(m.clone()),
             _ => QueryError::Execution(e.strip_backtrace()),
         }
     }
 }
 
-/// Limits of one query.
+/// Limits of one query (and of all queries together); see `bounds.rs`.
 #[derive(Debug, Clone, Copy)]
 pub struct QueryLimits {
     /// Rows returned at most; the answer says when it was cut.
     pub max_rows: usize,
-    /// Wall time from planning to the last row.
+    /// Wall time from planning to the last row. A query past it is dropped,
+    /// which cancels its tasks at their next await.
     pub timeout: Duration,
+    /// Memory one query's operators may reserve (aggregates, sorts, joins,
+    /// buffered batches), and the bytes of its answer.
+    pub max_query_memory_bytes: usize,
+    /// Memory all queries of one [`Analytics`] may reserve together.
+    pub max_total_memory_bytes: usize,
+    /// Bytes one function call may produce for one batch (`repeat`, `||`,
+    /// `range`, …), estimated before it allocates.
+    pub max_expression_bytes: usize,
+}
+
+impl QueryLimits {
+    /// `max_rows` and `timeout`, with the default memory bounds.
+    pub fn new(max_rows: usize, timeout: Duration) -> QueryLimits {
+        QueryLimits {
+            max_rows,
+            timeout,
+            max_query_memory_bytes: 512 << 20,
+            max_total_memory_bytes: 1 << 30,
+            max_expression_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Whose rows a query may see.
@@ -174,6 +210,8 @@ pub struct Analytics {
     shard_set: Option<ShardSet>,
     /// The table plans, built on the first query that reaches every shard.
     views: Mutex<Option<Arc<Views>>>,
+    /// What every query's pool draws from.
+    memory: Arc<SharedBudget>,
 }
 
 fn sqlite_path(url: &str) -> Option<&str> {
@@ -225,7 +263,8 @@ impl Analytics {
                     .map_err(|e| QueryError::Setup(e.to_string()))?,
             ),
         };
-        Ok(Analytics { sources, limits, shard_set, views: Mutex::new(None) })
+        let memory = SharedBudget::new(limits.max_total_memory_bytes);
+        Ok(Analytics { sources, limits, shard_set, views: Mutex::new(None), memory })
     }
 
     fn lake_table(&self) -> Result<Arc<dyn TableProvider>, QueryError> {
@@ -308,19 +347,30 @@ impl Analytics {
     async fn session(&self, scope: &Scope) -> Result<SessionContext, QueryError> {
         let views = self.views().await?;
         let config = SessionConfig::new().with_target_partitions(2).with_information_schema(false);
-        let ctx = SessionContext::new_with_config(config);
+        let pool = QueryPool::new(self.limits.max_query_memory_bytes, Arc::clone(&self.memory));
+        // No spilling: a query that does not fit its memory fails, rather
+        // than filling the disk (DataFusion would spill up to 100 GB).
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(pool))
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let cap = self.limits.max_expression_bytes;
+        let functions: Vec<_> = ctx.state().scalar_functions().values().cloned().collect();
+        for f in functions.iter().filter_map(|f| Bounded::wrap(f, cap)) {
+            ctx.register_udf(f);
+        }
+        ctx.add_analyzer_rule(Arc::new(BoundConcat::new(cap)));
         // DataFusion 55 mis-plans a filter that folds to `false` under an
         // aggregate (e.g. the tenant filter AND a contradicting predicate):
         // leave such filters in place; they cost a scan that finds nothing.
         ctx.remove_optimizer_rule("eliminate_filter");
         for (name, plan) in [("results", &views.results), ("shards", &views.shards)] {
-            let plan = match scope {
-                Scope::All => plan.clone(),
-                Scope::Tenant(t) => {
-                    LogicalPlanBuilder::from(plan.clone()).filter(col("tenant").eq(lit(t.as_str())))?.build()?
-                }
+            let table: Arc<dyn TableProvider> = match scope {
+                Scope::All => Arc::new(ViewTable::new(plan.clone(), None)),
+                Scope::Tenant(t) => Arc::new(TenantTable::new(plan, t)?),
             };
-            ctx.register_table(name, Arc::new(ViewTable::new(plan, None)))?;
+            ctx.register_table(name, table)?;
         }
         Ok(ctx)
     }
@@ -342,8 +392,17 @@ impl Analytics {
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             let mut stream = df.execute_stream().await?;
             let (mut batches, mut rows, mut truncated) = (Vec::new(), 0usize, false);
+            let mut answer_bytes = 0usize;
             while let Some(batch) = stream.next().await {
                 let batch = batch?;
+                answer_bytes += batch.get_array_memory_size();
+                if answer_bytes > limits.max_query_memory_bytes {
+                    return Err(QueryError::TooBig(format!(
+                        "the answer holds more than the {} bytes a query may (sql.max_query_memory_bytes); \
+                         select fewer columns or rows",
+                        limits.max_query_memory_bytes
+                    )));
+                }
                 let room = limits.max_rows - rows;
                 if batch.num_rows() > room {
                     truncated = true;

@@ -5,14 +5,17 @@
 //! - [`shards`]: N SQL databases (SQLite or PostgreSQL through `sqlx`),
 //!   the shard strategies, idempotent batched upserts and the migrations
 //!   under `sql/migrations/`.
-//! - [`analytics`]: DataFusion over both, read-only, bounded, tenant-scoped.
+//! - [`analytics`]: DataFusion over both, read-only, bounded, tenant-scoped
+//!   (`scoped.rs`: the sealed per-tenant tables; `bounds.rs`: memory bounds).
 //!
 //! Nothing here talks to Kafka: the sinks in `sluice-pipeline` consume the
 //! results topic and hand rows to [`Lake::commit`] and [`ShardSet::upsert`],
 //! committing offsets only after those return.
 
 pub mod analytics;
+mod bounds;
 pub mod lake;
+mod scoped;
 pub mod shards;
 
 pub use analytics::{Analytics, Answer, QueryError, QueryLimits, Scope, Sources};

@@ -363,7 +363,7 @@ async fn sleep_until(run: &Run, at: f64) {
 pub async fn audit(deployment: &Deployment, tag: &str, finished: &[String], limit: Duration) -> anyhow::Result<Value> {
     let analytics = sluice_sql::Analytics::new(
         sluice_sql::Sources { lake: Some(deployment.lake.clone()), shards: deployment.shards.clone() },
-        sluice_sql::QueryLimits { max_rows: 10_000, timeout: Duration::from_secs(60) },
+        sluice_sql::QueryLimits::new(10_000, Duration::from_secs(60)),
     )?;
     // Only this run's jobs (the warm-up's too are in the lake).
     let mine = format!("job_id LIKE '{tag}-0-%'");

@@ -103,6 +103,10 @@ impl ApiError {
                 QueryError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "query_timeout"),
                 QueryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 QueryError::Execution(_) | QueryError::Setup(_) => (StatusCode::INTERNAL_SERVER_ERROR, "query_failed"),
+                // Never fits: a bigger query will not either.
+                QueryError::TooBig(_) => (StatusCode::UNPROCESSABLE_ENTITY, "resources_exhausted"),
+                // Fits, once the queries running now are done.
+                QueryError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "resources_exhausted"),
             },
         }
     }
@@ -147,6 +151,8 @@ impl ApiError {
             ApiError::Sql(QueryError::Unavailable("m".into())),
             ApiError::Sql(QueryError::Execution("m".into())),
             ApiError::Sql(QueryError::Setup("m".into())),
+            ApiError::Sql(QueryError::TooBig("m".into())),
+            ApiError::Sql(QueryError::Busy("m".into())),
         ];
         for e in &all {
             // No wildcard: a new variant does not compile until it is

@@ -135,6 +135,9 @@ pub struct GatewayConfig {
     /// Longest SQL text of `POST /v1/sql`, and most queries running at once.
     pub max_query_bytes: usize,
     pub max_concurrent_queries: usize,
+    /// Open mode (no API keys): a query that names no tenant sees every
+    /// tenant's rows only when this is set; otherwise `default_tenant`'s.
+    pub open_mode_sql_all_tenants: bool,
 }
 
 /// Shared state of the handlers (cheap to clone).

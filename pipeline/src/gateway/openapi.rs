@@ -91,11 +91,11 @@ error_responses! {
     E404 = "not_found: no such job or batch for this tenant";
     E409 = "job_finished (cancel) or job_id_in_use (another tenant's job id)";
     E413 = "payload_too_large or too_many_items";
-    E422 = "schema_violation, unknown_model, input_too_long, invalid_input, or invalid_json (a batch line)";
+    E422 = "schema_violation, unknown_model, input_too_long, invalid_input, or invalid_json (a batch line); resources_exhausted: the query needs more memory than one query may use";
     E429 = "rate_limited; see Retry-After", retry;
     E500 = "internal (Kafka or the store refused for good, a corrupt record) or query_failed";
     E501 = "sql_not_configured: no lake or shards configured";
-    E503 = "overloaded (backlog, in-flight or long-poll bound) or unavailable (Kafka, the store or a shard); see Retry-After", retry;
+    E503 = "overloaded (backlog, in-flight or long-poll bound), unavailable (Kafka, the store or a shard) or resources_exhausted (the running queries hold all SQL memory); see Retry-After", retry;
     E504 = "query_timeout: the query ran past sql.timeout_ms";
 }
 

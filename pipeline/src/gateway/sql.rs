@@ -2,9 +2,11 @@
 //!
 //! A caller with an API key sees only its tenant's rows (the tables are
 //! views through a tenant filter; see `sluice_sql::analytics`). In open
-//! mode (no keys) a query sees every tenant's rows unless the body names
-//! `tenant`. At most `sql.max_concurrent` queries run at once (503 past it);
-//! each is bounded by `sql.timeout_ms` and `sql.max_rows`.
+//! mode (no keys) a query sees the tenant its body names, else
+//! `gateway.default_tenant`'s rows, or every tenant's only where the
+//! operator set `sql.open_mode_all_tenants`. At most `sql.max_concurrent` queries run at once (503 past it);
+//! each is bounded by `sql.timeout_ms`, `sql.max_rows` and the memory bounds
+//! of `sql.max_*_bytes` (422 or 503 `resources_exhausted`).
 
 use axum::Json;
 use axum::body::Bytes;
@@ -16,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_sql::Scope;
 
-use super::openapi::{E400, E401, E403, E413, E500, E501, E503, E504};
+use super::openapi::{E400, E401, E403, E413, E422, E500, E501, E503, E504};
 use super::{ApiError, Gateway};
 
 /// The request body.
@@ -29,8 +31,10 @@ pub(super) struct SqlRequest {
     query: String,
     #[serde(default)]
     format: Format,
-    /// Open mode only: restrict the query to this tenant's rows. With an API
-    /// key it must be the key's tenant.
+    /// Open mode only: the tenant whose rows the query sees (default:
+    /// `gateway.default_tenant`, or every tenant where
+    /// `sql.open_mode_all_tenants` is set). With an API key it must be the
+    /// key's tenant.
     #[serde(default)]
     tenant: Option<String>,
 }
@@ -75,7 +79,7 @@ pub(super) struct Column {
     tag = "sql",
     operation_id = "querySql",
     summary = "Run a read-only SQL query over the results lake (`results`) and the SQL shards (`shards`)",
-    description = "DataFusion SQL. Statements that write (DDL, DML, COPY, SET) are refused with 403 `read_only`. A caller with an API key sees only its tenant's rows; in open mode the body may name `tenant`. Answers are cut at `sql.max_rows` rows (`truncated`, and the `Sluice-Truncated` header) and queries stop at `sql.timeout_ms` (504 `query_timeout`).",
+    description = "DataFusion SQL. Statements that write (DDL, DML, COPY, SET) are refused with 403 `read_only`. A caller with an API key sees only its tenant's rows; in open mode the body names `tenant` (default: `gateway.default_tenant`; every tenant only where `sql.open_mode_all_tenants` is set). Answers are cut at `sql.max_rows` rows (`truncated`, and the `Sluice-Truncated` header) and queries stop at `sql.timeout_ms` (504 `query_timeout`).",
     request_body = SqlRequest,
     responses(
         (status = 200, description = "The answer, in the requested format",
@@ -89,6 +93,7 @@ pub(super) struct Column {
         (status = 401, response = E401),
         (status = 403, response = E403),
         (status = 413, response = E413),
+        (status = 422, response = E422),
         (status = 500, response = E500),
         (status = 501, response = E501),
         (status = 503, response = E503),
@@ -116,7 +121,8 @@ pub(super) async fn query(
         (Some(own), Some(named)) if own != named => return Err(ApiError::TenantMismatch { given: named }),
         (Some(own), _) => Scope::Tenant(own),
         (None, Some(named)) => Scope::Tenant(named),
-        (None, None) => Scope::All,
+        (None, None) if gw.cfg.open_mode_sql_all_tenants => Scope::All,
+        (None, None) => Scope::Tenant(gw.cfg.default_tenant.clone()),
     };
     let _slot = gw.sql_slots.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded {
         why: format!("{} SQL queries are running", gw.cfg.max_concurrent_queries),

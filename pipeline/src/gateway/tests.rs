@@ -38,6 +38,14 @@ async fn serve_gateway() -> (String, shutdown::Trigger, tokio::task::JoinHandle<
 async fn serve_gateway_with(
     overrides: Value,
 ) -> (String, shutdown::Trigger, tokio::task::JoinHandle<std::io::Result<()>>) {
+    serve_gateway_over(overrides, None).await
+}
+
+/// [`serve_gateway_with`], answering `POST /v1/sql` over the lake in `lake`.
+async fn serve_gateway_over(
+    overrides: Value,
+    lake: Option<&std::path::Path>,
+) -> (String, shutdown::Trigger, tokio::task::JoinHandle<std::io::Result<()>>) {
     let cfg = Config::load(None, overrides).expect("the configuration loads");
     let producer = crate::kafka::Producer::new("127.0.0.1:1", "gateway-test", Duration::from_millis(200))
         .expect("a producer is made without connecting");
@@ -45,7 +53,11 @@ async fn serve_gateway_with(
     std::fs::create_dir_all(&models).expect("temp dir");
     let catalog = ModelCatalog::load(sluice_workers::ModelRepository::new(&models), Vec::new()).expect("empty catalog");
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let gateway = Gateway::new(producer, Store::memory(&cfg.store()), Arc::new(catalog), cfg.gateway(), metrics);
+    let mut gateway = Gateway::new(producer, Store::memory(&cfg.store()), Arc::new(catalog), cfg.gateway(), metrics);
+    if let Some(lake) = lake {
+        let sources = sluice_sql::Sources { lake: Some(lake.to_path_buf()), shards: vec![] };
+        gateway = gateway.with_analytics(Arc::new(Analytics::new(sources, cfg.query_limits()).expect("analytics")));
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let base = format!("http://{}", listener.local_addr().expect("bound"));
     let (trigger, shutdown) = shutdown::channel();
@@ -211,4 +223,64 @@ async fn a_batch_upload_is_authenticated_before_its_body_is_read() {
     }
     trigger.fire();
     let _ = server.await;
+}
+
+/// Issue 10, item 13: in open mode, a query that names no tenant sees
+/// `gateway.default_tenant`'s rows, not every tenant's, unless the operator
+/// set `sql.open_mode_all_tenants`. Item 2: a query past the SQL memory
+/// bounds answers 422 `resources_exhausted`, naming the bound.
+#[tokio::test]
+async fn open_mode_sql_sees_the_default_tenant_unless_every_tenant_is_configured() {
+    let lake = std::env::temp_dir().join(format!("sluice-gateway-sql-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&lake);
+    let finished = chrono::Utc::now();
+    let rows: Vec<_> = ["default", "default", "other", "other", "other"]
+        .iter()
+        .enumerate()
+        .map(|(i, tenant)| sluice_schemas::results_table::ResultRow {
+            job_id: format!("job-{i}"),
+            tenant: (*tenant).into(),
+            model: "sigmoid".into(),
+            model_version: Some("1".into()),
+            status: "succeeded",
+            error_code: None,
+            error_message: None,
+            queued_ms: Some(1),
+            inference_ms: Some(1),
+            batch_size: Some(1),
+            input_tokens: None,
+            worker_id: None,
+            submitted_at: Some(finished),
+            finished_at: finished,
+            embedding: None,
+            output_json: None,
+            kafka_partition: 0,
+            kafka_offset: i as i64,
+        })
+        .collect();
+    sluice_sql::Lake::open(&lake).expect("lake").commit("t.results", 0, 0, 4, &rows).expect("commit");
+    let client = reqwest::Client::new();
+    for (all, unnamed) in [(false, 2), (true, 5)] {
+        let (base, trigger, server) =
+            serve_gateway_over(serde_json::json!({"sql": {"open_mode_all_tenants": all}}), Some(&lake)).await;
+        let sql = |body: Value| {
+            let (client, url) = (client.clone(), format!("{base}/v1/sql"));
+            async move {
+                let r = client.post(url).json(&body).send().await.expect("the gateway answers");
+                (r.status().as_u16(), r.json::<Value>().await.expect("a JSON body"))
+            }
+        };
+        let count = "SELECT count(*) AS n FROM results";
+        let (status, body) = sql(serde_json::json!({"query": count})).await;
+        assert_eq!((status, &body["rows"][0]["n"]), (200, &Value::from(unnamed)), "all tenants: {all}: {body}");
+        let (status, body) = sql(serde_json::json!({"query": count, "tenant": "other"})).await;
+        assert_eq!((status, &body["rows"][0]["n"]), (200, &Value::from(3)), "{body}");
+        let (status, body) = sql(serde_json::json!({"query": "SELECT length(repeat('x', 2000000000)) AS n"})).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (422, Some("resources_exhausted")), "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("sql.max_expression_bytes"), "{message}");
+        trigger.fire();
+        server.await.expect("the server task").expect("the server");
+    }
+    let _ = std::fs::remove_dir_all(&lake);
 }
