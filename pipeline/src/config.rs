@@ -104,6 +104,7 @@ pub struct StoreSection {
     pub key_prefix: String,
     pub cache_ttl_secs: u64,
     pub cache_capacity: usize,
+    pub cache_shared: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -255,6 +256,7 @@ impl Config {
             max_attempts: w.max_attempts,
             commit_interval: Duration::from_millis(w.commit_interval_ms),
             drain_timeout: Duration::from_millis(w.drain_timeout_ms),
+            cache_shared: self.store.cache_shared,
         }
     }
 

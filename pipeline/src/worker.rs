@@ -79,6 +79,10 @@ pub struct WorkerConfig {
     /// job fails with `inference_failed`. Attempts while the model's breaker
     /// is open do not count: the job waits.
     pub max_attempts: u32,
+    /// The inference cache is shared by all tenants (`store.cache_shared`):
+    /// a hit (`batch_size` 0) then tells a tenant that another submitted the
+    /// same input. Off by default: each tenant has its own entries.
+    pub cache_shared: bool,
 }
 
 /// The offsets tracker, shared with the consumer's rebalance callback.
@@ -399,10 +403,17 @@ fn commit(consumer: &Consumer, tracker: &SharedTracker) {
     }
 }
 
-/// Cache key: model, version and a digest of the input's canonical JSON.
-fn cache_key(model: &str, version: &str, req: &JobRequest) -> String {
+/// Cache key: the tenant (`*` when the cache is shared), model, version
+/// and a digest of the input's canonical JSON.
+fn cache_key(shared: bool, model: &str, version: &str, req: &JobRequest) -> String {
     let input = serde_json::to_vec(&req.input).expect("Input serialises. This is a bug.");
-    format!("{model}:{version}:{}", hex(&Sha256::digest(&input)))
+    let digest = hex(&Sha256::digest(&input));
+    match shared {
+        true => format!("*:{model}:{version}:{digest}"),
+        // Tenant names hold no ':' (JobRequest's validation), so no two
+        // tenants, and no tenant and the shared scope, share a key.
+        false => format!("t={}:{model}:{version}:{digest}", req.tenant),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -484,7 +495,7 @@ impl Ctx {
         }
         self.stages.done(Stage::Started, started);
 
-        let key = self.store.cache_enabled().then(|| cache_key(&req.model, &version, &req));
+        let key = self.store.cache_enabled().then(|| cache_key(self.cfg.cache_shared, &req.model, &version, &req));
         if let Some(k) = &key
             && let Ok(Some(output)) = self.store.cache_get(k).await
         {
@@ -541,7 +552,10 @@ impl Ctx {
                 metrics::histogram!(sluice_schemas::metrics::QUEUE_TIME.name, "model" => req.model.clone())
                     .record(queued_ms as f64 / 1000.0);
                 if key.is_some()
-                    && let Err(e) = self.store.cache_put(&cache_key(&req.model, &version, &req), &out.output).await
+                    && let Err(e) = self
+                        .store
+                        .cache_put(&cache_key(self.cfg.cache_shared, &req.model, &version, &req), &out.output)
+                        .await
                 {
                     tracing::debug!(error = %e, "cache write failed");
                 }

@@ -715,7 +715,7 @@ async fn jobs_can_be_cancelled_until_they_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identical_inputs_are_served_from_the_inference_cache() {
+async fn identical_inputs_are_served_from_the_inference_cache_of_their_tenant() {
     let mut h = Harness::start("cache", true).await;
     let body = |id: &str| json!({"job_id": id, "model": MODEL, "input": {"text": "cache this sentence"}}).to_string();
     h.post(body("k-1")).await;
@@ -735,6 +735,12 @@ async fn identical_inputs_are_served_from_the_inference_cache() {
     assert_eq!(third["model_version"], "2");
     assert!(third["timings"]["batch_size"].as_u64().unwrap() >= 1, "int8 version ran: {third}");
     assert_ne!(third["output"], first["output"]);
+    // Another tenant's identical input is not served from the first
+    // tenant's entry (a hit would tell it that the input was submitted).
+    let other = json!({"job_id": "k-4", "tenant": "other", "model": MODEL, "input": {"text": "cache this sentence"}});
+    h.post(other.to_string()).await;
+    let fourth = h.wait_done("k-4").await;
+    assert!(fourth["timings"]["batch_size"].as_u64().unwrap() >= 1, "ran inference for tenant other: {fourth}");
     h.stop().await;
 }
 
