@@ -220,6 +220,10 @@ enum Unfinished {
     /// help, so the record is dead-lettered with the reason instead of
     /// holding its partition.
     Refused { what: &'static str, error: String },
+    /// The record's job id is another tenant's job (the store refused the
+    /// write): the record is dead-lettered with `tenant_mismatch`, and
+    /// nothing of that job changes.
+    Foreign(String),
 }
 
 impl Worker {
@@ -441,6 +445,14 @@ impl Ctx {
     async fn settle(&self, rec: &Record) -> Result<(), Unfinished> {
         let (what, error) = match self.process(rec).await {
             Err(Unfinished::Refused { what, error }) => (what, error),
+            Err(Unfinished::Foreign(job_id)) => {
+                let message = format!("job {job_id} belongs to another tenant; nothing was written");
+                tracing::warn!(%message, "dead-lettering record");
+                match self.dead_letter(rec, ErrorCode::TenantMismatch, &message).await {
+                    Err(Unfinished::Refused { what, error }) => (what, error),
+                    other => return other,
+                }
+            }
             done => return done,
         };
         let message = format!("{what} refused for good: {error}");
@@ -472,6 +484,14 @@ impl Ctx {
             }
         };
         tracing::Span::current().record("job_id", req.job_id.as_str());
+        // The header is what topic ACLs and the gateway vouch for; a body
+        // that names another tenant is not trusted with either's job.
+        if let Some(said) = rec.header(headers::TENANT)
+            && said != req.tenant
+        {
+            let message = format!("the {} header names tenant {said:?}, the body {:?}", headers::TENANT, req.tenant);
+            return self.reject(rec, Some(&req), None, ErrorCode::TenantMismatch, message).await;
+        }
         let engine = match self.pool.route(&req) {
             Ok(e) => e,
             Err((code, msg)) => return self.reject(rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
@@ -592,6 +612,7 @@ impl Ctx {
                 tracing::debug!(status = %done, "job already finished");
                 Ok(true)
             }
+            Put::Foreign => Err(Unfinished::Foreign(record.job_id.clone())),
         }
     }
 
@@ -691,6 +712,7 @@ impl Ctx {
             // Someone else finished it first (a cancel, or a redelivery that
             // raced us): their record stands; make sure it is published.
             Put::Kept(_) => self.publish_stored(&record.job_id).await,
+            Put::Foreign => Err(Unfinished::Foreign(record.job_id.clone())),
         }
     }
 
@@ -746,7 +768,12 @@ impl Ctx {
         if let Some(r) = req {
             failed.metadata = r.metadata.clone();
         }
-        self.finish_job(failed, Instant::now()).await
+        match self.finish_job(failed, Instant::now()).await {
+            // Another tenant's job id: the record is dead-lettered already,
+            // and that job is not marked failed.
+            Err(Unfinished::Foreign(_)) => Ok(()),
+            done => done,
+        }
     }
 
     /// The record, as it came, on the dead-letter topic with `code` and

@@ -331,6 +331,11 @@ async fn a_job_published_by_another_kafka_client_is_pollable_with_the_published_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving() {
     let mut h = Harness::start("poison", true).await;
+    // Another tenant's job; a record below names its id (issue 10, item 7).
+    h.post(json!({"job_id": "owned-1", "tenant": "globex", "model": MODEL, "input": {"text": "mine"}}).to_string())
+        .await;
+    let owned = h.wait_done("owned-1").await;
+    assert_eq!((owned["tenant"].as_str(), owned["status"].as_str()), (Some("globex"), Some("succeeded")));
     let no_model = json!({"job_id": "no-model-1", "tenant": "acme", "input": {"text": "x"}});
     let bad_records = [
         (Some("bad-json"), "{\"job_id\": \"bad-json\", ".to_owned(), "invalid_json"),
@@ -338,6 +343,10 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
         (Some("unknown-model-1"), json!({"job_id": "unknown-model-1", "tenant": "acme", "model": "gpt-9", "input": {"text": "x"}}).to_string(), "unknown_model"),
         (Some("too-long-1"), job("too-long-1", &"word ".repeat(4000)).to_string(), "input_too_long"),
         (Some("tensor-1"), json!({"job_id": "tensor-1", "tenant": "acme", "model": MODEL, "input": {"tensors": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}}).to_string(), "invalid_input"),
+        // The header (acme) and the body disagree on the tenant.
+        (Some("mismatch-1"), json!({"job_id": "mismatch-1", "tenant": "globex", "model": MODEL, "input": {"text": "x"}}).to_string(), "tenant_mismatch"),
+        // Acme's record naming globex's job.
+        (Some("owned-1"), job("owned-1", "take this over").to_string(), "tenant_mismatch"),
         (None, String::new(), "invalid_json"),
     ];
     let mut records: Vec<Value> = bad_records.iter().map(|(k, v, _)| record(*k, v.clone())).collect();
@@ -389,6 +398,10 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
         assert_eq!(d["headers"]["tenant"], "acme", "original headers kept");
         assert!(!d["headers"]["sluice.error.message"].as_str().unwrap().is_empty());
     }
+    // Neither tenant's job record is written for a record whose tenant is
+    // in doubt, and globex's job is unchanged.
+    assert_eq!(h.get("/v1/jobs/mismatch-1").await.0, 404);
+    assert_eq!(h.get("/v1/jobs/owned-1").await.1, owned, "another tenant's record changed nothing");
     h.stop().await;
 }
 

@@ -136,3 +136,34 @@ async fn create_writes_once_and_returns_the_existing_record() {
     assert_eq!(store.put(&big).await.unwrap(), Put::Written);
     assert_eq!(store.get("c-2").await.unwrap().unwrap().output, big.output);
 }
+
+/// Issue 10, item 7: a job's owner is fixed by its first write. A write by
+/// another tenant with the same job id (a Kafka record naming someone
+/// else's job) changes nothing, in Redis and in the in-process store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_cannot_overwrite_a_job() {
+    let cfg = StoreConfig {
+        ttl: Duration::from_secs(600),
+        memory_capacity: 100,
+        key_prefix: String::new(),
+        cache_ttl: Duration::ZERO,
+        cache_capacity: 1,
+    };
+    for store in [store(&unique_prefix("owner")).await, Store::memory(&cfg)] {
+        let mine = record("o-1", JobStatus::Queued);
+        assert_eq!(store.create(&mine).await.unwrap(), Create::Created);
+        let mut theirs = record("o-1", JobStatus::Succeeded);
+        theirs.tenant = "mallory".into();
+        assert_eq!(store.put(&theirs).await.unwrap(), Put::Foreign);
+        let mut running = theirs.clone();
+        running.status = JobStatus::Running;
+        running.output = None;
+        running.finished_at = None;
+        assert_eq!(store.put(&running).await.unwrap(), Put::Foreign);
+        let stored = store.get("o-1").await.unwrap().unwrap();
+        assert_eq!((stored.tenant.as_str(), stored.status), ("t", JobStatus::Queued), "unchanged");
+        // Its owner still can.
+        assert_eq!(store.put(&record("o-1", JobStatus::Succeeded)).await.unwrap(), Put::Written);
+        assert_eq!(store.get("o-1").await.unwrap().unwrap().status, JobStatus::Succeeded);
+    }
+}

@@ -23,11 +23,14 @@ pub enum ErrorCode {
     InferenceFailed,
     /// A bug or an unexpected condition inside Sluice.
     Internal,
+    /// The record's `sluice.tenant` header and its body name different
+    /// tenants, or its job id belongs to another tenant's job.
+    TenantMismatch,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (for docs, metrics and tests).
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::InvalidJson,
         ErrorCode::SchemaViolation,
         ErrorCode::UnknownModel,
@@ -36,6 +39,7 @@ impl ErrorCode {
         ErrorCode::DeadlineExceeded,
         ErrorCode::InferenceFailed,
         ErrorCode::Internal,
+        ErrorCode::TenantMismatch,
     ];
 
     /// The wire spelling, e.g. `"invalid_json"`.
@@ -49,6 +53,7 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::InferenceFailed => "inference_failed",
             ErrorCode::Internal => "internal",
+            ErrorCode::TenantMismatch => "tenant_mismatch",
         }
     }
 }

@@ -73,6 +73,9 @@ impl MemoryStore {
         let expires = now + self.ttl;
         match g.records.get_mut(&record.job_id) {
             Some(e) if e.expires > now => {
+                if e.record.tenant != record.tenant {
+                    return Put::Foreign;
+                }
                 if !e.record.status.may_become(record.status) {
                     return Put::Kept(e.record.status);
                 }

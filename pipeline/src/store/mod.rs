@@ -51,6 +51,9 @@ pub enum Put {
     /// The stored record is in this status and may not become the new one;
     /// nothing was written.
     Kept(JobStatus),
+    /// The job belongs to another tenant (its owner is fixed by its first
+    /// write); nothing was written.
+    Foreign,
 }
 
 /// Outcome of [`Store::create`].

@@ -14,11 +14,16 @@ use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig, StoreError, forbid
 /// the records' keys. ARGV[1]: the lifecycle pairs that may not follow each
 /// other (`|from>to|…|`), ARGV[2]: TTL in ms, ARGV[3]: the completion
 /// channel, ARGV[4]: the terminal statuses (`|a|b|…|`), ARGV[5]: the keys'
-/// prefix before the job id; then three values per key: op, status, record
-/// JSON.
+/// prefix before the job id; then four values per key: op, status, record
+/// JSON, tenant.
+///
+/// Every record keeps the tenant of its first write (`tenant`); a put or
+/// create by another tenant changes nothing (records written before owners
+/// were kept have none, and take the next writer's).
 ///
 /// - `P` (put): writes the record unless the stored status may not become
-///   the new one; replies `ok`, or the stored status. A written record is
+///   the new one or the job is another tenant's; replies `ok`, `!` (another
+///   tenant's), or the stored status. A written record is
 ///   not yet published. Terminal writes are announced on the completion
 ///   channel, all of a batch's in one message (ids separated by spaces).
 /// - `C` (create): writes the record only if there is none; replies `ok`,
@@ -29,15 +34,17 @@ const WRITE_SCRIPT: &str = r#"
 local forbidden, ttl, channel, terminal, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out, done = {}, {}
 for i, key in ipairs(KEYS) do
-  local op, status, record = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
+  local op, status, record, tenant = ARGV[4 * i + 2], ARGV[4 * i + 3], ARGV[4 * i + 4], ARGV[4 * i + 5]
   if op == 'P' then
-    local cur = redis.call('HGET', key, 'status')
-    if cur and string.find(forbidden, '|' .. cur .. '>' .. status .. '|', 1, true) then
+    local cur, owner = unpack(redis.call('HMGET', key, 'status', 'tenant'))
+    if owner and owner ~= tenant then
+      out[i] = '!'
+    elseif cur and string.find(forbidden, '|' .. cur .. '>' .. status .. '|', 1, true) then
       out[i] = cur
     else
       -- No 'published' mark can be there: marks are only set on terminal
       -- records, and a terminal record is never written over.
-      redis.call('HSET', key, 'status', status, 'record', record)
+      redis.call('HSET', key, 'status', status, 'record', record, 'tenant', tenant)
       redis.call('PEXPIRE', key, ttl)
       out[i] = 'ok'
       if string.find(terminal, '|' .. status .. '|', 1, true) then
@@ -49,7 +56,7 @@ for i, key in ipairs(KEYS) do
     if existing then
       out[i] = '=' .. existing
     else
-      redis.call('HSET', key, 'status', status, 'record', record)
+      redis.call('HSET', key, 'status', status, 'record', record, 'tenant', tenant)
       redis.call('PEXPIRE', key, ttl)
       out[i] = 'ok'
     end
@@ -97,17 +104,17 @@ struct Write {
 }
 
 enum Op {
-    Put { status: &'static str, record: String },
-    Create { status: &'static str, record: String },
+    Put { status: &'static str, record: String, tenant: String },
+    Create { status: &'static str, record: String, tenant: String },
     Mark,
 }
 
 impl Op {
-    fn args(&self) -> (&'static str, &'static str, &str) {
+    fn args(&self) -> (&'static str, &'static str, &str, &str) {
         match self {
-            Op::Put { status, record } => ("P", status, record),
-            Op::Create { status, record } => ("C", status, record),
-            Op::Mark => ("M", "", ""),
+            Op::Put { status, record, tenant } => ("P", status, record, tenant),
+            Op::Create { status, record, tenant } => ("C", status, record, tenant),
+            Op::Mark => ("M", "", "", ""),
         }
     }
 
@@ -191,8 +198,8 @@ async fn flush(batch: Vec<Write>, mut conn: ConnectionManager, script: Arc<redis
     let mut call = script.prepare_invoke();
     call.arg(&fixed.forbidden).arg(fixed.ttl_ms).arg(&fixed.channel).arg(&fixed.terminal).arg(&fixed.key_prefix);
     for w in &batch {
-        let (op, status, record) = w.op.args();
-        call.key(&w.key).arg(op).arg(status).arg(record);
+        let (op, status, record, tenant) = w.op.args();
+        call.key(&w.key).arg(op).arg(status).arg(record).arg(tenant);
     }
     let replies: Result<Vec<String>, StoreError> = call.invoke_async(&mut conn).await.map_err(unavailable);
     match replies {
@@ -261,7 +268,12 @@ impl RedisStore {
 
     pub(super) async fn create(&self, record: &JobResult) -> Result<Create, StoreError> {
         let json = serde_json::to_string(record).expect("JobResult serialises. This is a bug.");
-        let reply = self.write(&record.job_id, Op::Create { status: record.status.as_str(), record: json }).await?;
+        let reply = self
+            .write(
+                &record.job_id,
+                Op::Create { status: record.status.as_str(), record: json, tenant: record.tenant.clone() },
+            )
+            .await?;
         match reply.strip_prefix('=') {
             None => Ok(Create::Created),
             Some(raw) => serde_json::from_str(raw)
@@ -325,9 +337,16 @@ impl RedisStore {
             Some(j) => j.to_owned(),
             None => serde_json::to_string(record).expect("JobResult serialises. This is a bug."),
         };
-        let reply = self.write(&record.job_id, Op::Put { status: record.status.as_str(), record: json }).await?;
-        if reply == "ok" {
-            return Ok(Put::Written);
+        let reply = self
+            .write(
+                &record.job_id,
+                Op::Put { status: record.status.as_str(), record: json, tenant: record.tenant.clone() },
+            )
+            .await?;
+        match reply.as_str() {
+            "ok" => return Ok(Put::Written),
+            "!" => return Ok(Put::Foreign),
+            _ => {}
         }
         let status = serde_json::from_value(serde_json::Value::String(reply.clone())).map_err(|_| {
             StoreError::Corrupt { job_id: record.job_id.clone(), message: format!("unknown status {reply:?}") }
