@@ -156,10 +156,12 @@ fn forget_revoked(
     }
 }
 
-/// Decodes a results-topic record. `None`: not a JobResult (counted, then
-/// skipped: the record's offset is still covered by the next commit).
+/// Decodes a results-topic record. `None`: not a valid JobResult (counted,
+/// then skipped: the record's offset is still covered by the next commit).
+/// Validated, because its `model` names a lake directory: a record on the
+/// results topic that Sluice did not write could otherwise name `../x`.
 fn decode(rec: &Record) -> Option<ResultRow> {
-    match serde_json::from_slice::<JobResult>(&rec.payload) {
+    match JobResult::decode(&rec.payload) {
         Ok(r) if r.status.is_terminal() => {
             Some(ResultRow::new(r, rec.partition, rec.offset, rec.timestamp.unwrap_or_else(Utc::now)))
         }
@@ -458,6 +460,37 @@ impl Destination for ShardSink {
                 self.done.iter_mut().for_each(|d| *d = false);
                 Ok(())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(r: &JobResult) -> Record {
+        let payload = serde_json::to_vec(r).expect("serialises");
+        Record {
+            topic: "t.results".into(),
+            partition: 0,
+            offset: 7,
+            key: None,
+            payload,
+            headers: vec![],
+            timestamp: None,
+        }
+    }
+
+    /// Issue 10, item 11: a results-topic record Sluice did not write cannot
+    /// name a lake directory outside the table; it is skipped and counted.
+    #[test]
+    fn a_result_whose_model_is_a_path_is_skipped() {
+        let code = sluice_schemas::ErrorCode::Internal;
+        let mut r = JobResult::failed("j".into(), "t".into(), "m".into(), code, "x".into(), Utc::now());
+        assert_eq!(decode(&record(&r)).map(|row| row.model), Some("m".to_owned()));
+        for model in ["../../escape", "a/b", "model=x"] {
+            r.model = model.into();
+            assert!(decode(&record(&r)).is_none(), "{model}");
         }
     }
 }

@@ -659,7 +659,16 @@ impl Ctx {
             };
             drop(engine);
             match outcome {
-                Ok(out) => return Ok(Ran::Done { version, out }),
+                Ok(out) => {
+                    // JSON has no NaN or infinity: such an output would be
+                    // stored as null and the job could not be read back.
+                    if let Some(at) = out.output.non_finite() {
+                        let message =
+                            format!("model {} version {version} produced a NaN or infinity at {at}", req.model);
+                        return Ok(Ran::Failed(ErrorCode::InferenceFailed, message));
+                    }
+                    return Ok(Ran::Done { version, out });
+                }
                 Err(WorkerError::Expired) => return Ok(Ran::Expired),
                 Err(WorkerError::Cancelled) => return Ok(Ran::Cancelled),
                 Err(WorkerError::InvalidInput(m) | WorkerError::Tokenizer(m)) => {

@@ -88,6 +88,19 @@ pub enum Output {
     Tensors(BTreeMap<String, Tensor>),
 }
 
+impl Output {
+    /// Where the first NaN or infinity is (`output.embedding[3]`,
+    /// `output.tensors.y.data[0]`), if any. JSON cannot carry them.
+    pub fn non_finite(&self) -> Option<String> {
+        match self {
+            Output::Embedding(v) => v.iter().position(|x| !x.is_finite()).map(|i| format!("output.embedding[{i}]")),
+            Output::Tensors(t) => t.iter().find_map(|(name, t)| {
+                t.data.iter().position(|x| !x.is_finite()).map(|i| format!("output.tensors.{name}.data[{i}]"))
+            }),
+        }
+    }
+}
+
 /// Where the job's time went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -186,13 +199,21 @@ impl JobResult {
         }
     }
 
-    /// Checks the cross-field rules of the schema: `output` exactly when
+    /// Checks identifiers as JobRequest does (`model` and `model_version`
+    /// name lake directories), that an embedding is finite (JSON has no NaN:
+    /// it would be written as `null` and the record could not be read
+    /// back), and the cross-field rules of the schema: `output` exactly when
     /// succeeded, `error` when failed, terminal records carry `finished_at`.
     pub fn validate(&self) -> Result<(), String> {
         check_ident("job_id", &self.job_id, limits::JOB_ID_CHARS, ":")?;
         check_ident("tenant", &self.tenant, limits::TENANT_CHARS, "")?;
-        if self.model.is_empty() || self.model_version.as_deref() == Some("") {
-            return Err("model and model_version must not be empty".into());
+        // As in JobRequest: sinks build lake directories from these.
+        check_ident("model", &self.model, limits::MODEL_CHARS, "")?;
+        if let Some(v) = &self.model_version {
+            check_ident("model_version", v, limits::MODEL_VERSION_CHARS, "")?;
+        }
+        if let Some(at) = self.output.as_ref().and_then(Output::non_finite) {
+            return Err(format!("{at} is not a finite number"));
         }
         let s = self.status;
         if (s == JobStatus::Succeeded) != self.output.is_some() {
@@ -225,6 +246,36 @@ impl JobResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 10, item 11: `model` names a lake directory, and JSON has no
+    /// NaN (it would be written as null and never read back).
+    #[test]
+    fn model_names_are_identifiers_and_outputs_are_finite() {
+        let now = Utc::now();
+        let ok = |model: &str| {
+            let mut r = JobResult::failed("j".into(), "t".into(), model.into(), ErrorCode::Internal, "x".into(), now);
+            r.model_version = Some("1".into());
+            r
+        };
+        assert!(ok("all-minilm-l6-v2").validate().is_ok());
+        for bad in ["../../etc", "a/b", "", "model=x", "a b", "..\\x"] {
+            let e = ok(bad).validate().unwrap_err();
+            assert!(e.starts_with("model:"), "{bad:?}: {e}");
+        }
+        let mut r = ok("m");
+        r.model_version = Some("../1".into());
+        assert!(r.validate().unwrap_err().starts_with("model_version:"));
+        let mut r = ok("m");
+        (r.status, r.error) = (JobStatus::Succeeded, None);
+        r.output = Some(Output::Embedding(vec![0.5, f32::NAN]));
+        assert_eq!(r.validate().unwrap_err(), "output.embedding[1] is not a finite number");
+        let tensor = Tensor { dtype: crate::DType::Float32, shape: vec![2], data: vec![1.0, f64::INFINITY] };
+        r.output = Some(Output::Tensors([("y".to_owned(), tensor)].into()));
+        assert_eq!(r.validate().unwrap_err(), "output.tensors.y.data[1] is not a finite number");
+        // Serialised, a NaN becomes null, which does not decode: this is why.
+        r.output = Some(Output::Embedding(vec![f32::NAN]));
+        assert!(JobResult::decode(&serde_json::to_vec(&r).unwrap()).is_err());
+    }
 
     #[test]
     fn terminal_states_never_change() {
