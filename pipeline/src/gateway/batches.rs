@@ -2,6 +2,7 @@
 //! results streamed back as JSONL, each line with its `custom_id`.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_schemas::{ErrorCode, JobRequest, JobResult, JobStatus};
 
-use super::openapi::{E400, E401, E403, E404, E413, E422, E429, E500, E503};
+use super::openapi::{E400, E401, E403, E404, E408, E413, E422, E429, E500, E503};
 use super::{ApiError, Gateway};
 
 const KIND: &str = "batch";
@@ -104,6 +105,7 @@ pub(super) struct BatchId {
         (status = 400, response = E400),
         (status = 401, response = E401),
         (status = 403, response = E403),
+        (status = 408, response = E408),
         (status = 413, response = E413),
         (status = 422, response = E422),
         (status = 429, response = E429),
@@ -117,8 +119,17 @@ pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Resul
     // caller makes the gateway buffer nothing.
     let caller = gw.keys.authenticate(request.headers())?;
     let _slot = gw.admit()?;
+    let upload = gw.upload_slots.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded {
+        why: format!("{} batch uploads are being read", gw.cfg.max_concurrent_uploads),
+        retry_after: Duration::from_secs(1),
+    })?;
     let headers_in = request.headers().clone();
-    let body = Bytes::from_request(request, &gw).await.map_err(|e| gw.body_error(e, gw.cfg.max_batch_bytes))?;
+    let limit = gw.cfg.upload_timeout;
+    let body = tokio::time::timeout(limit, Bytes::from_request(request, &gw))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(limit))?
+        .map_err(|e| gw.body_error(e, gw.cfg.max_batch_bytes))?;
+    drop(upload);
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::InvalidJson(format!("not UTF-8: {e}")))?;
     let lines: Vec<(usize, &str)> =
         text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty()).collect();

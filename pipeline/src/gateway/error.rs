@@ -23,6 +23,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("request body exceeds {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the request body did not arrive within {0:?} (gateway.upload_timeout_ms)")]
+    BodyTimeout(Duration),
     #[error("{given} items in one request; at most {limit} are accepted")]
     TooManyItems { given: usize, limit: usize },
     /// A job that fails validation; carries the job-level error code
@@ -83,6 +85,7 @@ impl ApiError {
         match self {
             ApiError::EmptyBody(_) | ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ApiError::TooManyItems { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_items"),
             ApiError::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code.as_str()),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -123,6 +126,7 @@ impl ApiError {
             ApiError::EmptyBody("a body"),
             ApiError::InvalidJson("m".into()),
             ApiError::PayloadTooLarge(1),
+            ApiError::BodyTimeout(wait),
             ApiError::TooManyItems { given: 2, limit: 1 },
             // The job-level codes the gateway answers with (see jobs.rs,
             // batches.rs and the catalog's check).
@@ -161,6 +165,7 @@ impl ApiError {
                 ApiError::EmptyBody(_)
                 | ApiError::InvalidJson(_)
                 | ApiError::PayloadTooLarge(_)
+                | ApiError::BodyTimeout(_)
                 | ApiError::TooManyItems { .. }
                 | ApiError::Invalid { .. }
                 | ApiError::Unauthorized

@@ -123,6 +123,10 @@ pub struct GatewayConfig {
     pub max_batch_bytes: usize,
     pub max_items_per_request: usize,
     pub max_batch_lines: usize,
+    /// Batch uploads whose bodies are being read at once (503 beyond), and
+    /// the longest one body may take to arrive (408).
+    pub max_concurrent_uploads: usize,
+    pub upload_timeout: Duration,
     pub max_in_flight: usize,
     pub max_backlog: i64,
     pub backlog_poll: Duration,
@@ -161,6 +165,8 @@ pub struct Gateway {
     analytics: Option<Arc<Analytics>>,
     /// Bound on SQL queries running at once; past it, 503.
     sql_slots: Arc<Semaphore>,
+    /// `max_concurrent_uploads` slots.
+    upload_slots: Arc<Semaphore>,
 }
 
 impl Gateway {
@@ -185,6 +191,7 @@ impl Gateway {
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
             waiters: Arc::new(Waiters::new(cfg.max_waiters, cfg.max_waiters_per_tenant)),
             sql_slots: Arc::new(Semaphore::new(cfg.max_concurrent_queries.max(1))),
+            upload_slots: Arc::new(Semaphore::new(cfg.max_concurrent_uploads.max(1))),
             cfg: Arc::new(cfg),
             analytics: None,
         }

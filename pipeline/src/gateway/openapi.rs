@@ -30,7 +30,7 @@ use super::error::ErrorBody;
     security(("bearer" = []), ("apiKey" = []), ()),
     components(
         schemas(ErrorBody),
-        responses(E400, E401, E403, E404, E409, E413, E422, E429, E500, E501, E503, E504)
+        responses(E400, E401, E403, E404, E408, E409, E413, E422, E429, E500, E501, E503, E504)
     ),
     modifiers(&SecuritySchemes),
     tags(
@@ -89,6 +89,7 @@ error_responses! {
     E401 = "unauthorized: missing or unknown API key";
     E403 = "tenant_mismatch: the body names another tenant than the API key's; read_only: the SQL would write";
     E404 = "not_found: no such job or batch for this tenant";
+    E408 = "body_timeout: the body did not arrive within gateway.upload_timeout_ms";
     E409 = "job_finished (cancel) or job_id_in_use (another tenant's job id)";
     E413 = "payload_too_large or too_many_items";
     E422 = "schema_violation, unknown_model, input_too_long, invalid_input, or invalid_json (a batch line); resources_exhausted: the query needs more memory than one query may use";

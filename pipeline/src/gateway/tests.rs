@@ -284,3 +284,58 @@ async fn open_mode_sql_sees_the_default_tenant_unless_every_tenant_is_configured
     }
     let _ = std::fs::remove_dir_all(&lake);
 }
+
+/// Issue 10, item 3: a batch upload whose body never finishes arriving is
+/// cut off at `gateway.upload_timeout_ms` (408 `body_timeout`), and while
+/// it is read it holds one of `gateway.max_concurrent_uploads`: the next
+/// upload is refused (503) instead of buffering too. After the cut-off the
+/// slot is free again.
+#[tokio::test]
+async fn a_stalled_batch_upload_is_cut_off_and_uploads_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let overrides = serde_json::json!({"gateway": {"upload_timeout_ms": 3000, "max_concurrent_uploads": 1}});
+    let (base, trigger, server) = serve_gateway_with(overrides).await;
+    let mut stalled = tokio::net::TcpStream::connect(base.trim_start_matches("http://")).await.expect("connect");
+    stalled
+        .write_all(b"POST /v1/batches HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n{\"model\": ")
+        .await
+        .expect("send the head and 10 bytes");
+    let client = reqwest::Client::new();
+    let upload = || async {
+        let r = client.post(format!("{base}/v1/batches")).body("").send().await.expect("the gateway answers");
+        (r.status().as_u16(), r.json::<Value>().await.expect("a JSON error"))
+    };
+    // Until the stalled upload's handler holds the one slot, an empty
+    // upload gets its own answer (400); from then on, 503.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let (status, body) = upload().await;
+        if status == 503 {
+            break body;
+        }
+        assert_eq!(status, 400, "{body}");
+        assert!(std::time::Instant::now() < deadline, "the stalled upload never took the slot");
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(refused["error"]["code"], "overloaded", "{refused}");
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("batch uploads")), "{refused}");
+    let mut answer = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stalled.read(&mut chunk).await.expect("read the answer");
+            answer.extend_from_slice(&chunk[..n]);
+            if n == 0 || String::from_utf8_lossy(&answer).contains("upload_timeout_ms") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await.expect("the stalled upload is answered");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout") && answer.contains("gateway.upload_timeout_ms"), "{answer}");
+    let (status, body) = upload().await;
+    assert_eq!(status, 400, "the slot is free again: {body}");
+    trigger.fire();
+    server.await.expect("the server task").expect("the server");
+}
