@@ -85,7 +85,12 @@ impl From<DataFusionError> for QueryError {
             }
             DataFusionError::NotImplemented(_) => QueryError::Invalid(e.strip_backtrace()),
             DataFusionError::ResourcesExhausted(m) if m.contains(crate::bounds::BUSY) => QueryError::Busy(m.clone()),
-            DataFusionError::ResourcesExhausted(m) => QueryError::TooBig(m.clone()),
+            // Our pool and functions name their setting; an operator that
+            // fails otherwise (e.g. when it cannot spill) does not.
+            DataFusionError::ResourcesExhausted(m) if m.contains("sql.max_") => QueryError::TooBig(m.clone()),
+            DataFusionError::ResourcesExhausted(m) => QueryError::TooBig(format!(
+                "{m} (a query may hold sql.max_query_memory_bytes of memory, and does not spill to disk)"
+            )),
             _ => QueryError::Execution(e.strip_backtrace()),
         }
     }
