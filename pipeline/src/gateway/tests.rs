@@ -293,7 +293,8 @@ async fn open_mode_sql_sees_the_default_tenant_unless_every_tenant_is_configured
 #[tokio::test]
 async fn a_stalled_batch_upload_is_cut_off_and_uploads_are_bounded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let overrides = serde_json::json!({"gateway": {"upload_timeout_ms": 3000, "max_concurrent_uploads": 1}});
+    // 10 s: room for the probe below to see the slot taken on a busy machine.
+    let overrides = serde_json::json!({"gateway": {"upload_timeout_ms": 10000, "max_concurrent_uploads": 1}});
     let (base, trigger, server) = serve_gateway_with(overrides).await;
     let mut stalled = tokio::net::TcpStream::connect(base.trim_start_matches("http://")).await.expect("connect");
     stalled
