@@ -43,7 +43,7 @@ use datafusion_table_providers_sqlite::pool::SqliteConnectionPoolFactory;
 use futures::StreamExt;
 use secrecy::SecretString;
 use sluice_schemas::results_table::{PARTITION_COLUMNS, lake_schema, shard_schema};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 
 use crate::bounds::{BoundConcat, Bounded, QueryPool, SharedBudget};
 use crate::scoped::TenantTable;
@@ -193,6 +193,14 @@ impl Answer {
     }
 }
 
+/// Longest wait to reach a shard (connect, migrate, read its schema) when a
+/// query first names `shards`.
+const SHARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for a connection to a shard from the pool that checks shards
+/// are up before each query that names them.
+const SHARD_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Where the data is.
 #[derive(Debug, Clone)]
 pub struct Sources {
@@ -202,19 +210,19 @@ pub struct Sources {
     pub shards: Vec<String>,
 }
 
-struct Views {
-    results: LogicalPlan,
-    shards: LogicalPlan,
-}
-
 /// The analytics engine: cheap to share, one DataFusion session per query.
 pub struct Analytics {
     sources: Sources,
     limits: QueryLimits,
     /// Used only to create the shards' tables before the first query.
     shard_set: Option<ShardSet>,
-    /// The table plans, built on the first query that reaches every shard.
-    views: Mutex<Option<Arc<Views>>>,
+    /// The plan of `results`, built on the first query; it needs no shard.
+    results: OnceCell<LogicalPlan>,
+    /// The plan of `shards`, built on the first query that names `shards`
+    /// and reaches every shard. While one cannot be reached, queries that
+    /// name `shards` are answered `unavailable` (and the next one tries
+    /// again); queries over `results` alone never wait for a shard.
+    shards: Mutex<Option<LogicalPlan>>,
     /// What every query's pool draws from.
     memory: Arc<SharedBudget>,
 }
@@ -264,12 +272,12 @@ impl Analytics {
         let shard_set = match sources.shards.is_empty() {
             true => None,
             false => Some(
-                ShardSet::open(&sources.shards, ShardStrategy::HashMod, Duration::from_secs(3))
+                ShardSet::open(&sources.shards, ShardStrategy::HashMod, SHARD_ACQUIRE_TIMEOUT)
                     .map_err(|e| QueryError::Setup(e.to_string()))?,
             ),
         };
         let memory = SharedBudget::new(limits.max_total_memory_bytes);
-        Ok(Analytics { sources, limits, shard_set, views: Mutex::new(None), memory })
+        Ok(Analytics { sources, limits, shard_set, results: OnceCell::new(), shards: Mutex::new(None), memory })
     }
 
     fn lake_table(&self) -> Result<Arc<dyn TableProvider>, QueryError> {
@@ -286,12 +294,31 @@ impl Analytics {
         Ok(Arc::new(ListingTable::try_new(config)?))
     }
 
+    /// Shard `i`'s table, its schema migrated; `unavailable` when the shard
+    /// cannot be reached within [`SHARD_CONNECT_TIMEOUT`].
     async fn shard_table(&self, i: usize) -> Result<Arc<dyn TableProvider>, QueryError> {
         let url = &self.sources.shards[i];
-        let unavailable =
-            |e: &dyn std::fmt::Display| QueryError::Unavailable(format!("shard {i} ({}): {e}", redact(url)));
+        tokio::time::timeout(SHARD_CONNECT_TIMEOUT, self.connect_shard(i)).await.map_err(|_| {
+            QueryError::Unavailable(format!(
+                "shard {i} ({}): no answer within {SHARD_CONNECT_TIMEOUT:?}; `results` (the lake) answers without it",
+                redact(url)
+            ))
+        })?
+    }
+
+    async fn connect_shard(&self, i: usize) -> Result<Arc<dyn TableProvider>, QueryError> {
+        let url = &self.sources.shards[i];
+        let unavailable = |e: &dyn std::fmt::Display| {
+            QueryError::Unavailable(format!(
+                "shard {i} ({}): {e}; `results` (the lake) answers without it",
+                redact(url)
+            ))
+        };
         let shard_set = self.shard_set.as_ref().expect("shards are configured");
-        shard_set.migrate(i).await.map_err(|e| unavailable(&e))?;
+        shard_set
+            .migrate(i)
+            .await
+            .map_err(|e| QueryError::Unavailable(format!("{e}; `results` (the lake) answers without it")))?;
         let table = TableReference::bare("results");
         if let Some(path) = sqlite_path(url) {
             let pool = SqliteConnectionPoolFactory::new(path, Mode::File, Duration::from_secs(5))
@@ -309,48 +336,76 @@ impl Analytics {
         }
     }
 
-    /// The two tables' plans, built once.
-    async fn views(&self) -> Result<Arc<Views>, QueryError> {
-        let mut guard = self.views.lock().await;
-        if let Some(v) = guard.as_ref() {
-            return Ok(Arc::clone(v));
-        }
-        let base = SessionContext::new();
-        base.register_table("lake", self.lake_table()?)?;
-        let mut branches = Vec::new();
-        for i in 0..self.sources.shards.len() {
-            base.register_table(format!("shard_{i}"), self.shard_table(i).await?)?;
-            branches.push(format!(
-                "SELECT job_id, tenant, model, model_version, status, error_code, error_message, \
-                 queued_ms, inference_ms, batch_size, input_tokens, worker_id, \
-                 {ts}(submitted_at_ms) {utc} AS submitted_at, {ts}(finished_at_ms) {utc} AS finished_at, \
-                 kafka_offset, to_char({ts}(finished_at_ms), '%Y-%m-%d') AS date FROM shard_{i}",
-                ts = "to_timestamp_millis",
-                utc = "AT TIME ZONE 'UTC'"
-            ));
-        }
-        let results = base.sql("SELECT * FROM lake").await?.into_unoptimized_plan();
-        let shards = if branches.is_empty() {
-            // No shards: an empty table with the same columns.
-            base.sql(
-                "SELECT job_id, tenant, model, model_version, status, error_code, error_message, queued_ms, \
-                 inference_ms, batch_size, input_tokens, worker_id, submitted_at, finished_at, kafka_offset, date \
-                 FROM lake WHERE false",
-            )
-            .await?
-            .into_unoptimized_plan()
-        } else {
-            base.sql(&branches.join(" UNION ALL ")).await?.into_unoptimized_plan()
-        };
-        let views = Arc::new(Views { results, shards });
-        *guard = Some(Arc::clone(&views));
-        Ok(views)
+    /// The plan of `results` (the lake), built once.
+    async fn results_plan(&self) -> Result<LogicalPlan, QueryError> {
+        let plan = self
+            .results
+            .get_or_try_init(|| async {
+                let base = SessionContext::new();
+                base.register_table("lake", self.lake_table()?)?;
+                Ok::<_, QueryError>(base.sql("SELECT * FROM lake").await?.into_unoptimized_plan())
+            })
+            .await?;
+        Ok(plan.clone())
     }
 
-    /// A session that can see exactly `results` and `shards`, through the
-    /// tenant filter when scoped.
-    async fn session(&self, scope: &Scope) -> Result<SessionContext, QueryError> {
-        let views = self.views().await?;
+    /// The plan of `shards`, built once every shard has been reached. The
+    /// lock makes concurrent first queries connect once; they wait for it
+    /// within their own time bound.
+    async fn shards_plan(&self) -> Result<LogicalPlan, QueryError> {
+        let mut guard = self.shards.lock().await;
+        if let Some(plan) = guard.as_ref() {
+            return Ok(plan.clone());
+        }
+        let base = SessionContext::new();
+        let sql = if self.sources.shards.is_empty() {
+            // No shards: an empty table with the same columns.
+            base.register_table("lake", self.lake_table()?)?;
+            "SELECT job_id, tenant, model, model_version, status, error_code, error_message, queued_ms, \
+             inference_ms, batch_size, input_tokens, worker_id, submitted_at, finished_at, kafka_offset, date \
+             FROM lake WHERE false"
+                .to_owned()
+        } else {
+            let mut branches = Vec::new();
+            for i in 0..self.sources.shards.len() {
+                base.register_table(format!("shard_{i}"), self.shard_table(i).await?)?;
+                branches.push(format!(
+                    "SELECT job_id, tenant, model, model_version, status, error_code, error_message, \
+                     queued_ms, inference_ms, batch_size, input_tokens, worker_id, \
+                     {ts}(submitted_at_ms) {utc} AS submitted_at, {ts}(finished_at_ms) {utc} AS finished_at, \
+                     kafka_offset, to_char({ts}(finished_at_ms), '%Y-%m-%d') AS date FROM shard_{i}",
+                    ts = "to_timestamp_millis",
+                    utc = "AT TIME ZONE 'UTC'"
+                ));
+            }
+            branches.join(" UNION ALL ")
+        };
+        let plan = base.sql(&sql).await?.into_unoptimized_plan();
+        *guard = Some(plan.clone());
+        Ok(plan)
+    }
+
+    /// Asks every shard for `SELECT 1`, all at once: a shard that has gone
+    /// down since the plan was built answers `unavailable` within
+    /// [`SHARD_ACQUIRE_TIMEOUT`], rather than failing the query after the
+    /// shard reader's own 30 s.
+    async fn reach_shards(&self) -> Result<(), QueryError> {
+        let Some(set) = &self.shard_set else { return Ok(()) };
+        let pings = (0..set.len()).map(|i| set.ping(i));
+        futures::future::try_join_all(pings)
+            .await
+            .map_err(|e| QueryError::Unavailable(format!("{e}; `results` (the lake) answers without it")))?;
+        Ok(())
+    }
+
+    /// A session that can see exactly `results` and, when `with_shards`,
+    /// `shards`, through the tenant filter when scoped.
+    async fn session(&self, scope: &Scope, with_shards: bool) -> Result<SessionContext, QueryError> {
+        let results = self.results_plan().await?;
+        let shards = match with_shards {
+            true => Some(self.shards_plan().await?),
+            false => None,
+        };
         let config = SessionConfig::new().with_target_partitions(2).with_information_schema(false);
         let pool = QueryPool::new(self.limits.max_query_memory_bytes, Arc::clone(&self.memory));
         // No spilling: a query that does not fit its memory fails, rather
@@ -370,7 +425,8 @@ impl Analytics {
         // aggregate (e.g. the tenant filter AND a contradicting predicate):
         // leave such filters in place; they cost a scan that finds nothing.
         ctx.remove_optimizer_rule("eliminate_filter");
-        for (name, plan) in [("results", &views.results), ("shards", &views.shards)] {
+        for (name, plan) in [("results", Some(&results)), ("shards", shards.as_ref())] {
+            let Some(plan) = plan else { continue };
             let table: Arc<dyn TableProvider> = match scope {
                 Scope::All => Arc::new(ViewTable::new(plan.clone(), None)),
                 Scope::Tenant(t) => Arc::new(TenantTable::new(plan, t)?),
@@ -380,19 +436,30 @@ impl Analytics {
         Ok(ctx)
     }
 
-    /// Runs one read-only statement.
+    /// Runs one read-only statement. Everything, from connecting to the
+    /// shards it names to its last row, runs within `limits.timeout`.
     pub async fn query(&self, sql: &str, scope: &Scope) -> Result<Answer, QueryError> {
         let started = Instant::now();
         let limits = self.limits;
-        let ctx = self.session(scope).await?;
-        let plan = ctx.state().create_logical_plan(sql).await?;
-        SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false)
-            .verify_plan(&plan)
-            .map_err(|e| QueryError::ReadOnly(e.strip_backtrace().trim_start_matches("Error during planning: ").into()))?;
         let run = async {
+            // Which tables it names: a query that does not name `shards`
+            // never waits for (or fails on) a shard.
+            let parser = SessionContext::new().state();
+            let statement = parser.sql_to_statement(sql, &parser.config().options().sql_parser.dialect)?;
+            let with_shards = parser.resolve_table_references(&statement)?.iter().any(|t| t.table() == "shards");
+            if with_shards {
+                self.reach_shards().await?;
+            }
+            let ctx = self.session(scope, with_shards).await?;
+            let plan = ctx.state().statement_to_plan(statement).await?;
+            SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false)
+                .verify_plan(&plan)
+                .map_err(|e| {
+                    QueryError::ReadOnly(e.strip_backtrace().trim_start_matches("Error during planning: ").into())
+                })?;
             let df = ctx.execute_logical_plan(plan).await?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             let mut stream = df.execute_stream().await?;

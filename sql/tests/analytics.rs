@@ -199,6 +199,130 @@ async fn statements_that_write_are_refused_before_anything_runs() {
     ));
 }
 
+/// A shard that cannot be reached fails only the queries that name
+/// `shards`, with `unavailable` naming the shard (and not its password),
+/// within a bound of its own; `results` answers meanwhile, and `shards`
+/// answers again once the shard is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unreachable_shard_fails_only_the_queries_that_name_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = load(dir.path()).await;
+    let count = |a: sluice_sql::Answer| a.to_json_rows().unwrap()[0]["n"].clone();
+
+    // A PostgreSQL shard that accepts connections and never answers.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = black_hole.local_addr().unwrap().port();
+    let mut urls = sources.shards.clone();
+    urls.push(format!("postgres://sluice:hunter2@127.0.0.1:{port}/results"));
+    let down = urls.len() - 1;
+    let analytics =
+        std::sync::Arc::new(Analytics::new(Sources { lake: sources.lake.clone(), shards: urls }, limits()).unwrap());
+    let waiting = {
+        let a = analytics.clone();
+        tokio::spawn(async move { a.query("SELECT count(*) AS n FROM shards", &Scope::All).await })
+    };
+    let acme = Scope::Tenant("acme".into());
+    let lake = analytics.query("SELECT count(*) AS n FROM results", &Scope::All).await.unwrap();
+    assert_eq!(count(lake), 240);
+    let acme_rows = dataset().iter().filter(|r| r.tenant == "acme").count();
+    assert_eq!(count(analytics.query("SELECT count(*) AS n FROM results", &acme).await.unwrap()), acme_rows);
+    // A table of the query's own called `shards` is not the shards.
+    let cte = "WITH shards AS (SELECT job_id FROM results) SELECT count(*) AS n FROM shards";
+    assert_eq!(count(analytics.query(cte, &Scope::All).await.unwrap()), 240);
+    assert!(!waiting.is_finished(), "the lake's queries did not wait for the shard's connection");
+    for answer in [waiting.await.unwrap(), analytics.query("SELECT job_id FROM shards LIMIT 1", &acme).await] {
+        match answer {
+            Err(QueryError::Unavailable(m)) => {
+                assert!(m.contains(&format!("shard {down}")) && m.contains(&port.to_string()), "{m}");
+                assert!(!m.contains("hunter2"), "the password is redacted: {m}");
+            }
+            other => panic!("expected unavailable, got {:?}", other.map(|a| a.to_table())),
+        }
+    }
+    drop(black_hole);
+
+    // A SQLite shard that cannot be opened (its path is a directory), then can.
+    let blocked = dir.path().join("blocked.db");
+    std::fs::create_dir(&blocked).unwrap();
+    let mut urls = sources.shards.clone();
+    urls.push(format!("sqlite:{}", blocked.display()));
+    let analytics = Analytics::new(Sources { lake: sources.lake.clone(), shards: urls }, limits()).unwrap();
+    let refused = analytics.query("SELECT count(*) AS n FROM shards", &Scope::All).await;
+    assert!(matches!(refused, Err(QueryError::Unavailable(_))), "{:?}", refused.map(|a| a.to_table()));
+    assert_eq!(count(analytics.query("SELECT count(*) AS n FROM results", &Scope::All).await.unwrap()), 240);
+    std::fs::remove_dir(&blocked).unwrap();
+    let back = analytics.query("SELECT count(*) AS n FROM shards", &Scope::All).await.unwrap();
+    assert_eq!(count(back), 240, "the shard is back (empty), the others hold every row");
+}
+
+/// A TCP forwarder to `to` whose `cut` closes its port and every connection
+/// through it: a database host that goes away.
+struct Forwarder {
+    port: u16,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Forwarder {
+    async fn start(to: String) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let t = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let to = to.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                t.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        Forwarder { port, tasks }
+    }
+
+    fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// A PostgreSQL shard that goes away after the first query planned over it
+/// answers `unavailable` (naming the shard) within the shard pool's bound,
+/// not the query failure the shard reader gives after its own 30 s; the lake
+/// still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_goes_away_after_planning_is_unavailable_at_once() {
+    let cluster = std::env::var("SLUICE_TEST_PG").expect("SLUICE_TEST_PG: PostgreSQL clusters (make test sets it)");
+    let cluster = cluster.split(',').next().unwrap().to_owned();
+    let url = fresh_pg_database(&cluster).await;
+    let (base, db) = url.rsplit_once('/').unwrap();
+    let (_, hostport) = base.rsplit_once('@').unwrap_or(("", base.trim_start_matches("postgres://")));
+    let forwarder = Forwarder::start(hostport.to_owned()).await;
+    let via = format!("postgres://sluice@127.0.0.1:{}/{db}", forwarder.port);
+    let dir = tempfile::tempdir().unwrap();
+    let sources = load(dir.path()).await;
+    let mut urls = sources.shards.clone();
+    urls.push(via);
+    let down = urls.len() - 1;
+    let analytics = Analytics::new(Sources { lake: sources.lake.clone(), shards: urls }, limits()).unwrap();
+    let count = |a: sluice_sql::Answer| a.to_json_rows().unwrap()[0]["n"].clone();
+    assert_eq!(count(analytics.query("SELECT count(*) AS n FROM shards", &Scope::All).await.unwrap()), 240);
+
+    forwarder.cut();
+    let started = std::time::Instant::now();
+    match analytics.query("SELECT count(*) AS n FROM shards", &Scope::All).await {
+        Err(QueryError::Unavailable(m)) => assert!(m.contains(&format!("shard {down}")), "{m}"),
+        other => panic!("expected unavailable, got {:?}", other.map(|a| a.to_table())),
+    }
+    // The pool's 3 s acquire bound, not the shard reader's 30 s.
+    assert!(started.elapsed() < Duration::from_secs(20), "answered after {:?}", started.elapsed());
+    assert_eq!(count(analytics.query("SELECT count(*) AS n FROM results", &Scope::All).await.unwrap()), 240);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_sees_only_its_own_rows_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
