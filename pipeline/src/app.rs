@@ -210,12 +210,13 @@ impl Sluice {
             for name in &names {
                 let group = format!("{prefix}.workers.{name}");
                 let tracker = Arc::new(SharedTracker::default());
-                let consumer = Consumer::new(
+                let consumer = Consumer::with_timeouts(
                     &bootstrap,
                     &worker_cfg.worker_id,
                     &group,
                     &[topics::jobs(prefix, name)],
                     tracker.clone(),
+                    Some(cfg.worker_group_timeouts()),
                 )?;
                 let worker = Worker {
                     consumer,

@@ -163,6 +163,8 @@ pub struct WorkerSection {
     pub publish_timeout_ms: u64,
     pub commit_interval_ms: u64,
     pub drain_timeout_ms: u64,
+    pub session_timeout_ms: u64,
+    pub max_poll_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -328,6 +330,12 @@ impl Config {
     pub fn sink_group_timeouts(&self) -> (Duration, Duration) {
         let s = &self.sinks;
         (Duration::from_millis(s.session_timeout_ms.max(1000)), Duration::from_millis(s.max_poll_interval_ms.max(1000)))
+    }
+
+    /// `(session timeout, max poll interval)` of the workers' consumer groups.
+    pub fn worker_group_timeouts(&self) -> (Duration, Duration) {
+        let w = &self.worker;
+        (Duration::from_millis(w.session_timeout_ms.max(1000)), Duration::from_millis(w.max_poll_interval_ms.max(1000)))
     }
 
     /// The sinks' consumer-group prefix (`<group>.lake`, `<group>.shards`).

@@ -138,6 +138,10 @@ pub struct Deployment {
     pub shards: Vec<String>,
 }
 
+/// The workers' `worker.session_timeout_ms` here: a killed worker's jobs
+/// wait this long before the other worker takes them over.
+pub const WORKER_SESSION_MS: u64 = 10_000;
+
 impl Deployment {
     pub async fn start(
         sluice: &Path,
@@ -158,6 +162,10 @@ impl Deployment {
             ("SLUICE__STORE__CACHE_TTL_SECS".to_owned(), "0".to_owned()),
             ("SLUICE__GATEWAY__RATE_PER_SECOND".to_owned(), "1000000".to_owned()),
             ("SLUICE__GATEWAY__RATE_BURST".to_owned(), "1000000".to_owned()),
+            // How soon the group hands a killed worker's partitions to the
+            // other, which is the worker-kill fault's stall (`--env` may
+            // set another).
+            ("SLUICE__WORKER__SESSION_TIMEOUT_MS".to_owned(), WORKER_SESSION_MS.to_string()),
         ];
         envs.extend(user_envs.iter().cloned());
         let common =

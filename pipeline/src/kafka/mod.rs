@@ -304,6 +304,9 @@ pub struct Consumer {
     group: String,
     topics: Vec<String>,
     idle: std::sync::Mutex<Option<Idle>>,
+    /// How long this member may be idle in a group that makes no progress
+    /// before it rejoins: see [`IDLE_REJOIN_AFTER`].
+    rejoin_after: Duration,
 }
 
 /// How long a member may hold no partition while its group commits nothing
@@ -314,8 +317,15 @@ pub struct Consumer {
 /// wedged: when the leader's session expires between a follower's JoinGroup
 /// and its SyncGroup, the follower is answered with an empty assignment and
 /// a stable generation, and no member owns the partitions again. Rejoining
-/// starts a new generation with the live members.
-pub const IDLE_REJOIN_AFTER: Duration = Duration::from_secs(30);
+/// starts a new generation with the live members. The same happens after a
+/// member is killed: tansu keeps handing the dead member its partitions after
+/// its session has expired, until a live member rejoins.
+///
+/// Twice the group's session timeout, within these bounds (30 s with the
+/// default session): a rebalance that is making progress finishes well
+/// within it, and a member killed mid-load costs its partitions' jobs about
+/// session + this much on tansu (the session alone on Kafka).
+pub const IDLE_REJOIN_AFTER: (Duration, Duration) = (Duration::from_secs(15), Duration::from_secs(30));
 
 /// Since when this member has held no partition, and what its group had
 /// committed then.
@@ -326,10 +336,10 @@ struct Idle {
 }
 
 /// Whether an idle member should rejoin: it has held nothing for
-/// `IDLE_REJOIN_AFTER`, records wait, and the group's committed offsets have
+/// `after` (the member's `rejoin_after`), records wait, and the group's committed offsets have
 /// not moved since it became idle (nobody else is working them off).
-fn wedged(idle_for: Duration, committed_then: i64, now: GroupProgress) -> bool {
-    idle_for >= IDLE_REJOIN_AFTER && now.lag > 0 && now.committed == committed_then
+fn wedged(idle_for: Duration, after: Duration, committed_then: i64, now: GroupProgress) -> bool {
+    idle_for >= after && now.lag > 0 && now.committed == committed_then
 }
 
 impl Consumer {
@@ -358,6 +368,8 @@ impl Consumer {
         let paused = Arc::new(AtomicBool::new(false));
         let assigned = Arc::new(AtomicI64::new(-1));
         let mut config = base_config(brokers, client_id);
+        let (least, most) = IDLE_REJOIN_AFTER;
+        let rejoin_after = timeouts.map_or(most, |(session, _)| (session * 2).clamp(least, most));
         if let Some((session, poll)) = timeouts {
             config
                 .set("session.timeout.ms", session.as_millis().to_string())
@@ -384,11 +396,12 @@ impl Consumer {
             group: group.to_owned(),
             topics: topics.to_vec(),
             idle: std::sync::Mutex::new(None),
+            rejoin_after,
         })
     }
 
     /// Call every few seconds: leaves and rejoins the group when this member
-    /// has held no partition for [`IDLE_REJOIN_AFTER`] while records wait
+    /// has held no partition for its `rejoin_after` ([`IDLE_REJOIN_AFTER`]) while records wait
     /// and the group commits nothing (a wedged group; see there). Returns
     /// whether it rejoined.
     pub async fn rejoin_if_wedged(&self) -> bool {
@@ -430,7 +443,7 @@ impl Consumer {
             }
             return false;
         };
-        if !wedged(since.elapsed(), committed_then, now) {
+        if !wedged(since.elapsed(), self.rejoin_after, committed_then, now) {
             if now.committed != committed_then
                 && let Some(idle) = &mut *self.idle.lock().expect("idle lock")
             {
@@ -445,7 +458,7 @@ impl Consumer {
             waiting = now.lag,
             "this member has held no partition for {}s while its group committed nothing and records wait: \
              leaving and rejoining the group",
-            IDLE_REJOIN_AFTER.as_secs()
+            self.rejoin_after.as_secs()
         );
         metrics::counter!(sluice_schemas::metrics::CONSUMER_REJOINS.name).increment(1);
         *self.idle.lock().expect("idle lock") = None;
@@ -671,12 +684,13 @@ mod tests {
     #[test]
     fn an_idle_member_rejoins_only_a_group_that_makes_no_progress() {
         let stuck = GroupProgress { committed: 100, lag: 50 };
-        assert!(wedged(IDLE_REJOIN_AFTER, 100, stuck));
+        let after = Duration::from_secs(20);
+        assert!(wedged(after, after, 100, stuck));
         // Not idle for long enough yet.
-        assert!(!wedged(IDLE_REJOIN_AFTER / 2, 100, stuck));
+        assert!(!wedged(after / 2, after, 100, stuck));
         // Other members are committing: idle is normal (more members than partitions).
-        assert!(!wedged(IDLE_REJOIN_AFTER * 4, 90, stuck));
+        assert!(!wedged(after * 4, after, 90, stuck));
         // Nothing waits: there is nothing to own.
-        assert!(!wedged(IDLE_REJOIN_AFTER * 4, 100, GroupProgress { committed: 100, lag: 0 }));
+        assert!(!wedged(after * 4, after, 100, GroupProgress { committed: 100, lag: 0 }));
     }
 }
