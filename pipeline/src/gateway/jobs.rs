@@ -183,8 +183,19 @@ impl Gateway {
         Ok(())
     }
 
-    /// Records the job as `queued` and produces it to its topic; an existing
-    /// job with the same id is returned instead. Returns (new?, answer).
+    /// Produces the job to its topic, then records it as `queued`; an
+    /// existing job with the same id is returned instead. Returns (new?,
+    /// answer).
+    ///
+    /// Kafka holds a job's first durable copy: the job is recorded only once
+    /// its topic has acknowledged it, so nothing is ever left `queued` that
+    /// will not run (a failed produce, a client that hangs up mid-request, a
+    /// gateway that dies between the two). The worker writes the job's
+    /// records whether or not the `queued` one is there, and a `queued` write
+    /// that comes after the worker's changes nothing (a create writes only
+    /// where there is no record). Two submissions of one new id that race
+    /// both reach Kafka; the store's conditional writes make the job run to
+    /// one result, as for any redelivered record.
     pub(super) async fn accept(
         &self,
         req: &JobRequest,
@@ -192,16 +203,13 @@ impl Gateway {
         traceparent: Option<&[u8]>,
     ) -> Result<(bool, Value), ApiError> {
         let poll_url = format!("/v1/jobs/{}", req.job_id);
-        match self.store.create(&JobResult::queued(req)).await? {
-            Create::Exists(existing) => {
-                if !caller.may_see(&existing.tenant) || existing.tenant != req.tenant {
-                    return Err(ApiError::JobIdInUse(req.job_id.clone()));
-                }
-                let mut body = serde_json::to_value(&existing).expect("JobResult serialises. This is a bug.");
-                body["poll_url"] = json!(poll_url);
-                return Ok((false, body));
+        if let Some(existing) = self.store.get(&req.job_id).await? {
+            if !caller.may_see(&existing.tenant) || existing.tenant != req.tenant {
+                return Err(ApiError::JobIdInUse(req.job_id.clone()));
             }
-            Create::Created => {}
+            let mut body = serde_json::to_value(&existing).expect("JobResult serialises. This is a bug.");
+            body["poll_url"] = json!(poll_url);
+            return Ok((false, body));
         }
         let payload = serde_json::to_vec(req).expect("JobRequest serialises. This is a bug.");
         let mut hdrs: Vec<(&str, &[u8])> = vec![(headers::TENANT, req.tenant.as_bytes())];
@@ -209,12 +217,20 @@ impl Gateway {
             hdrs.push((headers::TRACEPARENT, tp));
         }
         let topic = topics::jobs(&self.cfg.topic_prefix, &req.model);
-        if let Err(e) = self.producer.send(&topic, Some(req.job_id.as_bytes()), &payload, &hdrs).await {
-            // Not in Kafka: forget the job so that the client can retry it.
-            if let Err(undo) = self.store.remove_queued(&req.job_id).await {
-                tracing::warn!(job_id = %req.job_id, error = %undo, "could not remove the record of an unqueued job");
+        // Nothing is written before this succeeds: a client may retry the id.
+        self.producer.send(&topic, Some(req.job_id.as_bytes()), &payload, &hdrs).await?;
+        match self.store.create(&JobResult::queued(req)).await {
+            Ok(Create::Created) => {}
+            // Another tenant's job took the id since the read: that job is
+            // untouched, and the worker dead-letters this record
+            // (`tenant_mismatch`).
+            Ok(Create::Exists(other)) if other.tenant != req.tenant => {
+                return Err(ApiError::JobIdInUse(req.job_id.clone()));
             }
-            return Err(e.into());
+            // The worker, or a retry of the same submission, wrote first.
+            Ok(Create::Exists(_)) => {}
+            // The job is in Kafka and will run; its first record is the worker's.
+            Err(e) => tracing::warn!(job_id = %req.job_id, error = %e, "job accepted without its queued record"),
         }
         metrics::counter!(sluice_schemas::metrics::JOBS_SUBMITTED.name, "model" => req.model.clone()).increment(1);
         let accepted =

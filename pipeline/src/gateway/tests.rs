@@ -340,3 +340,56 @@ async fn a_stalled_batch_upload_is_cut_off_and_uploads_are_bounded() {
     trigger.fire();
     server.await.expect("the server task").expect("the server");
 }
+
+/// A job is recorded only once its topic holds it: a client that hangs up
+/// while the produce waits, or a produce that fails, leaves no record (a
+/// retry of the id is a new submission, not a `queued` job that never runs).
+/// Once Kafka has it, the job is `queued`, a retry answers its record, and
+/// another tenant cannot take the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_recorded_only_once_its_topic_holds_it() {
+    use crate::kafka::{EmbeddedBroker, Producer};
+    use auth::Caller;
+    let cfg = Config::load(None, serde_json::json!({})).expect("the configuration loads");
+    let store = Store::memory(&cfg.store());
+    let models = std::env::temp_dir().join(format!("sluice-gateway-test-{}", std::process::id()));
+    std::fs::create_dir_all(&models).expect("temp dir");
+    let catalog =
+        Arc::new(ModelCatalog::load(sluice_workers::ModelRepository::new(&models), Vec::new()).expect("empty catalog"));
+    let gateway = |producer: Producer| {
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+        Gateway::new(producer, store.clone(), catalog.clone(), cfg.gateway(), metrics)
+    };
+    let job = |id: &str, tenant: &str| {
+        let v = serde_json::json!({"job_id": id, "tenant": tenant, "model": "m", "input": {"text": "x"}});
+        sluice_schemas::JobRequest::from_value(v).expect("a valid request")
+    };
+    let acme = Caller { tenant: Some("acme".into()) };
+
+    // No broker answers: the client gives up after 200 ms, mid-produce.
+    let nowhere = gateway(Producer::new("127.0.0.1:1", "t", Duration::from_secs(5)).expect("a producer"));
+    let j1 = job("j1", "acme");
+    let hung_up = tokio::time::timeout(Duration::from_millis(200), nowhere.accept(&j1, &acme, None));
+    assert!(hung_up.await.is_err(), "the produce cannot finish without a broker");
+    assert!(store.get("j1").await.expect("the store answers").is_none(), "nothing recorded for j1");
+    // The produce times out: an error, and still nothing recorded.
+    let failing = gateway(Producer::new("127.0.0.1:1", "t", Duration::from_millis(300)).expect("a producer"));
+    assert!(failing.accept(&job("j1", "acme"), &acme, None).await.is_err());
+    assert!(store.get("j1").await.expect("the store answers").is_none(), "nothing recorded for j1");
+
+    let broker = EmbeddedBroker::start().expect("the embedded broker starts");
+    let topic = sluice_schemas::topics::jobs(&cfg.gateway().topic_prefix, "m");
+    broker.create_topic(&topic, 1).expect("topic");
+    let working = gateway(Producer::new(broker.bootstrap(), "t", Duration::from_secs(10)).expect("a producer"));
+    let (created, body) = working.accept(&job("j1", "acme"), &acme, None).await.expect("accepted");
+    assert!(created, "{body}");
+    let stored = store.get("j1").await.expect("the store answers").expect("recorded once produced");
+    assert_eq!((stored.status, stored.tenant.as_str()), (sluice_schemas::JobStatus::Queued, "acme"));
+    let (created, body) = working.accept(&job("j1", "acme"), &acme, None).await.expect("answered");
+    assert!(!created && body["status"] == "queued", "a retry gets the record: {body}");
+    let globex = Caller { tenant: Some("globex".into()) };
+    let taken = working.accept(&job("j1", "globex"), &globex, None).await;
+    assert!(matches!(taken, Err(ApiError::JobIdInUse(_))), "{:?}", taken.map(|(_, b)| b));
+    let held = store.get("j1").await.expect("the store answers").expect("still there");
+    assert_eq!(held.tenant, "acme");
+}

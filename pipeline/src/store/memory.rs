@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_schemas::{JobResult, JobStatus, Output};
+use sluice_schemas::{JobResult, Output};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig};
@@ -140,13 +140,6 @@ impl MemoryStore {
         Create::Created
     }
 
-    pub(super) fn remove_queued(&self, job_id: &str) {
-        let mut g = self.lock();
-        if g.records.get(job_id).is_some_and(|e| e.record.status == JobStatus::Queued) {
-            g.records.remove(job_id);
-        }
-    }
-
     pub(super) fn put_doc(&self, kind: &str, id: &str, json: &str) {
         let expires = Instant::now() + self.ttl;
         self.docs.lock().unwrap_or_else(|p| p.into_inner()).put(format!("{kind}:{id}"), json.to_owned(), expires);
@@ -215,7 +208,7 @@ impl<V: Clone> Bounded<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_schemas::{ErrorCode, JobRequest};
+    use sluice_schemas::{ErrorCode, JobRequest, JobStatus};
 
     fn cfg(capacity: usize) -> StoreConfig {
         StoreConfig {

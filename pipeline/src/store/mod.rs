@@ -185,18 +185,6 @@ impl Store {
         }
     }
 
-    /// Removes a job's record if it is still `queued` (undoes [`Store::create`]
-    /// when the job could not be produced, so that the client may retry).
-    pub async fn remove_queued(&self, job_id: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Redis(r) => r.remove_queued(job_id).await,
-            Store::Memory(m) => {
-                m.remove_queued(job_id);
-                Ok(())
-            }
-        }
-    }
-
     /// The records of `job_ids`, in order (`None` where there is none).
     pub async fn get_many(&self, job_ids: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
         match self {

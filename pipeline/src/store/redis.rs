@@ -282,18 +282,6 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn remove_queued(&self, job_id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("EVAL")
-            .arg("if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('DEL', KEYS[1]) end return 1")
-            .arg(1)
-            .arg(self.key(job_id))
-            .query_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
-    }
-
     pub(super) async fn get_many(&self, job_ids: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
         let mut out = Vec::with_capacity(job_ids.len());
         // Pipelined in chunks: one round trip per 1000 records.
