@@ -13,18 +13,21 @@
 //! - [`LakeSink`]: one [`Lake::commit`] per topic-partition per flush. The
 //!   lake is its own commit log ([`Lake::recover`]), so records at offsets
 //!   the lake already holds are skipped: a crash at any point is replayed
-//!   without duplicates or gaps.
+//!   without duplicates or gaps. A result published twice (a worker crash
+//!   between the topic's acknowledgement and the published mark) is a second
+//!   record; the worker marks such records, and the lake sink lands one only
+//!   if the lake does not hold that job's result yet.
 //! - [`ShardSink`]: rows routed by the [`ShardSet`]'s strategy, one
 //!   transaction of multi-row upserts per shard, all shards in parallel.
 //!   Upserts are keyed by `job_id`, so a replay writes nothing new.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sluice_schemas::JobResult;
 use sluice_schemas::results_table::ResultRow;
+use sluice_schemas::{JobResult, headers};
 use sluice_sql::{Lake, LakeError, ShardError, ShardSet};
 
 use crate::kafka::{Consumer, KafkaError, RebalanceHooks, Record};
@@ -75,6 +78,9 @@ pub struct Run {
     pub first: i64,
     pub last: i64,
     pub rows: Vec<ResultRow>,
+    /// Offsets of the rows whose record may repeat a result already on the
+    /// topic ([`headers::MAYBE_REPEATED`]).
+    pub maybe_repeated: BTreeSet<i64>,
 }
 
 /// A flush: the buffered runs by topic-partition.
@@ -92,9 +98,13 @@ impl Batch {
             first: rec.offset,
             last: rec.offset,
             rows: Vec::new(),
+            maybe_repeated: BTreeSet::new(),
         });
         run.last = rec.offset;
         if let Some(row) = row {
+            if rec.header(headers::MAYBE_REPEATED) == Some("1") {
+                run.maybe_repeated.insert(rec.offset);
+            }
             self.bytes += sluice_sql::lake::estimated_bytes(&row);
             self.rows += 1;
             run.rows.push(row);
@@ -384,6 +394,7 @@ impl Destination for LakeSink {
             let lake = self.lake.clone();
             let (topic, partition) = (self.log_name(topic), *partition);
             let rows: Vec<ResultRow> = run.rows.clone();
+            let maybe_repeated = run.maybe_repeated.clone();
             let (first, last) = (run.first, run.last);
             tokio::task::spawn_blocking(move || -> Result<(), LakeError> {
                 let next = lake.last_manifest(&topic, partition)?.map_or(0, |m| m.last_offset + 1);
@@ -391,6 +402,7 @@ impl Destination for LakeSink {
                     return Ok(());
                 }
                 let rows: Vec<ResultRow> = rows.into_iter().filter(|r| r.kafka_offset >= next).collect();
+                let rows = without_repeats(&lake, &topic, partition, rows, &maybe_repeated)?;
                 lake.commit(&topic, partition, first.max(next), last, &rows).map(|_| ())
             })
             .await
@@ -398,6 +410,50 @@ impl Destination for LakeSink {
         }
         Ok(())
     }
+}
+
+/// `rows` (one topic-partition's, in offset order) without the results
+/// that repeat one already in the lake or earlier in `rows`. Only rows at
+/// `maybe_repeated` offsets are checked: a job's result is published again
+/// only after a crash or a retried send, which marks it so (the shards
+/// refuse a repeated `job_id` by themselves). A repeat of a job lands in
+/// the same topic-partition (the key is the job id) and the same
+/// `model=/date=` directory (it is the same stored record), which is where
+/// [`Lake::holding`] looks.
+fn without_repeats(
+    lake: &Lake,
+    topic: &str,
+    partition: i32,
+    rows: Vec<ResultRow>,
+    maybe_repeated: &BTreeSet<i64>,
+) -> Result<Vec<ResultRow>, LakeError> {
+    if maybe_repeated.is_empty() {
+        return Ok(rows);
+    }
+    let mut by_dir: BTreeMap<String, HashSet<&str>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| maybe_repeated.contains(&r.kafka_offset)) {
+        by_dir.entry(format!("model={}/date={}", r.model, r.date())).or_default().insert(&r.job_id);
+    }
+    let mut landed = HashSet::new();
+    for (dir, ids) in &by_dir {
+        landed.extend(lake.holding(topic, partition, dir, ids)?);
+    }
+    let checked: HashSet<String> = by_dir.values().flatten().map(|id| (*id).to_owned()).collect();
+    let mut earlier: HashSet<String> = HashSet::new();
+    let mut kept = Vec::with_capacity(rows.len());
+    for r in rows {
+        let flagged = maybe_repeated.contains(&r.kafka_offset);
+        if flagged && (landed.contains(&r.job_id) || earlier.contains(&r.job_id)) {
+            metrics::counter!(sluice_schemas::metrics::SINK_REPEATS_SKIPPED.name).increment(1);
+            tracing::info!(job_id = %r.job_id, offset = r.kafka_offset, "result already in the lake; not landed again");
+            continue;
+        }
+        if checked.contains(&r.job_id) {
+            earlier.insert(r.job_id.clone());
+        }
+        kept.push(r);
+    }
+    Ok(kept)
 }
 
 /// Lands results in the SQL shards.
@@ -479,6 +535,57 @@ mod tests {
             headers: vec![],
             timestamp: None,
         }
+    }
+
+    /// A result published again (after a worker crash between the topic's
+    /// acknowledgement and the published mark) lands in the lake once: a
+    /// marked record whose job the lake holds, or that repeats one earlier in
+    /// the same flush, is not landed; a marked record of a job the lake does
+    /// not hold is (a first publish can be marked too).
+    #[tokio::test]
+    async fn a_result_published_twice_lands_in_the_lake_once() {
+        let dir = std::env::temp_dir().join(format!("sluice-sink-repeats-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut sink = LakeSink { lake: Lake::open(&dir).expect("lake"), run_suffix: None };
+        let at = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 6, 12, 0, 0).unwrap();
+        let code = sluice_schemas::ErrorCode::Internal;
+        let rec = |job: &str, offset: i64, repeated: bool| {
+            let r = JobResult::failed(job.into(), "t".into(), "m".into(), code, "x".into(), at);
+            let mut rec = Record { offset, ..record(&r) };
+            if repeated {
+                rec.headers.push((headers::MAYBE_REPEATED.to_owned(), b"1".to_vec()));
+            }
+            rec
+        };
+        let flush = |records: Vec<Record>| {
+            let mut batch = Batch::default();
+            for r in &records {
+                batch.push(r, decode(r));
+            }
+            batch
+        };
+        sink.flush(&flush(vec![rec("a", 0, false), rec("b", 1, false)])).await.expect("first flush");
+        let second = vec![rec("a", 2, true), rec("c", 3, true), rec("c", 4, true), rec("d", 5, false)];
+        sink.flush(&flush(second)).await.expect("second flush");
+
+        let sources = sluice_sql::Sources { lake: Some(dir.clone()), shards: vec![] };
+        let analytics = sluice_sql::Analytics::new(sources, sluice_sql::QueryLimits::new(100, Duration::from_secs(30)))
+            .expect("analytics");
+        let sql = "SELECT job_id, count(*) AS n, min(kafka_offset) AS at FROM results GROUP BY job_id ORDER BY job_id";
+        let answer = analytics.query(sql, &sluice_sql::Scope::All).await.expect("query");
+        assert_eq!(
+            answer.to_json_rows().expect("rows"),
+            serde_json::json!([
+                {"job_id": "a", "n": 1, "at": 0},
+                {"job_id": "b", "n": 1, "at": 1},
+                {"job_id": "c", "n": 1, "at": 3},
+                {"job_id": "d", "n": 1, "at": 5},
+            ])
+        );
+        // The offsets are all covered: a replay of either flush lands nothing.
+        let manifest = sink.lake.last_manifest("t.results", 0).expect("manifest").expect("one");
+        assert_eq!((manifest.first_offset, manifest.last_offset, manifest.rows), (2, 5, 2));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Issue 10, item 11: a results-topic record Sluice did not write cannot

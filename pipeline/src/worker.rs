@@ -733,7 +733,8 @@ impl Ctx {
             && !published
         {
             let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
-            return self.publish(&record, &json, Instant::now()).await;
+            // Stored but not marked: an earlier publish may have reached the topic.
+            return self.publish_as(&record, &json, Instant::now(), true).await;
         }
         Ok(())
     }
@@ -741,10 +742,29 @@ impl Ctx {
     /// Publishes a stored terminal record (`json`: the record, serialised)
     /// and marks it published.
     async fn publish(&self, record: &JobResult, json: &str, since: Instant) -> Result<(), Unfinished> {
+        self.publish_as(record, json, since, false).await
+    }
+
+    /// [`Ctx::publish`]; `maybe_repeated`: the result may be on the topic
+    /// already. Sends after the first are marked so too: a send that timed
+    /// out may still have been written.
+    async fn publish_as(
+        &self,
+        record: &JobResult,
+        json: &str,
+        since: Instant,
+        maybe_repeated: bool,
+    ) -> Result<(), Unfinished> {
         let topic = topics::results(&self.cfg.topic_prefix);
-        let hdrs = [(headers::TENANT, record.tenant.as_bytes())];
+        let sent = std::sync::atomic::AtomicBool::new(maybe_repeated);
         self.durably("publish result", || {
-            self.producer.send(&topic, Some(record.job_id.as_bytes()), json.as_bytes(), &hdrs)
+            let repeat = sent.swap(true, Ordering::AcqRel);
+            let mut hdrs = vec![(headers::TENANT, record.tenant.as_bytes())];
+            if repeat {
+                hdrs.push((headers::MAYBE_REPEATED, b"1".as_slice()));
+            }
+            let topic = &topic;
+            async move { self.producer.send(topic, Some(record.job_id.as_bytes()), json.as_bytes(), &hdrs).await }
         })
         .await?;
         let published = self.stages.done(Stage::Published, since);

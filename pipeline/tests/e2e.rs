@@ -576,6 +576,45 @@ async fn a_redelivered_job_changes_nothing() {
     h.stop().await;
 }
 
+/// A worker that crashed after the results topic acknowledged a result but
+/// before the store marked it published leaves a stored, unmarked record;
+/// the record's replay publishes the result again, marked
+/// `sluice.maybe-repeated` so that the lake sink checks it (a first publish
+/// carries no mark). The crash is made by removing the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_published_again_after_a_crash_is_marked_as_a_possible_repeat() {
+    let mut h = Harness::start("republish", true).await;
+    let value = job("again-1", "This is an example sentence").to_string();
+    h.produce(&h.jobs_topic(), Some(0), vec![record(Some("again-1"), value.clone())]).await;
+    let first = h.wait_done("again-1").await;
+    assert_eq!(first["status"], "succeeded");
+    let results_topic = format!("{}.results", h.prefix);
+    let published = wait_for_record(&h, &results_topic, "again-1").await;
+
+    let redis = redis::Client::open(env("SLUICE_TEST_REDIS")).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}:job:again-1", h.prefix);
+    let removed: i64 = redis::cmd("HDEL").arg(&key).arg("published").query_async(&mut conn).await.unwrap();
+    assert_eq!(removed, 1, "the record was marked published");
+    h.produce(&h.jobs_topic(), Some(0), vec![record(Some("again-1"), value)]).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let results = loop {
+        let results = h.consume(&results_topic, 10, 3).await;
+        let mine: Vec<Value> = results.into_iter().filter(|r| r["key"] == "again-1").collect();
+        if mine.len() >= 2 {
+            break mine;
+        }
+        assert!(Instant::now() < deadline, "the result was not published again: {mine:?}");
+    };
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[0]["headers"]["sluice.maybe-repeated"], Value::Null, "{}", results[0]);
+    assert_eq!(results[1]["headers"]["sluice.maybe-repeated"], "1", "{}", results[1]);
+    let again: Value = serde_json::from_str(results[1]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(again, published, "the same stored record");
+    assert_eq!(h.wait_done("again-1").await, first, "a finished job is never changed");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_resumes_from_committed_offsets_without_losing_jobs() {
     let prefix = unique_prefix("restart");

@@ -9,6 +9,12 @@
 pub const TENANT: &str = "tenant";
 /// W3C trace context of the producer.
 pub const TRACEPARENT: &str = "traceparent";
+/// On a results-topic record that may repeat one already on the topic (`1`):
+/// a job's result published again after a crash between the topic's
+/// acknowledgement and the published mark, or a send retried after a
+/// timeout. Sinks that cannot refuse a repeated `job_id` themselves (the
+/// lake) check such records against what they hold.
+pub const MAYBE_REPEATED: &str = "sluice.maybe-repeated";
 
 /// Stable [`crate::ErrorCode`] of a dead-lettered record.
 pub const ERROR_CODE: &str = "sluice.error.code";

@@ -88,6 +88,7 @@ catalog! {
     // Sinks.
     SINK_UNDECODABLE = Counter Count "sluice_sink_undecodable_total" [] "Results-topic records the sinks could not decode (skipped, logged).";
     SINK_BUFFERED_ROWS = Gauge Count "sluice_sink_buffered_rows" ["sink"] "Rows buffered in a sink, waiting for their flush.";
+    SINK_REPEATS_SKIPPED = Counter Count "sluice_sink_repeats_skipped_total" [] "Results the lake sink did not land because the lake already held that job's result (published again after a worker crash or a retried send).";
     SINK_REPLAYED_SKIPPED = Counter Count "sluice_sink_replayed_skipped_total" ["sink"] "Records skipped because the lake already holds their offsets (a replay after a crash).";
     SINK_FLUSH_SECONDS = Histogram Seconds "sluice_sink_flush_seconds" ["sink"] "Time of one successful flush, by sink.";
     SINK_ROWS = Counter Count "sluice_sink_rows_total" ["sink"] "Rows made durable, by sink.";

@@ -217,6 +217,63 @@ impl Lake {
     }
 }
 
+impl Lake {
+    /// Which of `job_ids` the lake already holds from `topic`'s `partition`
+    /// in the table directory `dir` (`model=<m>/date=<d>`, where a result of
+    /// that model finished on that day lands). Reads only the `job_id`
+    /// column of that partition's files in that directory: for the rare
+    /// result that may repeat one already landed (see
+    /// `sluice_schemas::headers::MAYBE_REPEATED`), not for every row.
+    pub fn holding(
+        &self,
+        topic: &str,
+        partition: i32,
+        dir: &str,
+        job_ids: &std::collections::HashSet<&str>,
+    ) -> Result<std::collections::HashSet<String>, LakeError> {
+        use arrow::array::{Array, StringArray};
+        use parquet::arrow::ProjectionMask;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let mut found = std::collections::HashSet::new();
+        let path = self.results_dir().join(dir);
+        let entries = match fs::read_dir(&path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let owner = format!("{topic}-{partition}");
+        for entry in entries {
+            let file = entry.map_err(io(&path))?.path();
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            // part-<topic>-<partition>-<first>-<last>.parquet
+            let of = name
+                .strip_prefix("part-")
+                .and_then(|n| n.strip_suffix(".parquet"))
+                .and_then(|n| n.rsplitn(3, '-').nth(2).map(str::to_owned));
+            if of.as_deref() != Some(owner.as_str()) {
+                continue;
+            }
+            let pq = |source| LakeError::Parquet { path: file.clone(), source };
+            let reader = File::open(&file).map_err(io(&file))?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(pq)?;
+            let mask = ProjectionMask::columns(builder.parquet_schema(), ["job_id"]);
+            for batch in builder.with_projection(mask).build().map_err(pq)? {
+                let batch = batch.map_err(|e| LakeError::Corrupt(format!("{}: {e}", file.display())))?;
+                let ids =
+                    batch.column(0).as_any().downcast_ref::<StringArray>().ok_or_else(|| {
+                        LakeError::Corrupt(format!("{}: job_id is not a string column", file.display()))
+                    })?;
+                for i in 0..ids.len() {
+                    if ids.is_valid(i) && job_ids.contains(ids.value(i)) {
+                        found.insert(ids.value(i).to_owned());
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// A staged file's name: the relative path, flattened.
 fn staged_name(rel: &str) -> String {
     rel.replace('/', "__")
