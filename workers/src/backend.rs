@@ -540,4 +540,31 @@ mod tests {
         let overflow = t(DType::Float32, vec![u64::MAX / 2, 4, 3], 0);
         assert!(check_tensors(&specs3, &overflow).unwrap_err().contains("more elements than can be counted"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Issue 10, items 5 and 14: any shape a record can carry (huge
+        /// dimensions, wrong rank, a count that overflows) against a graph
+        /// with open and fixed dimensions is refused with a message, never
+        /// a panic, and what passes holds exactly as many elements as data.
+        #[test]
+        fn any_tensor_shape_is_checked_without_a_panic(
+            shape in proptest::collection::vec(proptest::prop_oneof![0u64..6, proptest::prelude::any::<u64>()], 0..6),
+            len in 0usize..40,
+            float in proptest::prelude::any::<bool>(),
+        ) {
+            let specs = [InputSpec { name: "x".into(), dtype: DType::Float32, dims: vec![-1, 4, -1] }];
+            let dtype = if float { DType::Float32 } else { DType::Int64 };
+            let t = JsonTensor { dtype, shape: shape.clone(), data: vec![0.5; len] };
+            let given: BTreeMap<String, JsonTensor> = [("x".to_owned(), t)].into();
+            match check_tensors(&specs, &given) {
+                Ok(()) => {
+                    proptest::prop_assert!(float && shape.len() == 3 && shape[1] == 4);
+                    proptest::prop_assert_eq!(shape.iter().product::<u64>(), len as u64);
+                }
+                Err(message) => proptest::prop_assert!(message.starts_with("input.tensors.x"), "{}", message),
+            }
+        }
+    }
 }
