@@ -416,7 +416,11 @@ impl Analytics {
             .build_arc()?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let cap = self.limits.max_expression_bytes;
-        let functions: Vec<_> = ctx.state().scalar_functions().values().cloned().collect();
+        // The map holds each function under its name and its aliases: wrap
+        // each function once (registering it registers its aliases too).
+        let mut functions: Vec<_> = ctx.state().scalar_functions().values().cloned().collect();
+        functions.sort_by(|a, b| a.name().cmp(b.name()));
+        functions.dedup_by(|a, b| a.name() == b.name());
         for f in functions.iter().filter_map(|f| Bounded::wrap(f, cap)) {
             ctx.register_udf(f);
         }

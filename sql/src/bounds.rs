@@ -332,10 +332,6 @@ fn rebound(e: Expr, cap: usize) -> Result<Expr> {
     .map(|t| t.data)
 }
 
-fn output_bytes(v: &ColumnarValue) -> u128 {
-    bytes(v, 1)
-}
-
 #[allow(deprecated)] // display_name and is_nullable: delegated like the rest
 impl ScalarUDFImpl for Bounded {
     fn name(&self) -> &str {
@@ -375,7 +371,7 @@ impl ScalarUDFImpl for Bounded {
             return Err(too_big(self.name(), estimate, self.cap));
         }
         let out = self.inner.inner().invoke_with_args(args)?;
-        match output_bytes(&out) {
+        match bytes(&out, 1) {
             n if n > self.cap as u128 => Err(too_big(self.name(), n, self.cap)),
             _ => Ok(out),
         }
