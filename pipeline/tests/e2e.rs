@@ -521,6 +521,63 @@ async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_err
             "text model",
         ),
         ("x".repeat(70_000), 413, "payload_too_large", "65536"),
+        // Issue 10, item 14: the rest of the bad-input table (REST).
+        ("null".into(), 422, "schema_violation", "expected a JSON object"),
+        ("\"text\"".into(), 422, "schema_violation", "expected a JSON object"),
+        ("[]".into(), 422, "schema_violation", "empty"),
+        ("{\"model\": 1} trailing".into(), 400, "invalid_json", "not valid JSON"),
+        (json!({"model": MODEL, "input": {"text": "x"}, "ttl_ms": 0}).to_string(), 422, "schema_violation", "ttl_ms"),
+        (
+            json!({"model": MODEL, "input": {"text": "x"}, "ttl_ms": 1000, "deadline": "2030-01-01T00:00:00Z"})
+                .to_string(),
+            422,
+            "schema_violation",
+            "not both",
+        ),
+        (
+            json!({"model": MODEL, "input": {"text": "x"}, "deadline": "tomorrow"}).to_string(),
+            422,
+            "schema_violation",
+            "deadline",
+        ),
+        (json!({"model": MODEL, "input": {"text": "x"}, "priority": "urgent"}).to_string(), 422, "schema_violation", "priority"),
+        (json!({"job_id": "has space", "model": MODEL, "input": {"text": "x"}}).to_string(), 422, "schema_violation", "job_id"),
+        (json!({"job_id": "j".repeat(200), "model": MODEL, "input": {"text": "x"}}).to_string(), 422, "schema_violation", "job_id"),
+        (json!({"tenant": "a/b", "model": MODEL, "input": {"text": "x"}}).to_string(), 422, "schema_violation", "tenant"),
+        (json!({"model": "../etc", "input": {"text": "x"}}).to_string(), 422, "schema_violation", "model"),
+        (
+            json!({"model": MODEL, "model_version": "1 2", "input": {"text": "x"}}).to_string(),
+            422,
+            "schema_violation",
+            "model_version",
+        ),
+        (json!({"model": MODEL, "input": {}}).to_string(), 422, "schema_violation", "input"),
+        (
+            json!({"model": MODEL, "input": {"text": "x", "tensors": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}})
+                .to_string(),
+            422,
+            "schema_violation",
+            "input",
+        ),
+        (
+            json!({"model": MODEL, "input": {"text": "x"}, "metadata": {"k": "v".repeat(5000)}}).to_string(),
+            422,
+            "schema_violation",
+            "metadata",
+        ),
+        (
+            json!({"model": MODEL, "input": {"text": "x"}, "metadata": {"k": 1}}).to_string(),
+            422,
+            "schema_violation",
+            "metadata",
+        ),
+        (
+            json!({"model": MODEL, "input": {"text": "x"}, "metadata": (0..1000).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()})
+                .to_string(),
+            422,
+            "schema_violation",
+            "metadata",
+        ),
     ];
     for (body, want_status, want_code, want_msg) in cases {
         let (code, _, resp) = h.post(body.clone()).await;
@@ -535,6 +592,26 @@ async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_err
     assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")));
     let (code, body) = h.get("/v1/nothing-here").await;
     assert_eq!((code, body["error"]["code"].as_str()), (404, Some("no_route")));
+    // Paths, query strings and methods.
+    use reqwest::Method;
+    let batch_line = json!({"custom_id": "a", "model": MODEL, "input": {"text": "x"}});
+    let requests: [(Method, &str, Option<String>, u16, &str); 10] = [
+        (Method::GET, "/v1/jobs/has%20space", None, 404, "not_found"),
+        (Method::GET, "/v1/jobs/client-chosen-1?wait=soon", None, 422, "schema_violation"),
+        (Method::GET, "/v1/jobs/client-chosen-1?wait=-1", None, 422, "schema_violation"),
+        (Method::GET, "/v1/jobs/client-chosen-1?colour=red", None, 422, "schema_violation"),
+        (Method::DELETE, "/v1/jobs/does-not-exist", None, 404, "not_found"),
+        (Method::DELETE, "/v1/jobs/client-chosen-1", None, 409, "job_finished"),
+        (Method::PUT, "/v1/jobs", Some("{}".into()), 405, "method_not_allowed"),
+        (Method::GET, "/v1/batches/does-not-exist", None, 404, "not_found"),
+        (Method::POST, "/v1/batches", Some("{\"custom_id\": \"a\"}\n".into()), 422, "schema_violation"),
+        (Method::POST, "/v1/batches", Some(format!("{}\nnot json\n", batch_line)), 422, "invalid_json"),
+    ];
+    for (method, path, body, want_status, want_code) in requests {
+        let (code, _, resp) = h.call(method.clone(), path, None, body).await;
+        assert_eq!((code, resp["error"]["code"].as_str()), (want_status, Some(want_code)), "{method} {path}: {resp}");
+        assert!(resp["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {resp}");
+    }
     assert_eq!(h.get("/healthz").await.0, 200);
     let (code, body) = h.get("/readyz").await;
     assert_eq!(code, 200, "{body}");

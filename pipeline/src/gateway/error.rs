@@ -43,6 +43,8 @@ pub enum ApiError {
     BatchNotFound(String),
     #[error("no route for {0}")]
     NoRoute(String),
+    #[error("{method} is not allowed on {path} (see /openapi.json for its methods)")]
+    MethodNotAllowed { method: String, path: String },
     #[error("the job has already finished ({0}); a finished job is never changed")]
     Finished(JobStatus),
     #[error("rate limit of tenant {tenant:?} exceeded; retry in {}s", secs(*retry_after))]
@@ -93,6 +95,7 @@ impl ApiError {
             ApiError::JobIdInUse(_) => (StatusCode::CONFLICT, "job_id_in_use"),
             ApiError::NotFound(_) | ApiError::BatchNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "no_route"),
+            ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Finished(_) => (StatusCode::CONFLICT, "job_finished"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
@@ -141,6 +144,7 @@ impl ApiError {
             ApiError::NotFound("j".into()),
             ApiError::BatchNotFound("b".into()),
             ApiError::NoRoute("/".into()),
+            ApiError::MethodNotAllowed { method: "PUT".into(), path: "/".into() },
             ApiError::Finished(JobStatus::Succeeded),
             ApiError::RateLimited { tenant: "t".into(), retry_after: wait },
             ApiError::Overloaded { why: "m".into(), retry_after: wait },
@@ -174,6 +178,7 @@ impl ApiError {
                 | ApiError::NotFound(_)
                 | ApiError::BatchNotFound(_)
                 | ApiError::NoRoute(_)
+                | ApiError::MethodNotAllowed { .. }
                 | ApiError::Finished(_)
                 | ApiError::RateLimited { .. }
                 | ApiError::Overloaded { .. }

@@ -203,13 +203,17 @@ impl Gateway {
         self
     }
 
-    /// The HTTP routes: those of [`openapi`], and `no_route` for anything
+    /// The HTTP routes: those of [`openapi`], `method_not_allowed` for
+    /// another method on one of their paths, and `no_route` for anything
     /// else. Bodies are bounded by `max_body_bytes` (`max_batch_bytes` for
     /// `POST /v1/batches`).
     pub fn router(self) -> Router {
         let (router, _) = routes(DefaultBodyLimit::max(self.cfg.max_batch_bytes)).split_for_parts();
         router
             .fallback(|uri: Uri| async move { ApiError::NoRoute(uri.path().to_owned()) })
+            .method_not_allowed_fallback(|method: axum::http::Method, uri: Uri| async move {
+                ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
+            })
             .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes))
             .with_state(self)
     }

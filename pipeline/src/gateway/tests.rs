@@ -99,6 +99,7 @@ async fn every_documented_route_is_routed_and_no_other_method_is() {
                 assert_ne!(body["error"]["code"], "no_route", "{method} {path} is documented, so it is routed");
             } else {
                 assert_eq!(status, 405, "{method} {path} is not documented, so it is not routed: {body}");
+                assert_eq!(body["error"]["code"], "method_not_allowed", "{method} {path}: {body}");
             }
         }
     }
