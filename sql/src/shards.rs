@@ -240,11 +240,29 @@ impl ShardSet {
             .map(|_| ())
     }
 
-    /// Writes rows to one shard in one transaction: rows whose `job_id` is
-    /// already there are left alone (a finished job never changes), so a
-    /// replay writes nothing. Returns how many rows were new.
+    /// Writes rows to one shard in one transaction, one row per `job_id`:
+    /// a row whose job is already there replaces it only if it finished
+    /// later (a job id used again once the store has forgotten its first
+    /// job, as the lake keeps both), so a replay or a repeated result writes
+    /// nothing. Returns how many rows were written.
     pub async fn upsert(&self, shard: usize, rows: &[&ResultRow]) -> Result<u64, ShardError> {
         self.migrate(shard).await?;
+        // One statement may not touch a row twice: of a job's rows, the
+        // latest (by finish, then offset) stands for it.
+        let mut latest: std::collections::HashMap<&str, &ResultRow> = std::collections::HashMap::new();
+        for r in rows {
+            let slot = latest.entry(r.job_id.as_str()).or_insert(r);
+            if (r.finished_at, r.kafka_offset) > (slot.finished_at, slot.kafka_offset) {
+                *slot = r;
+            }
+        }
+        let rows: Vec<&ResultRow> = latest.into_values().collect();
+        let rows = rows.as_slice();
+        let update: Vec<String> = SHARD_COLUMNS[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        let on_conflict = format!(
+            " ON CONFLICT (job_id) DO UPDATE SET {} WHERE excluded.finished_at_ms > results.finished_at_ms",
+            update.join(", ")
+        );
         let mut inserted = 0;
         macro_rules! write_rows {
             ($pool:expr) => {{
@@ -268,7 +286,7 @@ impl ShardSet {
                             .push_bind(r.finished_at.timestamp_millis())
                             .push_bind(r.kafka_offset);
                     });
-                    q.push(" ON CONFLICT (job_id) DO NOTHING");
+                    q.push(&on_conflict);
                     inserted += q.build().execute(&mut *tx).await.map_err(self.err(shard))?.rows_affected();
                 }
                 tx.commit().await.map_err(self.err(shard))?;

@@ -323,6 +323,37 @@ async fn a_shard_that_goes_away_after_planning_is_unavailable_at_once() {
     assert_eq!(count(analytics.query("SELECT count(*) AS n FROM results", &Scope::All).await.unwrap()), 240);
 }
 
+/// Issue 10, item 9: a job id used again once the store has forgotten its
+/// first job (the lake lands both results) lands its later result in the
+/// shards too, instead of being dropped as a repeat; a replay of either
+/// result, or both in one write, changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_id_used_again_lands_its_later_result_in_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let urls = shard_urls(dir.path()).await;
+    let shards = ShardSet::open(&urls, ShardStrategy::Jump, Duration::from_secs(3)).unwrap();
+    let first = ResultRow { job_id: "again".into(), ..dataset()[1].clone() };
+    let mut later = first.clone();
+    later.tenant = "globex".into();
+    later.status = "failed";
+    later.error_code = Some("inference_failed");
+    later.finished_at = first.finished_at + chrono::Duration::days(2);
+    later.kafka_offset = first.kafka_offset + 1000;
+    for i in 0..shards.len() {
+        assert_eq!(shards.upsert(i, &[&first]).await.unwrap(), 1, "shard {i}");
+        assert_eq!(shards.upsert(i, &[&later]).await.unwrap(), 1, "shard {i}: the later result replaces the first");
+        assert_eq!(shards.upsert(i, &[&first]).await.unwrap(), 0, "shard {i}: a replay of the first");
+        assert_eq!(shards.upsert(i, &[&later, &first, &later]).await.unwrap(), 0, "shard {i}: replays in one write");
+        assert_eq!(shards.count(i).await.unwrap(), (1, 1), "shard {i}");
+    }
+    shards.close().await;
+    let analytics = Analytics::new(Sources { lake: None, shards: urls }, limits()).unwrap();
+    let rows = analytics.query("SELECT tenant, status, error_code FROM shards", &Scope::All).await.unwrap();
+    let want = serde_json::json!({"tenant": "globex", "status": "failed", "error_code": "inference_failed"});
+    let got = rows.to_json_rows().unwrap();
+    assert!(got.as_array().unwrap().iter().all(|r| *r == want) && !got.as_array().unwrap().is_empty(), "{got}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_sees_only_its_own_rows_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
