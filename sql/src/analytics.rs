@@ -211,7 +211,75 @@ pub struct Sources {
 }
 
 /// The analytics engine: cheap to share, one DataFusion session per query.
+///
+/// Queries run on threads of their own ([`SQL_THREADS`] of them, named
+/// `sluice-sql`), never on the caller's runtime: a query that keeps its
+/// threads busy for its whole time bound slows the process's other work
+/// (the gateway's job submissions and long-polls) only as much as the
+/// operating system shares the CPU, instead of holding the gateway's
+/// runtime threads.
 pub struct Analytics {
+    engine: Arc<Engine>,
+    runtime: SqlRuntime,
+}
+
+/// Threads of the runtime that runs queries: enough for
+/// `sql.max_concurrent` queries to make progress together on a small
+/// machine; DataFusion runs each query in 2 partitions.
+pub const SQL_THREADS: usize = 2;
+
+/// The query runtime; shut down without waiting when the engine is dropped
+/// (possibly inside another runtime, where waiting is not allowed).
+struct SqlRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for SqlRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Cancels a query's task when the caller stops waiting (a client gone).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Analytics {
+    pub fn new(sources: Sources, limits: QueryLimits) -> Result<Analytics, QueryError> {
+        let engine = Arc::new(Engine::new(sources, limits)?);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(SQL_THREADS)
+            .thread_name("sluice-sql")
+            .enable_all()
+            .build()
+            .map_err(|e| QueryError::Setup(format!("cannot start the query runtime: {e}")))?;
+        Ok(Analytics { engine, runtime: SqlRuntime(Some(runtime)) })
+    }
+
+    /// Runs one read-only statement on the query runtime, within
+    /// `limits.timeout` from planning to the last row. Dropping the returned
+    /// future cancels the query.
+    pub async fn query(&self, sql: &str, scope: &Scope) -> Result<Answer, QueryError> {
+        let (engine, sql, scope) = (Arc::clone(&self.engine), sql.to_owned(), scope.clone());
+        let rt = self.runtime.0.as_ref().expect("the runtime lives as long as the engine");
+        let task = rt.spawn(async move { engine.query(&sql, &scope).await });
+        let _cancel = AbortOnDrop(task.abort_handle());
+        match task.await {
+            Ok(answer) => answer,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(QueryError::Execution("the query was cancelled".into())),
+        }
+    }
+}
+
+/// What runs queries: the sources, the plans built from them, the memory
+/// budget.
+struct Engine {
     sources: Sources,
     limits: QueryLimits,
     /// Used only to create the shards' tables before the first query.
@@ -263,8 +331,8 @@ fn pg_params(url: &str) -> Result<std::collections::HashMap<String, SecretString
     Ok(p)
 }
 
-impl Analytics {
-    pub fn new(sources: Sources, limits: QueryLimits) -> Result<Analytics, QueryError> {
+impl Engine {
+    fn new(sources: Sources, limits: QueryLimits) -> Result<Engine, QueryError> {
         if sources.shards.is_empty() && sources.lake.is_none() {
             return Err(QueryError::Setup("neither a lake nor shards to query".into()));
         }
@@ -277,7 +345,7 @@ impl Analytics {
             ),
         };
         let memory = SharedBudget::new(limits.max_total_memory_bytes);
-        Ok(Analytics { sources, limits, shard_set, results: OnceCell::new(), shards: Mutex::new(None), memory })
+        Ok(Engine { sources, limits, shard_set, results: OnceCell::new(), shards: Mutex::new(None), memory })
     }
 
     fn lake_table(&self) -> Result<Arc<dyn TableProvider>, QueryError> {
@@ -442,7 +510,7 @@ impl Analytics {
 
     /// Runs one read-only statement. Everything, from connecting to the
     /// shards it names to its last row, runs within `limits.timeout`.
-    pub async fn query(&self, sql: &str, scope: &Scope) -> Result<Answer, QueryError> {
+    async fn query(&self, sql: &str, scope: &Scope) -> Result<Answer, QueryError> {
         let started = Instant::now();
         let limits = self.limits;
         let run = async {
