@@ -439,17 +439,20 @@ fn without_repeats(
         landed.extend(lake.holding(topic, partition, dir, ids)?);
     }
     let checked: HashSet<String> = by_dir.values().flatten().map(|id| (*id).to_owned()).collect();
-    let mut earlier: HashSet<String> = HashSet::new();
+    // A repeat is the same stored record: same job, same finish (a job id
+    // used again later is a new job, and lands).
+    let mut earlier: HashSet<(String, i64)> = HashSet::new();
     let mut kept = Vec::with_capacity(rows.len());
     for r in rows {
+        let result = (r.job_id.clone(), r.finished_at.timestamp_millis());
         let flagged = maybe_repeated.contains(&r.kafka_offset);
-        if flagged && (landed.contains(&r.job_id) || earlier.contains(&r.job_id)) {
+        if flagged && (landed.contains(&result) || earlier.contains(&result)) {
             metrics::counter!(sluice_schemas::metrics::SINK_REPEATS_SKIPPED.name).increment(1);
             tracing::info!(job_id = %r.job_id, offset = r.kafka_offset, "result already in the lake; not landed again");
             continue;
         }
         if checked.contains(&r.job_id) {
-            earlier.insert(r.job_id.clone());
+            earlier.insert(result);
         }
         kept.push(r);
     }
@@ -565,7 +568,13 @@ mod tests {
             batch
         };
         sink.flush(&flush(vec![rec("a", 0, false), rec("b", 1, false)])).await.expect("first flush");
-        let second = vec![rec("a", 2, true), rec("c", 3, true), rec("c", 4, true), rec("d", 5, false)];
+        let mut second = vec![rec("a", 2, true), rec("c", 3, true), rec("c", 4, true), rec("d", 5, false)];
+        // The id `b` used again by a job that finished later, its send retried: it lands.
+        let mut reused = rec("b", 6, true);
+        let mut later = JobResult::decode(&reused.payload).expect("a result");
+        later.finished_at = Some(at + chrono::Duration::minutes(5));
+        reused.payload = serde_json::to_vec(&later).expect("serialises");
+        second.push(reused);
         sink.flush(&flush(second)).await.expect("second flush");
 
         let sources = sluice_sql::Sources { lake: Some(dir.clone()), shards: vec![] };
@@ -577,14 +586,14 @@ mod tests {
             answer.to_json_rows().expect("rows"),
             serde_json::json!([
                 {"job_id": "a", "n": 1, "at": 0},
-                {"job_id": "b", "n": 1, "at": 1},
+                {"job_id": "b", "n": 2, "at": 1},
                 {"job_id": "c", "n": 1, "at": 3},
                 {"job_id": "d", "n": 1, "at": 5},
             ])
         );
         // The offsets are all covered: a replay of either flush lands nothing.
         let manifest = sink.lake.last_manifest("t.results", 0).expect("manifest").expect("one");
-        assert_eq!((manifest.first_offset, manifest.last_offset, manifest.rows), (2, 5, 2));
+        assert_eq!((manifest.first_offset, manifest.last_offset, manifest.rows), (2, 6, 3));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

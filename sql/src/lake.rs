@@ -218,11 +218,13 @@ impl Lake {
 }
 
 impl Lake {
-    /// Which of `job_ids` the lake already holds from `topic`'s `partition`
-    /// in the table directory `dir` (`model=<m>/date=<d>`, where a result of
-    /// that model finished on that day lands). Reads only the `job_id`
-    /// column of that partition's files in that directory: for the rare
-    /// result that may repeat one already landed (see
+    /// The results of `job_ids` the lake already holds from `topic`'s
+    /// `partition` in the table directory `dir` (`model=<m>/date=<d>`, where
+    /// a result of that model finished on that day lands), as `(job_id,
+    /// finished_at in epoch ms)`: a repeat of a result has both, a job id
+    /// used again later has another finish. Reads only those two columns of
+    /// that partition's files in that directory: for the rare result that
+    /// may repeat one already landed (see
     /// `sluice_schemas::headers::MAYBE_REPEATED`), not for every row.
     pub fn holding(
         &self,
@@ -230,8 +232,8 @@ impl Lake {
         partition: i32,
         dir: &str,
         job_ids: &std::collections::HashSet<&str>,
-    ) -> Result<std::collections::HashSet<String>, LakeError> {
-        use arrow::array::{Array, StringArray};
+    ) -> Result<std::collections::HashSet<(String, i64)>, LakeError> {
+        use arrow::array::{Array, StringArray, TimestampMillisecondArray};
         use parquet::arrow::ProjectionMask;
         use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         let mut found = std::collections::HashSet::new();
@@ -256,16 +258,22 @@ impl Lake {
             let pq = |source| LakeError::Parquet { path: file.clone(), source };
             let reader = File::open(&file).map_err(io(&file))?;
             let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(pq)?;
-            let mask = ProjectionMask::columns(builder.parquet_schema(), ["job_id"]);
+            let mask = ProjectionMask::columns(builder.parquet_schema(), ["job_id", "finished_at"]);
             for batch in builder.with_projection(mask).build().map_err(pq)? {
-                let batch = batch.map_err(|e| LakeError::Corrupt(format!("{}: {e}", file.display())))?;
-                let ids =
-                    batch.column(0).as_any().downcast_ref::<StringArray>().ok_or_else(|| {
-                        LakeError::Corrupt(format!("{}: job_id is not a string column", file.display()))
-                    })?;
+                let corrupt = |what: &str| LakeError::Corrupt(format!("{}: {what}", file.display()));
+                let batch = batch.map_err(|e| corrupt(&e.to_string()))?;
+                let column = |name: &str| batch.column_by_name(name).ok_or_else(|| corrupt(&format!("no {name}")));
+                let ids = column("job_id")?
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| corrupt("job_id is not a string column"))?;
+                let finished = column("finished_at")?
+                    .as_any()
+                    .downcast_ref::<TimestampMillisecondArray>()
+                    .ok_or_else(|| corrupt("finished_at is not a millisecond timestamp"))?;
                 for i in 0..ids.len() {
-                    if ids.is_valid(i) && job_ids.contains(ids.value(i)) {
-                        found.insert(ids.value(i).to_owned());
+                    if ids.is_valid(i) && finished.is_valid(i) && job_ids.contains(ids.value(i)) {
+                        found.insert((ids.value(i).to_owned(), finished.value(i)));
                     }
                 }
             }
