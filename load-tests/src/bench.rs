@@ -39,6 +39,9 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use serde_json::{Value, json};
 use sluice_pipeline::store::{Store, StoreConfig};
+
+/// The tenant of the benchmark's jobs.
+const TENANT: &str = "bench";
 use sluice_schemas::{Input, Output};
 use sluice_workers::{ModelRepository, ModelVersion, RawSession, SessionConfig};
 
@@ -626,7 +629,7 @@ async fn end_to_end(
     let busy_share = cpu.values().sum::<f64>() / (procstat::cores() as f64 * seconds);
 
     // Every result, read back from the store and checked.
-    let records = store.get_many(&ids).await?;
+    let records = store.get_many(TENANT, &ids).await?;
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let (mut batch, mut queued) = (Vec::new(), Vec::new());
     for r in records.iter().flatten() {
@@ -730,7 +733,7 @@ async fn sample_queue_depth(http: Option<&str>, into: &std::cell::RefCell<Vec<f6
 
 /// `(job_id, JobRequest JSON)`.
 fn job(id: &str, model: &str, input: &Value) -> (String, String) {
-    (id.to_owned(), json!({"job_id": id, "tenant": "bench", "model": model, "input": input}).to_string())
+    (id.to_owned(), json!({"job_id": id, "tenant": TENANT, "model": model, "input": input}).to_string())
 }
 
 struct Publisher<'a> {
@@ -777,7 +780,7 @@ impl Publisher<'_> {
         };
         let mut child = tokio::process::Command::new(self.python)
             .arg(&script)
-            .args(["--brokers", self.brokers, "--topic", self.topic, "--tenant", "bench", "--max-in-flight", in_flight])
+            .args(["--brokers", self.brokers, "--topic", self.topic, "--tenant", TENANT, "--max-in-flight", in_flight])
             .arg("--file")
             .arg(&file)
             .stdin(Stdio::piped())
@@ -825,7 +828,7 @@ impl ReadyPublisher {
 async fn wait_all_polling(store: &Store, ids: &[String], timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let records = store.get_many(ids).await?;
+        let records = store.get_many(TENANT, ids).await?;
         if records.iter().all(|r| r.as_ref().is_some_and(|r| r.status.is_terminal())) {
             return Ok(());
         }
@@ -851,8 +854,9 @@ async fn wait_all(
     while !pending.is_empty() {
         tokio::select! {
             n = notices.recv() => match n {
-                Some(id) => {
-                    if pending.remove(id.as_str()) {
+                Some(key) => {
+                    let id = sluice_schemas::topics::split_job_key(&key).map_or("", |(_, id)| id);
+                    if pending.remove(id) {
                         last = Instant::now();
                     }
                 }
@@ -862,7 +866,7 @@ async fn wait_all(
                 ensure!(started.elapsed() < timeout, "{} of {} jobs not done after {timeout:?}", pending.len(), ids.len());
                 if last.elapsed() > Duration::from_secs(1) {
                     let rest: Vec<String> = pending.iter().map(|s| (*s).to_owned()).collect();
-                    let records = store.get_many(&rest).await?;
+                    let records = store.get_many(TENANT, &rest).await?;
                     let now = Instant::now();
                     for (id, r) in rest.iter().zip(records) {
                         if r.is_some_and(|r| r.status.is_terminal()) {

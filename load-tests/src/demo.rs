@@ -275,7 +275,8 @@ impl Run<'_> {
     async fn wait(&self, id: &str) -> anyhow::Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let r = self.http.get(format!("{}/v1/jobs/{id}", self.base)).send().await?;
+            // Job ids are per tenant; the demo's jobs are tenant demo's.
+            let r = self.http.get(format!("{}/v1/jobs/{id}?tenant=demo", self.base)).send().await?;
             if r.status().is_success() {
                 let v: Value = r.json().await?;
                 if !matches!(v["status"].as_str(), Some("queued" | "running")) {

@@ -101,6 +101,10 @@ struct PollArgs {
     /// API key (when the gateway requires one).
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Whose job (job ids are per tenant): open mode only; the gateway's
+    /// default tenant when absent, the key's tenant with an API key.
+    #[arg(long)]
+    tenant: Option<String>,
     /// Give up after this many seconds (an unknown id is looked for until then:
     /// a job published to Kafka has no record until a worker picks it up).
     #[arg(long, default_value_t = 300)]
@@ -337,6 +341,9 @@ async fn poll(a: &PollArgs) -> anyhow::Result<()> {
             .timeout(std::time::Duration::from_secs(left + 10));
         if let Some(k) = &a.api_key {
             req = req.bearer_auth(k);
+        }
+        if let Some(t) = &a.tenant {
+            req = req.query(&[("tenant", t)]);
         }
         let resp = req.send().await.context("cannot reach the REST API")?;
         let status = resp.status();

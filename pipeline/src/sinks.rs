@@ -19,7 +19,7 @@
 //!   if the lake does not hold that job's result yet.
 //! - [`ShardSink`]: rows routed by the [`ShardSet`]'s strategy, one
 //!   transaction of multi-row upserts per shard, all shards in parallel.
-//!   Upserts are keyed by `job_id`, so a replay writes nothing new.
+//!   Upserts are keyed by (`tenant`, `job_id`), so a replay writes nothing new.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -416,8 +416,8 @@ impl Destination for LakeSink {
 /// that repeat one already in the lake or earlier in `rows`. Only rows at
 /// `maybe_repeated` offsets are checked: a job's result is published again
 /// only after a crash or a retried send, which marks it so (the shards
-/// refuse a repeated `job_id` by themselves). A repeat of a job lands in
-/// the same topic-partition (the key is the job id) and the same
+/// refuse a repeated (`tenant`, `job_id`) by themselves). A repeat of a job
+/// lands in the same topic-partition (the key is the job key) and the same
 /// `model=/date=` directory (it is the same stored record), which is where
 /// [`Lake::holding`] looks.
 fn without_repeats(
@@ -430,28 +430,29 @@ fn without_repeats(
     if maybe_repeated.is_empty() {
         return Ok(rows);
     }
-    let mut by_dir: BTreeMap<String, HashSet<&str>> = BTreeMap::new();
+    let mut by_dir: BTreeMap<String, HashSet<(&str, &str)>> = BTreeMap::new();
     for r in rows.iter().filter(|r| maybe_repeated.contains(&r.kafka_offset)) {
-        by_dir.entry(format!("model={}/date={}", r.model, r.date())).or_default().insert(&r.job_id);
+        by_dir.entry(format!("model={}/date={}", r.model, r.date())).or_default().insert((&r.tenant, &r.job_id));
     }
     let mut landed = HashSet::new();
-    for (dir, ids) in &by_dir {
-        landed.extend(lake.holding(topic, partition, dir, ids)?);
+    for (dir, jobs) in &by_dir {
+        landed.extend(lake.holding(topic, partition, dir, jobs)?);
     }
-    let checked: HashSet<String> = by_dir.values().flatten().map(|id| (*id).to_owned()).collect();
+    let checked: HashSet<(String, String)> =
+        by_dir.values().flatten().map(|(t, id)| ((*t).to_owned(), (*id).to_owned())).collect();
     // A repeat is the same stored record: same job, same finish (a job id
     // used again later is a new job, and lands).
-    let mut earlier: HashSet<(String, i64)> = HashSet::new();
+    let mut earlier: HashSet<(String, String, i64)> = HashSet::new();
     let mut kept = Vec::with_capacity(rows.len());
     for r in rows {
-        let result = (r.job_id.clone(), r.finished_at.timestamp_millis());
+        let result = (r.tenant.clone(), r.job_id.clone(), r.finished_at.timestamp_millis());
         let flagged = maybe_repeated.contains(&r.kafka_offset);
         if flagged && (landed.contains(&result) || earlier.contains(&result)) {
             metrics::counter!(sluice_schemas::metrics::SINK_REPEATS_SKIPPED.name).increment(1);
             tracing::info!(job_id = %r.job_id, offset = r.kafka_offset, "result already in the lake; not landed again");
             continue;
         }
-        if checked.contains(&r.job_id) {
+        if checked.contains(&(result.0.clone(), result.1.clone())) {
             earlier.insert(result);
         }
         kept.push(r);
@@ -544,7 +545,8 @@ mod tests {
     /// acknowledgement and the published mark) lands in the lake once: a
     /// marked record whose job the lake holds, or that repeats one earlier in
     /// the same flush, is not landed; a marked record of a job the lake does
-    /// not hold is (a first publish can be marked too).
+    /// not hold is (a first publish can be marked too), and so is another
+    /// tenant's job of the same id and finish.
     #[tokio::test]
     async fn a_result_published_twice_lands_in_the_lake_once() {
         let dir = std::env::temp_dir().join(format!("sluice-sink-repeats-{}", std::process::id()));
@@ -552,14 +554,15 @@ mod tests {
         let mut sink = LakeSink { lake: Lake::open(&dir).expect("lake"), run_suffix: None };
         let at = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 6, 12, 0, 0).unwrap();
         let code = sluice_schemas::ErrorCode::Internal;
-        let rec = |job: &str, offset: i64, repeated: bool| {
-            let r = JobResult::failed(job.into(), "t".into(), "m".into(), code, "x".into(), at);
+        let rec_of = |tenant: &str, job: &str, offset: i64, repeated: bool| {
+            let r = JobResult::failed(job.into(), tenant.into(), "m".into(), code, "x".into(), at);
             let mut rec = Record { offset, ..record(&r) };
             if repeated {
                 rec.headers.push((headers::MAYBE_REPEATED.to_owned(), b"1".to_vec()));
             }
             rec
         };
+        let rec = |job: &str, offset: i64, repeated: bool| rec_of("t", job, offset, repeated);
         let flush = |records: Vec<Record>| {
             let mut batch = Batch::default();
             for r in &records {
@@ -575,25 +578,29 @@ mod tests {
         later.finished_at = Some(at + chrono::Duration::minutes(5));
         reused.payload = serde_json::to_vec(&later).expect("serialises");
         second.push(reused);
+        // Another tenant's `a`, finished at the same time, marked: not a repeat.
+        second.push(rec_of("u", "a", 7, true));
         sink.flush(&flush(second)).await.expect("second flush");
 
         let sources = sluice_sql::Sources { lake: Some(dir.clone()), shards: vec![] };
         let analytics = sluice_sql::Analytics::new(sources, sluice_sql::QueryLimits::new(100, Duration::from_secs(30)))
             .expect("analytics");
-        let sql = "SELECT job_id, count(*) AS n, min(kafka_offset) AS at FROM results GROUP BY job_id ORDER BY job_id";
+        let sql = "SELECT tenant, job_id, count(*) AS n, min(kafka_offset) AS at FROM results \
+                   GROUP BY tenant, job_id ORDER BY tenant, job_id";
         let answer = analytics.query(sql, &sluice_sql::Scope::All).await.expect("query");
         assert_eq!(
             answer.to_json_rows().expect("rows"),
             serde_json::json!([
-                {"job_id": "a", "n": 1, "at": 0},
-                {"job_id": "b", "n": 2, "at": 1},
-                {"job_id": "c", "n": 1, "at": 3},
-                {"job_id": "d", "n": 1, "at": 5},
+                {"tenant": "t", "job_id": "a", "n": 1, "at": 0},
+                {"tenant": "t", "job_id": "b", "n": 2, "at": 1},
+                {"tenant": "t", "job_id": "c", "n": 1, "at": 3},
+                {"tenant": "t", "job_id": "d", "n": 1, "at": 5},
+                {"tenant": "u", "job_id": "a", "n": 1, "at": 7},
             ])
         );
         // The offsets are all covered: a replay of either flush lands nothing.
         let manifest = sink.lake.last_manifest("t.results", 0).expect("manifest").expect("one");
-        assert_eq!((manifest.first_offset, manifest.last_offset, manifest.rows), (2, 6, 3));
+        assert_eq!((manifest.first_offset, manifest.last_offset, manifest.rows), (2, 7, 4));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -15,7 +15,7 @@
 //! this process. Partitions are paused only when the model's circuit
 //! breaker is open or the bound has held for a while, and resume below
 //! `resume_below`. A record's offset is committed only after its effects
-//! are durable (at-least-once); every effect is keyed by `job_id`, the store
+//! are durable (at-least-once); every effect is keyed by the job (its tenant and `job_id`), the store
 //! refuses to change a finished job, and a result is published once, so a
 //! redelivered record changes nothing.
 //!
@@ -101,25 +101,28 @@ impl RebalanceHooks for SharedTracker {
     }
 }
 
-/// Cancel flags of the jobs this worker holds, set by cancellation notices.
+/// Cancel flags of the jobs this worker holds, by job key
+/// (`<tenant>/<job_id>`), set by cancellation notices.
 #[derive(Default)]
 struct Cancels(Mutex<HashMap<String, Arc<AtomicBool>>>);
 
 struct CancelGuard<'a> {
     cancels: &'a Cancels,
-    job_id: String,
+    key: String,
     flag: Arc<AtomicBool>,
 }
 
 impl Cancels {
-    fn register(&self, job_id: &str) -> CancelGuard<'_> {
+    fn register(&self, req: &JobRequest) -> CancelGuard<'_> {
         let flag = Arc::new(AtomicBool::new(false));
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_owned(), flag.clone());
-        CancelGuard { cancels: self, job_id: job_id.to_owned(), flag }
+        let key = topics::job_key(&req.tenant, &req.job_id);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), flag.clone());
+        CancelGuard { cancels: self, key, flag }
     }
 
-    fn cancel(&self, job_id: &str) {
-        if let Some(f) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(job_id) {
+    /// Cancels the job held under `key`, if any.
+    fn cancel(&self, key: &str) {
+        if let Some(f) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
             f.store(true, Ordering::Release);
         }
     }
@@ -127,7 +130,7 @@ impl Cancels {
 
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
-        self.cancels.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.job_id);
+        self.cancels.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
     }
 }
 
@@ -220,10 +223,6 @@ enum Unfinished {
     /// help, so the record is dead-lettered with the reason instead of
     /// holding its partition.
     Refused { what: &'static str, error: String },
-    /// The record's job id is another tenant's job (the store refused the
-    /// write): the record is dead-lettered with `tenant_mismatch`, and
-    /// nothing of that job changes.
-    Foreign(String),
 }
 
 impl Worker {
@@ -257,8 +256,8 @@ impl Worker {
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
-                        id = notices.recv() => match id {
-                            Some(id) => ctx.cancels.cancel(&id),
+                        key = notices.recv() => match key {
+                            Some(key) => ctx.cancels.cancel(&key),
                             None => return,
                         },
                         _ = sd.wait() => return,
@@ -445,14 +444,6 @@ impl Ctx {
     async fn settle(&self, rec: &Record) -> Result<(), Unfinished> {
         let (what, error) = match self.process(rec).await {
             Err(Unfinished::Refused { what, error }) => (what, error),
-            Err(Unfinished::Foreign(job_id)) => {
-                let message = format!("job {job_id} belongs to another tenant; nothing was written");
-                tracing::warn!(%message, "dead-lettering record");
-                match self.dead_letter(rec, ErrorCode::TenantMismatch, &message).await {
-                    Err(Unfinished::Refused { what, error }) => (what, error),
-                    other => return other,
-                }
-            }
             done => return done,
         };
         let message = format!("{what} refused for good: {error}");
@@ -511,7 +502,7 @@ impl Ctx {
         record.started_at = Some(now);
         record.model_version = Some(version.clone());
         if self.cfg.running_after.is_zero() && self.store_running(&record).await? {
-            return self.publish_stored(&req.job_id).await;
+            return self.publish_stored(&req.tenant, &req.job_id).await;
         }
         self.stages.done(Stage::Started, started);
 
@@ -556,8 +547,8 @@ impl Ctx {
                 _ = running_for, if !self.cfg.running_after.is_zero() => {
                     if self.store_running(&record).await? {
                         // Its engine job is dropped unrun.
-                        self.cancels.cancel(&req.job_id);
-                        return self.publish_stored(&req.job_id).await;
+                        self.cancels.cancel(&topics::job_key(&req.tenant, &req.job_id));
+                        return self.publish_stored(&req.tenant, &req.job_id).await;
                     }
                     infer.await?
                 }
@@ -598,7 +589,7 @@ impl Ctx {
                 self.finish_job(record, inferred).await
             }
             Ran::Expired => self.finish_job(expired(record, Utc::now()), inferred).await,
-            Ran::Cancelled => self.publish_stored(&req.job_id).await,
+            Ran::Cancelled => self.publish_stored(&req.tenant, &req.job_id).await,
             Ran::BadInput(code, msg) => self.reject(rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
         }
     }
@@ -612,7 +603,6 @@ impl Ctx {
                 tracing::debug!(status = %done, "job already finished");
                 Ok(true)
             }
-            Put::Foreign => Err(Unfinished::Foreign(record.job_id.clone())),
         }
     }
 
@@ -625,7 +615,7 @@ impl Ctx {
         expires: Option<DateTime<Utc>>,
         started: &tokio::sync::Notify,
     ) -> Result<Ran, Unfinished> {
-        let cancel = self.cancels.register(&req.job_id);
+        let cancel = self.cancels.register(req);
         let deadline = expires.map(|at| {
             let left = (at - Utc::now()).to_std().unwrap_or_default();
             Instant::now() + left
@@ -720,15 +710,15 @@ impl Ctx {
             Put::Written => self.publish(&record, &json, self.stages.done(Stage::Stored, since)).await,
             // Someone else finished it first (a cancel, or a redelivery that
             // raced us): their record stands; make sure it is published.
-            Put::Kept(_) => self.publish_stored(&record.job_id).await,
-            Put::Foreign => Err(Unfinished::Foreign(record.job_id.clone())),
+            Put::Kept(_) => self.publish_stored(&record.tenant, &record.job_id).await,
         }
     }
 
     /// Publishes the stored terminal record if nobody has yet (a crash
     /// between storing and publishing, or a cancel from the gateway).
-    async fn publish_stored(&self, job_id: &str) -> Result<(), Unfinished> {
-        if let Some((record, published)) = self.durably("read stored result", || self.store.get_meta(job_id)).await?
+    async fn publish_stored(&self, tenant: &str, job_id: &str) -> Result<(), Unfinished> {
+        if let Some((record, published)) =
+            self.durably("read stored result", || self.store.get_meta(tenant, job_id)).await?
             && record.status.is_terminal()
             && !published
         {
@@ -756,6 +746,7 @@ impl Ctx {
         maybe_repeated: bool,
     ) -> Result<(), Unfinished> {
         let topic = topics::results(&self.cfg.topic_prefix);
+        let key = topics::job_key(&record.tenant, &record.job_id);
         let sent = std::sync::atomic::AtomicBool::new(maybe_repeated);
         self.durably("publish result", || {
             let repeat = sent.swap(true, Ordering::AcqRel);
@@ -763,12 +754,12 @@ impl Ctx {
             if repeat {
                 hdrs.push((headers::MAYBE_REPEATED, b"1".as_slice()));
             }
-            let topic = &topic;
-            async move { self.producer.send(topic, Some(record.job_id.as_bytes()), json.as_bytes(), &hdrs).await }
+            let (topic, key) = (&topic, &key);
+            async move { self.producer.send(topic, Some(key.as_bytes()), json.as_bytes(), &hdrs).await }
         })
         .await?;
         let published = self.stages.done(Stage::Published, since);
-        self.durably("mark result published", || self.store.mark_published(&record.job_id)).await?;
+        self.durably("mark result published", || self.store.mark_published(&record.tenant, &record.job_id)).await?;
         self.stages.done(Stage::Marked, published);
         metrics::counter!(sluice_schemas::metrics::JOBS_COMPLETED.name, "model" => record.model.clone(), "status" => record.status.as_str())
             .increment(1);
@@ -797,12 +788,7 @@ impl Ctx {
         if let Some(r) = req {
             failed.metadata = r.metadata.clone();
         }
-        match self.finish_job(failed, Instant::now()).await {
-            // Another tenant's job id: the record is dead-lettered already,
-            // and that job is not marked failed.
-            Err(Unfinished::Foreign(_)) => Ok(()),
-            done => done,
-        }
+        self.finish_job(failed, Instant::now()).await
     }
 
     /// The record, as it came, on the dead-letter topic with `code` and

@@ -50,7 +50,9 @@ fn config(prefix: &str, external: bool, extra: Value) -> Config {
         "kafka": {"topic_prefix": prefix, "partitions": 2},
         "store": {"key_prefix": format!("{prefix}:")},
         "models": {"repository": env("SLUICE_MODEL_REPO"), "serve": [MODEL], "poll_interval_ms": 300},
-        "gateway": {"listen": "127.0.0.1:0", "max_body_bytes": 65536},
+        // Job ids are per tenant: REST jobs that name no tenant, and reads
+        // that name none, are acme's, the tenant of the Kafka records below.
+        "gateway": {"listen": "127.0.0.1:0", "max_body_bytes": 65536, "default_tenant": "acme"},
         "ops": {"listen": "127.0.0.1:0"},
         "worker": {"commit_interval_ms": 100, "id": format!("{prefix}-worker")},
         "engine": {"max_wait_ms": 2},
@@ -317,10 +319,10 @@ async fn a_job_published_by_another_kafka_client_is_pollable_with_the_published_
     assert!(body["timings"]["batch_size"].as_u64().unwrap() >= 1);
     assert!(body["started_at"].is_string() && body["finished_at"].is_string());
 
-    // The result also went to the results topic, keyed by job id.
+    // The result also went to the results topic, keyed by tenant and job id.
     let results = h.consume(&format!("{}.results", h.prefix), 1, 30).await;
     assert_eq!(results.len(), 1);
-    assert_eq!(results[0]["key"], "ext-1");
+    assert_eq!(results[0]["key"], "acme/ext-1");
     assert_eq!(results[0]["headers"]["tenant"], "acme");
     let published: Value = serde_json::from_str(results[0]["value"].as_str().unwrap()).unwrap();
     assert_eq!(published["status"], "succeeded");
@@ -331,29 +333,47 @@ async fn a_job_published_by_another_kafka_client_is_pollable_with_the_published_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving() {
     let mut h = Harness::start("poison", true).await;
-    // Another tenant's job; a record below names its id (issue 10, item 7).
+    // Another tenant's job; a record below uses its id (issue 10, items 7 and 12).
     h.post(json!({"job_id": "owned-1", "tenant": "globex", "model": MODEL, "input": {"text": "mine"}}).to_string())
         .await;
-    let owned = h.wait_done("owned-1").await;
+    let owned = h.wait_done("owned-1?tenant=globex").await;
     assert_eq!((owned["tenant"].as_str(), owned["status"].as_str()), (Some("globex"), Some("succeeded")));
     let no_model = json!({"job_id": "no-model-1", "tenant": "acme", "input": {"text": "x"}});
-    let bad_records = [
-        (Some("bad-json"), "{\"job_id\": \"bad-json\", ".to_owned(), "invalid_json"),
-        (Some("no-model-1"), no_model.to_string(), "schema_violation"),
-        (Some("unknown-model-1"), json!({"job_id": "unknown-model-1", "tenant": "acme", "model": "gpt-9", "input": {"text": "x"}}).to_string(), "unknown_model"),
-        (Some("too-long-1"), job("too-long-1", &"word ".repeat(4000)).to_string(), "input_too_long"),
-        (Some("tensor-1"), json!({"job_id": "tensor-1", "tenant": "acme", "model": MODEL, "input": {"tensors": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}}).to_string(), "invalid_input"),
+    let mut other_version = job("version-1", "x");
+    other_version["model_version"] = json!("9");
+    let mut not_utf8 = job("utf-1", "x").to_string().into_bytes();
+    let at = not_utf8.len() - 4;
+    not_utf8[at] = 0xff;
+    let bad_records: Vec<(Option<&str>, Vec<u8>, &str)> = vec![
+        (Some("bad-json"), b"{\"job_id\": \"bad-json\", ".to_vec(), "invalid_json"),
+        (Some("utf-1"), not_utf8, "invalid_json"),
+        (Some("no-model-1"), no_model.to_string().into_bytes(), "schema_violation"),
+        (Some("unknown-model-1"), json!({"job_id": "unknown-model-1", "tenant": "acme", "model": "gpt-9", "input": {"text": "x"}}).to_string().into_bytes(), "unknown_model"),
+        (Some("version-1"), other_version.to_string().into_bytes(), "unknown_model"),
+        (Some("too-long-1"), job("too-long-1", &"word ".repeat(4000)).to_string().into_bytes(), "input_too_long"),
+        // Over JobRequest's 262,144 characters of text.
+        (Some("huge-1"), job("huge-1", &"x".repeat(262_145)).to_string().into_bytes(), "schema_violation"),
+        (Some("tensor-1"), json!({"job_id": "tensor-1", "tenant": "acme", "model": MODEL, "input": {"tensors": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}}).to_string().into_bytes(), "invalid_input"),
         // The header (acme) and the body disagree on the tenant.
-        (Some("mismatch-1"), json!({"job_id": "mismatch-1", "tenant": "globex", "model": MODEL, "input": {"text": "x"}}).to_string(), "tenant_mismatch"),
-        // Acme's record naming globex's job.
-        (Some("owned-1"), job("owned-1", "take this over").to_string(), "tenant_mismatch"),
-        (None, String::new(), "invalid_json"),
+        (Some("mismatch-1"), json!({"job_id": "mismatch-1", "tenant": "globex", "model": MODEL, "input": {"text": "x"}}).to_string().into_bytes(), "tenant_mismatch"),
+        (None, Vec::new(), "invalid_json"),
     ];
-    let mut records: Vec<Value> = bad_records.iter().map(|(k, v, _)| record(*k, v.clone())).collect();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut records: Vec<Value> = bad_records
+        .iter()
+        .map(|(k, v, _)| {
+            let mut r = record(*k, String::new());
+            r.as_object_mut().unwrap().remove("value");
+            r["value_hex"] = json!(hex(v));
+            r
+        })
+        .collect();
     // Not bad input, but too late: expires without inference or dead letter.
     let mut late = job("late-1", "This is an example sentence");
     late["deadline"] = json!("2020-01-01T00:00:00Z");
     records.push(record(Some("late-1"), late.to_string()));
+    // Acme's own job of the id globex uses: another job, which runs.
+    records.push(record(Some("owned-1"), job("owned-1", "This is an example sentence").to_string()));
     records.push(record(Some("after-bad-1"), job("after-bad-1", "This is an example sentence").to_string()));
     // Everything on one partition: the good job sits behind the bad ones.
     let positions = h.produce(&h.jobs_topic(), Some(0), records).await;
@@ -365,7 +385,9 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
     for (id, code) in [
         ("no-model-1", "schema_violation"),
         ("unknown-model-1", "unknown_model"),
+        ("version-1", "unknown_model"),
         ("too-long-1", "input_too_long"),
+        ("huge-1", "schema_violation"),
         ("tensor-1", "invalid_input"),
     ] {
         let body = h.wait_done(id).await;
@@ -380,8 +402,11 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
     assert!(late.get("output").is_none() && late.get("timings").is_none(), "no inference ran: {late}");
     let body = h.wait_done("no-model-1").await;
     assert!(body["error"]["message"].as_str().unwrap().contains("missing field `model`"), "{body}");
+    let body = h.wait_done("version-1").await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("version `9`"), "{body}");
     // Unreadable JSON has no job id to fail.
     assert_eq!(h.get("/v1/jobs/bad-json").await.0, 404);
+    assert_eq!(h.get("/v1/jobs/utf-1").await.0, 404);
 
     let dlq = h.consume(&format!("{}.dlq", h.prefix), bad_records.len(), 30).await;
     assert_eq!(dlq.len(), bad_records.len(), "{dlq:?}");
@@ -391,17 +416,22 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
             .find(|d| d["headers"]["sluice.source.offset"].as_str() == Some(positions[i].1.to_string().as_str()))
             .unwrap_or_else(|| panic!("no dead letter for offset {}: {dlq:?}", positions[i].1));
         assert_eq!(d["key"].as_str(), *key);
-        assert_eq!(d["value"].as_str().unwrap(), value, "original bytes kept");
-        assert_eq!(d["headers"]["sluice.error.code"], *code);
+        assert_eq!(d["value_hex"].as_str().unwrap(), hex(value), "original bytes kept");
+        assert_eq!(d["headers"]["sluice.error.code"], *code, "{key:?}");
         assert_eq!(d["headers"]["sluice.source.topic"], h.jobs_topic());
         assert_eq!(d["headers"]["sluice.source.partition"], "0");
         assert_eq!(d["headers"]["tenant"], "acme", "original headers kept");
         assert!(!d["headers"]["sluice.error.message"].as_str().unwrap().is_empty());
     }
     // Neither tenant's job record is written for a record whose tenant is
-    // in doubt, and globex's job is unchanged.
+    // in doubt.
     assert_eq!(h.get("/v1/jobs/mismatch-1").await.0, 404);
-    assert_eq!(h.get("/v1/jobs/owned-1").await.1, owned, "another tenant's record changed nothing");
+    assert_eq!(h.get("/v1/jobs/mismatch-1?tenant=globex").await.0, 404);
+    // Acme's `owned-1` ran as acme's job; globex's is unchanged.
+    let acmes = h.wait_done("owned-1").await;
+    assert_eq!((acmes["tenant"].as_str(), acmes["status"].as_str()), (Some("acme"), Some("succeeded")), "{acmes}");
+    assert_example_embedding(&acmes);
+    assert_eq!(h.get("/v1/jobs/owned-1?tenant=globex").await.1, owned, "another tenant's record changed nothing");
     h.stop().await;
 }
 
@@ -476,7 +506,7 @@ async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_err
     assert_eq!(headers["location"], format!("/v1/jobs/{id}"));
     let done = h.wait_done(&id).await;
     assert_eq!(done["status"], "succeeded");
-    assert_eq!(done["tenant"], "default");
+    assert_eq!(done["tenant"], "acme", "gateway.default_tenant");
     assert_example_embedding(&done);
     assert!(done["submitted_at"].is_string());
 
@@ -649,7 +679,7 @@ async fn a_redelivered_job_changes_nothing() {
     let after = h.wait_done("dup-1").await;
     assert_eq!(after, first, "a finished job is never changed");
     let results = h.consume(&format!("{}.results", h.prefix), 10, 5).await;
-    assert_eq!(results.iter().filter(|r| r["key"] == "dup-1").count(), 1, "one result published: {results:?}");
+    assert_eq!(results.iter().filter(|r| r["key"] == "acme/dup-1").count(), 1, "one result published: {results:?}");
     h.stop().await;
 }
 
@@ -666,18 +696,18 @@ async fn a_result_published_again_after_a_crash_is_marked_as_a_possible_repeat()
     let first = h.wait_done("again-1").await;
     assert_eq!(first["status"], "succeeded");
     let results_topic = format!("{}.results", h.prefix);
-    let published = wait_for_record(&h, &results_topic, "again-1").await;
+    let published = wait_for_record(&h, &results_topic, "acme/again-1").await;
 
     let redis = redis::Client::open(env("SLUICE_TEST_REDIS")).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{}:job:again-1", h.prefix);
+    let key = format!("{}:job:acme/again-1", h.prefix);
     let removed: i64 = redis::cmd("HDEL").arg(&key).arg("published").query_async(&mut conn).await.unwrap();
     assert_eq!(removed, 1, "the record was marked published");
     h.produce(&h.jobs_topic(), Some(0), vec![record(Some("again-1"), value)]).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let results = loop {
         let results = h.consume(&results_topic, 10, 3).await;
-        let mine: Vec<Value> = results.into_iter().filter(|r| r["key"] == "again-1").collect();
+        let mine: Vec<Value> = results.into_iter().filter(|r| r["key"] == "acme/again-1").collect();
         if mine.len() >= 2 {
             break mine;
         }
@@ -797,7 +827,7 @@ async fn jobs_can_be_cancelled_until_they_finish() {
         json!({"engine": {"max_wait_ms": 3000, "max_batch_size": 64}, "worker": {"running_status_after_ms": 0}}),
     )
     .await;
-    let cancelled = wait_for_record(&worker, &format!("{prefix}.results"), "c-1").await;
+    let cancelled = wait_for_record(&worker, &format!("{prefix}.results"), "acme/c-1").await;
     assert_eq!(cancelled["status"], "cancelled", "the worker publishes the cancelled record: {cancelled}");
     assert!(cancelled.get("output").is_none());
 
@@ -818,7 +848,7 @@ async fn jobs_can_be_cancelled_until_they_finish() {
     }
     let (code, body) = delete(&gw, "c-2").await;
     assert_eq!(code, 200, "{body}");
-    let published = wait_for_record(&worker, &format!("{prefix}.results"), "c-2").await;
+    let published = wait_for_record(&worker, &format!("{prefix}.results"), "acme/c-2").await;
     assert_eq!(published["status"], "cancelled", "{published}");
     let done = gw.wait_done("c-2").await;
     assert_eq!(done["status"], "cancelled");
@@ -868,7 +898,7 @@ async fn identical_inputs_are_served_from_the_inference_cache_of_their_tenant() 
     // tenant's entry (a hit would tell it that the input was submitted).
     let other = json!({"job_id": "k-4", "tenant": "other", "model": MODEL, "input": {"text": "cache this sentence"}});
     h.post(other.to_string()).await;
-    let fourth = h.wait_done("k-4").await;
+    let fourth = h.wait_done("k-4?tenant=other").await;
     assert!(fourth["timings"]["batch_size"].as_u64().unwrap() >= 1, "ran inference for tenant other: {fourth}");
     h.stop().await;
 }
@@ -1039,11 +1069,8 @@ impl Drop for WorkerProcess {
 
 /// Statuses of `ids` in the results store, read directly from Redis.
 async fn statuses(store: &sluice_pipeline::store::Store, ids: &[String]) -> Vec<Option<String>> {
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.push(store.get(id).await.unwrap().map(|r| r.status.as_str().to_owned()));
-    }
-    out
+    let records = store.get_many("acme", ids).await.unwrap();
+    records.into_iter().map(|r| r.map(|r| r.status.as_str().to_owned())).collect()
 }
 
 async fn redis_store(prefix: &str) -> sluice_pipeline::store::Store {
@@ -1063,8 +1090,10 @@ async fn redis_store(prefix: &str) -> sluice_pipeline::store::Store {
 async fn a_worker_killed_mid_stream_loses_no_job() {
     let prefix = unique_prefix("sigkill");
     let store = redis_store(&prefix).await;
-    // Topics are created by the worker; start it first, then publish.
-    let worker = WorkerProcess::start(&prefix, "");
+    // Topics are created by the worker: start one, and stop it once they
+    // exist, so that the whole backlog is in Kafka before the worker that
+    // is killed starts (it is killed mid-stream, not after the last job).
+    let creator = WorkerProcess::start(&prefix, "");
     let h = Harness {
         sluice: None,
         http: String::new(),
@@ -1081,6 +1110,7 @@ async fn a_worker_killed_mid_stream_loses_no_job() {
         assert!(Instant::now() < deadline, "worker never created its topics");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    creator.terminate();
     let records: Vec<Value> = ids
         .iter()
         .enumerate()
@@ -1088,12 +1118,14 @@ async fn a_worker_killed_mid_stream_loses_no_job() {
         .collect();
     h.produce(&h.jobs_topic(), None, records).await;
 
-    // Kill it once a good part of the backlog is done.
+    // Kill it once a good part of the backlog is done, and before all of it.
+    let worker = WorkerProcess::start(&prefix, "");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let done = statuses(&store, &ids).await.iter().filter(|s| s.as_deref() == Some("succeeded")).count();
         if done >= n / 4 {
             println!("killing the worker with SIGKILL after {done} of {n} jobs");
+            assert!(done < n, "the worker finished before it could be killed mid-stream");
             break;
         }
         assert!(Instant::now() < deadline, "worker too slow: {done} done");
@@ -1101,29 +1133,33 @@ async fn a_worker_killed_mid_stream_loses_no_job() {
     }
     worker.kill9();
 
+    // Done when every job's record is finished and its result is on the
+    // results topic: a result stored before the kill but not yet published
+    // is published by the new worker when it replays the record.
     let worker = WorkerProcess::start(&prefix, "");
     let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
+    let per_job = loop {
         let s = statuses(&store, &ids).await;
         let done = s.iter().filter(|s| s.as_deref() == Some("succeeded")).count();
         let failed: Vec<_> =
             s.iter().filter(|s| s.as_deref().is_some_and(|s| s != "succeeded" && s != "running")).collect();
         assert!(failed.is_empty(), "{failed:?}");
+        let mut per_job: std::collections::HashMap<String, usize> = Default::default();
         if done == n {
-            break;
+            for r in &h.consume(&format!("{prefix}.results"), 3 * n, 10).await {
+                *per_job.entry(r["key"].as_str().unwrap().to_owned()).or_default() += 1;
+            }
+            if per_job.len() == n {
+                break per_job;
+            }
         }
-        assert!(Instant::now() < deadline, "only {done} of {n} finished after the restart");
+        assert!(Instant::now() < deadline, "after the restart: {done} of {n} stored, {} published", per_job.len());
         tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    };
     worker.terminate();
-
-    let results = h.consume(&format!("{prefix}.results"), 3 * n, 20).await;
-    let mut per_job: std::collections::HashMap<String, usize> = Default::default();
-    for r in &results {
-        *per_job.entry(r["key"].as_str().unwrap().to_owned()).or_default() += 1;
-    }
+    let results: usize = per_job.values().sum();
     let duplicates: usize = per_job.values().map(|c| c - 1).sum();
-    println!("results topic: {} records, {} distinct jobs, {duplicates} duplicates", results.len(), per_job.len());
+    println!("results topic: {results} records, {} distinct jobs, {duplicates} duplicates", per_job.len());
     assert_eq!(per_job.len(), n, "every job's result is on the results topic");
     assert!(duplicates <= 512, "duplicates bounded by what was in flight at the crash: {duplicates}");
 }
@@ -1363,7 +1399,7 @@ async fn arrays_idempotent_ids_and_long_polls() {
     assert!(started.elapsed() >= Duration::from_millis(900), "held for the wait: {:?}", started.elapsed());
 
     let results = gw.consume(&format!("{prefix}.results"), 100, 5).await;
-    assert_eq!(results.iter().filter(|r| r["key"] == "a-1").count(), 1, "a-1 ran once");
+    assert_eq!(results.iter().filter(|r| r["key"] == "acme/a-1").count(), 1, "a-1 ran once");
     worker.stop().await;
     gw.stop().await;
 }
@@ -1397,15 +1433,32 @@ async fn api_keys_map_to_tenants_and_tenants_never_see_each_other() {
     let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some("acme-key"), Some(spoof)).await;
     assert_eq!((code, body["error"]["code"].as_str()), (403, Some("tenant_mismatch")));
 
-    // globex cannot read, cancel or reuse acme's job.
+    // globex cannot read or cancel acme's job, nor name acme's tenant.
     let (code, _, body) = h.call(Method::GET, "/v1/jobs/t-1", Some("globex-key"), None).await;
     assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")));
     assert_eq!(h.call(Method::GET, "/v1/jobs/t-1?wait=1", Some("globex-key"), None).await.0, 404);
     assert_eq!(h.call(Method::DELETE, "/v1/jobs/t-1", Some("globex-key"), None).await.0, 404);
-    let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some("globex-key"), Some(job("t-1"))).await;
-    assert_eq!((code, body["error"]["code"].as_str()), (409, Some("job_id_in_use")));
-    let (code, _, body) = h.call(Method::GET, "/v1/jobs/t-1?wait=30", Some("acme-key"), None).await;
-    assert_eq!((code, body["tenant"].as_str(), body["status"].as_str()), (200, Some("acme"), Some("succeeded")));
+    for (method, path) in [(Method::GET, "/v1/jobs/t-1?tenant=acme"), (Method::DELETE, "/v1/jobs/t-1?tenant=acme")] {
+        let (code, _, body) = h.call(method, path, Some("globex-key"), None).await;
+        assert_eq!((code, body["error"]["code"].as_str()), (403, Some("tenant_mismatch")), "{path}");
+    }
+    // Job ids are per tenant (issue 10, item 12): globex's `t-1` is its own
+    // job, which tells globex nothing about acme's.
+    let theirs = json!({"job_id": "t-1", "model": MODEL, "input": {"text": "another text entirely"}}).to_string();
+    let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some("globex-key"), Some(theirs)).await;
+    assert_eq!((code, body["poll_url"].as_str()), (202, Some("/v1/jobs/t-1")), "{body}");
+    let mut outputs = Vec::new();
+    for (key, tenant) in [("acme-key", "acme"), ("globex-key", "globex")] {
+        let (code, _, body) = h.call(Method::GET, "/v1/jobs/t-1?wait=30", Some(key), None).await;
+        assert_eq!((code, body["tenant"].as_str(), body["status"].as_str()), (200, Some(tenant), Some("succeeded")));
+        outputs.push(body["output"].clone());
+    }
+    assert_ne!(outputs[0], outputs[1], "each tenant reads its own job's result");
+    let results = h.consume(&format!("{}.results", h.prefix), 10, 10).await;
+    let mut keys: Vec<&str> =
+        results.iter().filter_map(|r| r["key"].as_str()).filter(|k| k.ends_with("/t-1")).collect();
+    keys.sort();
+    assert_eq!(keys, ["acme/t-1", "globex/t-1"], "one result per tenant's job");
 
     // Nor its batches.
     let lines = "{\"custom_id\": \"x\", \"model\": \"all-minilm-l6-v2\", \"input\": {\"text\": \"batch line\"}}\n";
@@ -1646,7 +1699,7 @@ async fn publish_and_poll_from_the_command_line() {
 
     let poll = |id: &str, timeout: &str| {
         Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["poll", id, "--url", &h.http, "--timeout", timeout])
+            .args(["poll", id, "--url", &h.http, "--timeout", timeout, "--tenant", "cli"])
             .output()
             .unwrap()
     };

@@ -65,7 +65,7 @@ async fn subscribed(store: &Store, notices: &mut tokio::sync::mpsc::Receiver<Str
         let probe = format!("probe-{i}");
         assert_eq!(store.put(&record(&probe, JobStatus::Succeeded)).await.unwrap(), Put::Written);
         if let Ok(Some(id)) = tokio::time::timeout(Duration::from_millis(200), notices.recv()).await {
-            assert!(id.starts_with("probe-"), "{id}");
+            assert!(id.starts_with("t/probe-"), "{id}");
             while notices.try_recv().is_ok() {}
             return;
         }
@@ -90,7 +90,7 @@ async fn concurrent_writes_share_round_trips_and_keep_the_lifecycle() {
             let done = store.put(&record(&id, JobStatus::Succeeded)).await.unwrap();
             // A replay of the job after it finished changes nothing.
             let replay = store.put(&record(&id, JobStatus::Running)).await.unwrap();
-            store.mark_published(&id).await.unwrap();
+            store.mark_published("t", &id).await.unwrap();
             (running, done, replay)
         })
     });
@@ -105,7 +105,7 @@ async fn concurrent_writes_share_round_trips_and_keep_the_lifecycle() {
     // Every job is stored finished and published, and was announced once.
     let ids: Vec<String> = (0..n).map(|i| format!("job-{i}")).collect();
     for id in &ids {
-        let (r, published) = store.get_meta(id).await.unwrap().expect("stored");
+        let (r, published) = store.get_meta("t", id).await.unwrap().expect("stored");
         assert_eq!((r.status, published), (JobStatus::Succeeded, true), "{id}");
     }
     let mut announced = HashSet::new();
@@ -117,7 +117,8 @@ async fn concurrent_writes_share_round_trips_and_keep_the_lifecycle() {
             _ => panic!("{} of {n} completions announced", announced.len()),
         }
     }
-    assert_eq!(announced, ids.into_iter().collect::<HashSet<_>>());
+    // Notices name jobs by tenant and id.
+    assert_eq!(announced, ids.into_iter().map(|id| format!("t/{id}")).collect::<HashSet<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,14 +135,15 @@ async fn create_writes_once_and_returns_the_existing_record() {
     let mut big = record("c-2", JobStatus::Succeeded);
     big.output = Some(Output::Embedding(vec![0.25; 3_000_000]));
     assert_eq!(store.put(&big).await.unwrap(), Put::Written);
-    assert_eq!(store.get("c-2").await.unwrap().unwrap().output, big.output);
+    assert_eq!(store.get("t", "c-2").await.unwrap().unwrap().output, big.output);
 }
 
-/// Issue 10, item 7: a job's owner is fixed by its first write. A write by
-/// another tenant with the same job id (a Kafka record naming someone
-/// else's job) changes nothing, in Redis and in the in-process store.
+/// Issue 10, items 7 and 12: job ids are per tenant. Another tenant's job
+/// of the same id is another record: its writes never touch the first
+/// tenant's job (a Kafka record naming someone else's id), in Redis and in
+/// the in-process store, and each tenant reads only its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_tenant_cannot_overwrite_a_job() {
+async fn another_tenants_job_of_the_same_id_is_another_job() {
     let cfg = StoreConfig {
         ttl: Duration::from_secs(600),
         memory_capacity: 100,
@@ -154,16 +156,20 @@ async fn another_tenant_cannot_overwrite_a_job() {
         assert_eq!(store.create(&mine).await.unwrap(), Create::Created);
         let mut theirs = record("o-1", JobStatus::Succeeded);
         theirs.tenant = "mallory".into();
-        assert_eq!(store.put(&theirs).await.unwrap(), Put::Foreign);
+        assert_eq!(store.put(&theirs).await.unwrap(), Put::Written);
         let mut running = theirs.clone();
         running.status = JobStatus::Running;
         running.output = None;
         running.finished_at = None;
-        assert_eq!(store.put(&running).await.unwrap(), Put::Foreign);
-        let stored = store.get("o-1").await.unwrap().unwrap();
+        assert_eq!(store.put(&running).await.unwrap(), Put::Kept(JobStatus::Succeeded), "mallory's job is finished");
+        assert_eq!(store.create(&running).await.unwrap(), Create::Exists(Box::new(theirs.clone())));
+        let stored = store.get("t", "o-1").await.unwrap().unwrap();
         assert_eq!((stored.tenant.as_str(), stored.status), ("t", JobStatus::Queued), "unchanged");
-        // Its owner still can.
+        assert_eq!(store.get("mallory", "o-1").await.unwrap(), Some(theirs.clone()));
+        assert_eq!(store.get_many("mallory", &["o-1".into(), "o-2".into()]).await.unwrap(), vec![Some(theirs), None]);
+        // Its owner's job goes on.
         assert_eq!(store.put(&record("o-1", JobStatus::Succeeded)).await.unwrap(), Put::Written);
-        assert_eq!(store.get("o-1").await.unwrap().unwrap().status, JobStatus::Succeeded);
+        assert_eq!(store.get("t", "o-1").await.unwrap().unwrap().status, JobStatus::Succeeded);
+        assert!(store.get("nobody", "o-1").await.unwrap().is_none());
     }
 }

@@ -22,5 +22,5 @@ pub mod results_table;
 pub mod topics;
 
 pub use error_code::ErrorCode;
-pub use request::{DType, DecodeError, Input, JobRequest, Priority, Tensor, limits, valid_job_id};
+pub use request::{DType, DecodeError, Input, JobRequest, Priority, Tensor, limits, valid_job_id, valid_tenant};
 pub use result::{JobError, JobResult, JobStatus, Output, Timings};

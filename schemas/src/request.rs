@@ -329,6 +329,11 @@ pub fn valid_job_id(id: &str) -> bool {
     check_ident("job_id", id, limits::JOB_ID_CHARS, ":").is_ok()
 }
 
+/// True when `tenant` is a well-formed tenant: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+pub fn valid_tenant(tenant: &str) -> bool {
+    check_ident("tenant", tenant, limits::TENANT_CHARS, "").is_ok()
+}
+
 pub(crate) fn check_ident(field: &str, value: &str, max: usize, extra: &str) -> Result<(), String> {
     let n = value.chars().count();
     let allowed = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' || extra.contains(c);

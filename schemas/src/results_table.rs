@@ -19,8 +19,8 @@ use crate::{JobResult, Output};
 /// Directory partitions of the lake, outermost first, both strings.
 pub const PARTITION_COLUMNS: [&str; 2] = ["model", "date"];
 
-/// Columns of a shard's `results` table, in order. `job_id` is the primary
-/// key; `*_ms` timestamps are milliseconds since the Unix epoch.
+/// Columns of a shard's `results` table, in order. (`tenant`, `job_id`) is
+/// the primary key (job ids are per tenant); `*_ms` timestamps are milliseconds since the Unix epoch.
 pub const SHARD_COLUMNS: [&str; 15] = [
     "job_id",
     "tenant",

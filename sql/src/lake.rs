@@ -218,11 +218,12 @@ impl Lake {
 }
 
 impl Lake {
-    /// The results of `job_ids` the lake already holds from `topic`'s
-    /// `partition` in the table directory `dir` (`model=<m>/date=<d>`, where
-    /// a result of that model finished on that day lands), as `(job_id,
-    /// finished_at in epoch ms)`: a repeat of a result has both, a job id
-    /// used again later has another finish. Reads only those two columns of
+    /// The results of `jobs` (`(tenant, job_id)` pairs) the lake already
+    /// holds from `topic`'s `partition` in the table directory `dir`
+    /// (`model=<m>/date=<d>`, where a result of that model finished on that
+    /// day lands), as `(tenant, job_id, finished_at in epoch ms)`: a repeat
+    /// of a result has all three, a job id used again later has another
+    /// finish, another tenant's job of the same id another tenant. Reads only those three columns of
     /// that partition's files in that directory: for the rare result that
     /// may repeat one already landed (see
     /// `sluice_schemas::headers::MAYBE_REPEATED`), not for every row.
@@ -231,8 +232,8 @@ impl Lake {
         topic: &str,
         partition: i32,
         dir: &str,
-        job_ids: &std::collections::HashSet<&str>,
-    ) -> Result<std::collections::HashSet<(String, i64)>, LakeError> {
+        jobs: &std::collections::HashSet<(&str, &str)>,
+    ) -> Result<std::collections::HashSet<(String, String, i64)>, LakeError> {
         use arrow::array::{Array, StringArray, TimestampMillisecondArray};
         use parquet::arrow::ProjectionMask;
         use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -258,22 +259,30 @@ impl Lake {
             let pq = |source| LakeError::Parquet { path: file.clone(), source };
             let reader = File::open(&file).map_err(io(&file))?;
             let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(pq)?;
-            let mask = ProjectionMask::columns(builder.parquet_schema(), ["job_id", "finished_at"]);
+            let mask = ProjectionMask::columns(builder.parquet_schema(), ["tenant", "job_id", "finished_at"]);
             for batch in builder.with_projection(mask).build().map_err(pq)? {
                 let corrupt = |what: &str| LakeError::Corrupt(format!("{}: {what}", file.display()));
                 let batch = batch.map_err(|e| corrupt(&e.to_string()))?;
                 let column = |name: &str| batch.column_by_name(name).ok_or_else(|| corrupt(&format!("no {name}")));
-                let ids = column("job_id")?
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .ok_or_else(|| corrupt("job_id is not a string column"))?;
+                let strings = |name: &str| {
+                    column(name)?
+                        .as_any()
+                        .downcast_ref::<StringArray>()
+                        .cloned()
+                        .ok_or_else(|| corrupt(&format!("{name} is not a string column")))
+                };
+                let (tenants, ids) = (strings("tenant")?, strings("job_id")?);
                 let finished = column("finished_at")?
                     .as_any()
                     .downcast_ref::<TimestampMillisecondArray>()
                     .ok_or_else(|| corrupt("finished_at is not a millisecond timestamp"))?;
                 for i in 0..ids.len() {
-                    if ids.is_valid(i) && finished.is_valid(i) && job_ids.contains(ids.value(i)) {
-                        found.insert((ids.value(i).to_owned(), finished.value(i)));
+                    if tenants.is_valid(i)
+                        && ids.is_valid(i)
+                        && finished.is_valid(i)
+                        && jobs.contains(&(tenants.value(i), ids.value(i)))
+                    {
+                        found.insert((tenants.value(i).to_owned(), ids.value(i).to_owned(), finished.value(i)));
                     }
                 }
             }

@@ -1,6 +1,8 @@
 //! The SQL shards: N databases (SQLite files or PostgreSQL URLs) each holding
 //! a `results` table (`sql/migrations/<dialect>/`), written with batched,
-//! idempotent multi-row upserts keyed by `job_id`.
+//! idempotent multi-row upserts keyed by (`tenant`, `job_id`). A row's shard
+//! is chosen by its `job_id` alone, so the two tenants' jobs of one id share
+//! a shard, and rows written before ids were per tenant stay where they are.
 //!
 //! Which shard a row goes to is the [`ShardStrategy`]'s call; see
 //! `sql/README.md` for the trade-offs between them.
@@ -240,7 +242,8 @@ impl ShardSet {
             .map(|_| ())
     }
 
-    /// Writes rows to one shard in one transaction, one row per `job_id`:
+    /// Writes rows to one shard in one transaction, one row per job
+    /// (`tenant`, `job_id`: job ids are per tenant):
     /// a row whose job is already there replaces it only if it finished
     /// later (a job id used again once the store has forgotten its first
     /// job, as the lake keeps both), so a replay or a repeated result writes
@@ -249,18 +252,19 @@ impl ShardSet {
         self.migrate(shard).await?;
         // One statement may not touch a row twice: of a job's rows, the
         // latest (by finish, then offset) stands for it.
-        let mut latest: std::collections::HashMap<&str, &ResultRow> = std::collections::HashMap::new();
+        let mut latest: std::collections::HashMap<(&str, &str), &ResultRow> = std::collections::HashMap::new();
         for r in rows {
-            let slot = latest.entry(r.job_id.as_str()).or_insert(r);
+            let slot = latest.entry((r.tenant.as_str(), r.job_id.as_str())).or_insert(r);
             if (r.finished_at, r.kafka_offset) > (slot.finished_at, slot.kafka_offset) {
                 *slot = r;
             }
         }
         let rows: Vec<&ResultRow> = latest.into_values().collect();
         let rows = rows.as_slice();
-        let update: Vec<String> = SHARD_COLUMNS[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        // Every column but the key (`job_id`, `tenant`).
+        let update: Vec<String> = SHARD_COLUMNS[2..].iter().map(|c| format!("{c} = excluded.{c}")).collect();
         let on_conflict = format!(
-            " ON CONFLICT (job_id) DO UPDATE SET {} WHERE excluded.finished_at_ms > results.finished_at_ms",
+            " ON CONFLICT (tenant, job_id) DO UPDATE SET {} WHERE excluded.finished_at_ms > results.finished_at_ms",
             update.join(", ")
         );
         let mut inserted = 0;

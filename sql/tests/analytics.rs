@@ -332,9 +332,8 @@ async fn a_job_id_used_again_lands_its_later_result_in_the_shards() {
     let dir = tempfile::tempdir().unwrap();
     let urls = shard_urls(dir.path()).await;
     let shards = ShardSet::open(&urls, ShardStrategy::Jump, Duration::from_secs(3)).unwrap();
-    let first = ResultRow { job_id: "again".into(), ..dataset()[1].clone() };
+    let first = ResultRow { job_id: "again".into(), tenant: "acme".into(), ..dataset()[1].clone() };
     let mut later = first.clone();
-    later.tenant = "globex".into();
     later.status = "failed";
     later.error_code = Some("inference_failed");
     later.finished_at = first.finished_at + chrono::Duration::days(2);
@@ -349,9 +348,58 @@ async fn a_job_id_used_again_lands_its_later_result_in_the_shards() {
     shards.close().await;
     let analytics = Analytics::new(Sources { lake: None, shards: urls }, limits()).unwrap();
     let rows = analytics.query("SELECT tenant, status, error_code FROM shards", &Scope::All).await.unwrap();
-    let want = serde_json::json!({"tenant": "globex", "status": "failed", "error_code": "inference_failed"});
+    let want = serde_json::json!({"tenant": "acme", "status": "failed", "error_code": "inference_failed"});
     let got = rows.to_json_rows().unwrap();
     assert!(got.as_array().unwrap().iter().all(|r| *r == want) && !got.as_array().unwrap().is_empty(), "{got}");
+}
+
+/// Issue 10, item 12: job ids are per tenant. Two tenants' jobs of one id
+/// are two rows, neither replaces the other, and a shard made before ids
+/// were per tenant (only migration 0001, rows in it) is migrated in place:
+/// its rows stay, and its key becomes (`tenant`, `job_id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_jobs_of_one_id_are_two_rows_and_old_shards_migrate() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let urls = shard_urls(dir.path()).await;
+    let acme = ResultRow { job_id: "same-id".into(), tenant: "acme".into(), ..dataset()[1].clone() };
+    let mut globex = acme.clone();
+    globex.tenant = "globex".into();
+    globex.status = "failed";
+    globex.error_code = Some("inference_failed");
+    // Every shard starts as the old schema, holding acme's row (finished
+    // after every replay below, so they change nothing).
+    for url in &urls {
+        let insert = "INSERT INTO results (job_id, tenant, model, status, finished_at_ms, kafka_offset) \
+                      VALUES ('same-id', 'acme', 'm', 'succeeded', 4102444800000, 1)";
+        if url.starts_with("sqlite:") {
+            let mut c = sqlx::SqliteConnection::connect(&format!("{url}?mode=rwc")).await.unwrap();
+            sqlx::raw_sql(include_str!("../migrations/sqlite/0001_results.sql")).execute(&mut c).await.unwrap();
+            sqlx::raw_sql(insert).execute(&mut c).await.unwrap();
+        } else {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::raw_sql(include_str!("../migrations/postgres/0001_results.sql")).execute(&mut c).await.unwrap();
+            sqlx::raw_sql(insert).execute(&mut c).await.unwrap();
+        }
+    }
+    let shards = ShardSet::open(&urls, ShardStrategy::Jump, Duration::from_secs(3)).unwrap();
+    for i in 0..shards.len() {
+        assert_eq!(shards.count(i).await.unwrap(), (1, 1), "shard {i}: the old row is kept");
+        assert_eq!(shards.upsert(i, &[&globex]).await.unwrap(), 1, "shard {i}: globex's job of the same id lands");
+        assert_eq!(shards.upsert(i, &[&acme, &globex]).await.unwrap(), 0, "shard {i}: replays write nothing");
+        assert_eq!(shards.count(i).await.unwrap(), (2, 1), "shard {i}: two rows, one job id");
+    }
+    shards.close().await;
+    let analytics = Analytics::new(Sources { lake: None, shards: urls.clone() }, limits()).unwrap();
+    for (tenant, status) in [("acme", "succeeded"), ("globex", "failed")] {
+        let rows = analytics
+            .query("SELECT status FROM shards WHERE job_id = 'same-id'", &Scope::Tenant(tenant.into()))
+            .await
+            .unwrap();
+        let got = rows.to_json_rows().unwrap();
+        assert_eq!(got.as_array().unwrap().len(), urls.len(), "{tenant}: {got}");
+        assert!(got.as_array().unwrap().iter().all(|r| r["status"] == status), "{tenant}: {got}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

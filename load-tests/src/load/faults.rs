@@ -411,14 +411,16 @@ pub async fn audit(deployment: &Deployment, tag: &str, finished: &[String], limi
     }))
 }
 
-/// `GET /v1/jobs/{id}` for every finished job: how many the store answers
-/// with a terminal record, and the ids it does not.
+/// `GET /v1/jobs/{id}?tenant=` for every finished job (job ids are per
+/// tenant): how many the store answers with a terminal record, and the ids
+/// it does not.
 async fn store_records(http: &str, ids: &[String]) -> anyhow::Result<Value> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
     let slots = Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = tokio::task::JoinSet::new();
     for id in ids {
-        let (client, url, slots, id) = (client.clone(), format!("{http}/v1/jobs/{id}"), slots.clone(), id.clone());
+        let (client, url, slots, id) =
+            (client.clone(), format!("{http}/v1/jobs/{id}?tenant={}", super::TENANT), slots.clone(), id.clone());
         tasks.spawn(async move {
             let _slot = slots.acquire_owned().await.expect("never closed");
             let got: Result<Value, reqwest::Error> = async { client.get(&url).send().await?.json().await }.await;

@@ -203,7 +203,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<bool> {
     match scenario {
         Scenario::Steady { common, rate, duration } => {
             ensure!(rate > 0.0 && duration > 0.0, "--rate and --duration must be positive");
-            let streams = vec![one("load", vec![Phase { name: "steady".into(), secs: duration, rate }])];
+            let streams = vec![one(TENANT, vec![Phase { name: "steady".into(), secs: duration, rate }])];
             execute(
                 "steady",
                 &common,
@@ -232,7 +232,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             let recorded = steps.clone();
             let plan_phases = phases.clone();
             let during = move |run: Arc<Run>| judge_steps(run, plan_phases, p99_ms, recorded);
-            execute("capacity", &common, vec![one("load", phases)], unlimited(), during, move |plan, book| {
+            execute("capacity", &common, vec![one(TENANT, phases)], unlimited(), during, move |plan, book| {
                 let steps = steps.lock().expect("steps").clone();
                 let held: Vec<f64> =
                     steps.iter().take_while(|s| s["held"] == true).filter_map(|s| s["rate"].as_f64()).collect();
@@ -257,7 +257,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             execute(
                 "spike",
                 &common,
-                vec![one("load", phases)],
+                vec![one(TENANT, phases)],
                 unlimited(),
                 |_| async {},
                 move |plan, book| {
@@ -399,7 +399,7 @@ async fn run_faults(
         let v = faults::verdict(book, &verdict_phases, &injected, &crashes, &audit, basic_verdict(plan, book));
         (v, Vec::new())
     };
-    let streams = vec![one("load", phases)];
+    let streams = vec![one(TENANT, phases)];
     let outcome = execute_on("faults", &common, &out, target, streams, during, verdict).await;
     match Arc::try_unwrap(deployment) {
         Ok(d) => {
@@ -452,6 +452,9 @@ async fn faults_then_audit(
         *a.lock().expect("audit") = Some(result);
     }
 }
+
+/// The tenant of the scenarios' jobs (but `tenants`'s two).
+pub(crate) const TENANT: &str = "load";
 
 fn one(tenant: &str, phases: Vec<Phase>) -> Stream {
     Stream { tenant: tenant.into(), api_key: None, phases }

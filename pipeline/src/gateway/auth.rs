@@ -41,6 +41,26 @@ impl Caller {
     pub fn may_see(&self, tenant: &str) -> bool {
         self.tenant.as_deref().is_none_or(|t| t == tenant)
     }
+
+    /// The tenant a request acts for: the API key's (a `tenant` the request
+    /// names must be the same: 403 `tenant_mismatch` otherwise), or in open
+    /// mode the one it names, else `default`. Job ids are per tenant, so
+    /// this picks whose job `/v1/jobs/{id}` means.
+    pub fn acting_for(&self, named: Option<String>, default: &str) -> Result<String, ApiError> {
+        match (&self.tenant, named) {
+            (Some(own), Some(named)) if *own != named => Err(ApiError::TenantMismatch { given: named }),
+            (Some(own), _) => Ok(own.clone()),
+            (None, Some(named)) if !sluice_schemas::valid_tenant(&named) => Err(ApiError::Invalid {
+                code: sluice_schemas::ErrorCode::SchemaViolation,
+                message: format!(
+                    "tenant: {named:?} is not 1 to {} characters of A-Z a-z 0-9 . _ -",
+                    sluice_schemas::limits::TENANT_CHARS
+                ),
+            }),
+            (None, Some(named)) => Ok(named),
+            (None, None) => Ok(default.to_owned()),
+        }
+    }
 }
 
 /// Hex SHA-256 of a key, as configured.
@@ -100,11 +120,17 @@ mod tests {
         let caller = keys.authenticate(&h).unwrap();
         assert_eq!(caller.tenant.as_deref(), Some("acme"));
         assert!(caller.may_see("acme") && !caller.may_see("other"));
+        assert_eq!(caller.acting_for(None, "dflt").unwrap(), "acme");
+        assert_eq!(caller.acting_for(Some("acme".into()), "dflt").unwrap(), "acme");
+        assert!(matches!(caller.acting_for(Some("other".into()), "dflt"), Err(ApiError::TenantMismatch { .. })));
         let mut h = HeaderMap::new();
         h.insert("x-api-key", "s3cret".parse().unwrap());
         assert!(keys.authenticate(&h).is_ok());
 
         let open = ApiKeys::new(&[]).authenticate(&HeaderMap::new()).unwrap();
         assert!(open.may_see("anyone"));
+        assert_eq!(open.acting_for(None, "dflt").unwrap(), "dflt");
+        assert_eq!(open.acting_for(Some("globex".into()), "dflt").unwrap(), "globex");
+        assert!(matches!(open.acting_for(Some("a/b".into()), "dflt"), Err(ApiError::Invalid { .. })));
     }
 }

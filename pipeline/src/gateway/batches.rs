@@ -269,7 +269,7 @@ pub(super) async fn status(
     let ids: Vec<String> = doc.lines.iter().map(|l| l.job_id.clone()).collect();
     let mut counts: BTreeMap<&str, usize> = JobStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
     let mut missing = 0;
-    for r in gw.store.get_many(&ids).await? {
+    for r in gw.store.get_many(&doc.tenant, &ids).await? {
         match r {
             Some(r) => *counts.entry(r.status.as_str()).or_default() += 1,
             None => missing += 1,
@@ -314,6 +314,7 @@ pub(super) async fn results(
 ) -> Result<Response, ApiError> {
     let doc = load(&gw, &headers_in, &id).await?;
     let store = gw.store.clone();
+    let tenant = doc.tenant.clone();
     let chunks: Vec<Vec<Line>> = {
         let mut lines = doc.lines.into_iter().peekable();
         let mut out = Vec::new();
@@ -323,10 +324,10 @@ pub(super) async fn results(
         out
     };
     let body = stream::iter(chunks).then(move |chunk| {
-        let store = store.clone();
+        let (store, tenant) = (store.clone(), tenant.clone());
         async move {
             let ids: Vec<String> = chunk.iter().map(|l| l.job_id.clone()).collect();
-            let records = store.get_many(&ids).await.map_err(std::io::Error::other)?;
+            let records = store.get_many(&tenant, &ids).await.map_err(std::io::Error::other)?;
             let mut out = String::new();
             for (line, record) in chunk.iter().zip(records) {
                 let mut v = json!({"custom_id": line.custom_id, "job_id": line.job_id});

@@ -202,11 +202,13 @@ impl Gateway {
         caller: &Caller,
         traceparent: Option<&[u8]>,
     ) -> Result<(bool, Value), ApiError> {
-        let poll_url = format!("/v1/jobs/{}", req.job_id);
-        if let Some(existing) = self.store.get(&req.job_id).await? {
-            if !caller.may_see(&existing.tenant) || existing.tenant != req.tenant {
-                return Err(ApiError::JobIdInUse(req.job_id.clone()));
-            }
+        // Job ids are per tenant: in open mode a job of another tenant than
+        // the default one is read with `?tenant=`.
+        let poll_url = match &caller.tenant {
+            None if req.tenant != self.cfg.default_tenant => format!("/v1/jobs/{}?tenant={}", req.job_id, req.tenant),
+            _ => format!("/v1/jobs/{}", req.job_id),
+        };
+        if let Some(existing) = self.store.get(&req.tenant, &req.job_id).await? {
             let mut body = serde_json::to_value(&existing).expect("JobResult serialises. This is a bug.");
             body["poll_url"] = json!(poll_url);
             return Ok((false, body));
@@ -220,15 +222,8 @@ impl Gateway {
         // Nothing is written before this succeeds: a client may retry the id.
         self.producer.send(&topic, Some(req.job_id.as_bytes()), &payload, &hdrs).await?;
         match self.store.create(&JobResult::queued(req)).await {
-            Ok(Create::Created) => {}
-            // Another tenant's job took the id since the read: that job is
-            // untouched, and the worker dead-letters this record
-            // (`tenant_mismatch`).
-            Ok(Create::Exists(other)) if other.tenant != req.tenant => {
-                return Err(ApiError::JobIdInUse(req.job_id.clone()));
-            }
             // The worker, or a retry of the same submission, wrote first.
-            Ok(Create::Exists(_)) => {}
+            Ok(Create::Created | Create::Exists(_)) => {}
             // The job is in Kafka and will run; its first record is the worker's.
             Err(e) => tracing::warn!(job_id = %req.job_id, error = %e, "job accepted without its queued record"),
         }
@@ -248,6 +243,21 @@ pub(super) struct ReadQuery {
     /// `gateway.max_wait_secs`).
     #[param(minimum = 0, maximum = 3600)]
     wait: Option<f64>,
+    /// Whose job: job ids are per tenant. Open mode only (default
+    /// `gateway.default_tenant`); with an API key it may only name the
+    /// key's tenant.
+    #[param(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+    tenant: Option<String>,
+}
+
+/// The query of `DELETE /v1/jobs/{id}`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CancelQuery {
+    /// Whose job, as for `GET /v1/jobs/{id}`.
+    #[param(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+    tenant: Option<String>,
 }
 
 /// The `{id}` of `/v1/jobs/{id}`: an unknown or malformed id is a 404.
@@ -273,6 +283,7 @@ pub(super) struct JobId {
     responses(
         (status = 200, body = JobResult, description = "The job's record"),
         (status = 401, response = E401),
+        (status = 403, response = E403),
         (status = 404, response = E404),
         (status = 422, response = E422),
         (status = 429, response = E429),
@@ -299,16 +310,18 @@ pub(super) async fn read(
         });
     }
     let wait = Duration::from_secs_f64(wait).min(gw.cfg.max_wait);
+    let tenant = caller.acting_for(q.tenant, &gw.cfg.default_tenant)?;
     if !valid_job_id(&id) {
         return Err(ApiError::NotFound(id));
     }
+    let key = topics::job_key(&tenant, &id);
     // Register before reading, so a completion between the two is not
     // missed. The slot is freed when `waiter` is dropped, on every way out
     // (an answer, a store error, the client going away).
     let waiter = if wait.is_zero() {
         None
     } else {
-        Some(Waiters::register(&gw.waiters, &id, caller.tenant.as_deref()).map_err(|full| match full {
+        Some(Waiters::register(&gw.waiters, &key, caller.tenant.as_deref()).map_err(|full| match full {
             Full::Total => ApiError::Overloaded {
                 why: "too many long-polls in progress".into(),
                 retry_after: Duration::from_secs(1),
@@ -316,8 +329,8 @@ pub(super) async fn read(
             Full::Tenant(tenant) => ApiError::RateLimited { tenant, retry_after: Duration::from_secs(1) },
         })?)
     };
-    let visible = |r: Option<JobResult>| r.filter(|r| caller.may_see(&r.tenant));
-    let record = visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
+    let found = |r: Option<JobResult>| r.ok_or_else(|| ApiError::NotFound(id.clone()));
+    let record = found(gw.store.get(&tenant, &id).await?);
     let Some(mut waiter) = waiter else { return record.map(Json) };
     let rx = waiter.rx.take().expect("a new waiter holds its receiver");
     let finished = |r: &Result<JobResult, ApiError>| matches!(r, Ok(r) if r.status.is_terminal());
@@ -328,21 +341,20 @@ pub(super) async fn read(
         r if !finished(&r) => {
             // Woken by the job's completion notice; notices are best effort,
             // so the store is also read again every RECHECK.
+            // Only this tenant's job wakes it: the notice names the job key.
             let deadline = tokio::time::Instant::now() + wait;
             tokio::pin!(rx);
+            let mut woken = false;
             loop {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let woken = tokio::time::timeout(left.min(RECHECK), &mut rx).await.is_ok();
-                let now = visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
+                if woken {
+                    tokio::time::sleep(left.min(RECHECK)).await;
+                } else {
+                    woken = tokio::time::timeout(left.min(RECHECK), &mut rx).await.is_ok();
+                }
+                let now = found(gw.store.get(&tenant, &id).await?);
                 if finished(&now) || left <= RECHECK {
                     break now;
-                }
-                if woken {
-                    // Finished, but not visible to this caller (another
-                    // tenant's id): answer when the wait ends, as for an
-                    // unknown id, so the timing tells nothing.
-                    tokio::time::sleep_until(deadline).await;
-                    break visible(gw.store.get(&id).await?).ok_or_else(|| ApiError::NotFound(id.clone()));
                 }
             }
         }
@@ -359,12 +371,14 @@ pub(super) async fn read(
     tag = "jobs",
     operation_id = "cancelJob",
     summary = "Cancel a job that has not finished",
-    params(JobId),
+    params(JobId, CancelQuery),
     responses(
         (status = 200, body = JobResult, description = "Cancelled: the job's record"),
         (status = 401, response = E401),
+        (status = 403, response = E403),
         (status = 404, response = E404),
         (status = 409, response = E409),
+        (status = 422, response = E422),
         (status = 500, response = E500),
         (status = 503, response = E503),
     ),
@@ -373,16 +387,18 @@ pub(super) async fn cancel(
     State(gw): State<Gateway>,
     headers_in: HeaderMap,
     Path(JobId { id }): Path<JobId>,
+    query: Result<Query<CancelQuery>, QueryRejection>,
 ) -> Result<Json<JobResult>, ApiError> {
     let caller = gw.keys.authenticate(&headers_in)?;
+    let Query(q) = query.map_err(|e| ApiError::Invalid {
+        code: ErrorCode::SchemaViolation,
+        message: format!("query: {}", e.body_text()),
+    })?;
+    let tenant = caller.acting_for(q.tenant, &gw.cfg.default_tenant)?;
     if !valid_job_id(&id) {
         return Err(ApiError::NotFound(id));
     }
-    match gw.store.get(&id).await? {
-        Some(r) if caller.may_see(&r.tenant) => {}
-        _ => return Err(ApiError::NotFound(id)),
-    }
-    match gw.store.cancel(&id).await? {
+    match gw.store.cancel(&tenant, &id).await? {
         Cancel::Cancelled(record) => {
             metrics::counter!(sluice_schemas::metrics::JOBS_CANCELLED.name, "model" => record.model.clone())
                 .increment(1);
@@ -402,6 +418,7 @@ type Entry = (u64, Option<String>, oneshot::Sender<()>);
 
 #[derive(Default)]
 struct Registry {
+    /// By job key (`<tenant>/<job_id>`), as completion notices name jobs.
     by_id: HashMap<String, Vec<Entry>>,
     total: usize,
     /// Long-polls by the tenant of their API key (none in open mode).
@@ -471,7 +488,7 @@ impl Waiters {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a long-poll for `id` by a caller of `tenant` (`None`: open
+    /// Registers a long-poll for `id` (a job key) by a caller of `tenant` (`None`: open
     /// mode), unless the total or the tenant's bound is reached.
     fn register(this: &Arc<Waiters>, id: &str, tenant: Option<&str>) -> Result<Waiter, Full> {
         let mut g = this.lock();

@@ -345,8 +345,9 @@ async fn a_stalled_batch_upload_is_cut_off_and_uploads_are_bounded() {
 /// A job is recorded only once its topic holds it: a client that hangs up
 /// while the produce waits, or a produce that fails, leaves no record (a
 /// retry of the id is a new submission, not a `queued` job that never runs).
-/// Once Kafka has it, the job is `queued`, a retry answers its record, and
-/// another tenant cannot take the id.
+/// Once Kafka has it, the job is `queued` and a retry answers its record.
+/// Another tenant's job of the same id is another job (issue 10, item 12):
+/// accepted as new, and acme's is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_is_recorded_only_once_its_topic_holds_it() {
     use crate::kafka::{EmbeddedBroker, Producer};
@@ -372,11 +373,11 @@ async fn a_job_is_recorded_only_once_its_topic_holds_it() {
     let j1 = job("j1", "acme");
     let hung_up = tokio::time::timeout(Duration::from_millis(200), nowhere.accept(&j1, &acme, None));
     assert!(hung_up.await.is_err(), "the produce cannot finish without a broker");
-    assert!(store.get("j1").await.expect("the store answers").is_none(), "nothing recorded for j1");
+    assert!(store.get("acme", "j1").await.expect("the store answers").is_none(), "nothing recorded for j1");
     // The produce times out: an error, and still nothing recorded.
     let failing = gateway(Producer::new("127.0.0.1:1", "t", Duration::from_millis(300)).expect("a producer"));
     assert!(failing.accept(&job("j1", "acme"), &acme, None).await.is_err());
-    assert!(store.get("j1").await.expect("the store answers").is_none(), "nothing recorded for j1");
+    assert!(store.get("acme", "j1").await.expect("the store answers").is_none(), "nothing recorded for j1");
 
     let broker = EmbeddedBroker::start().expect("the embedded broker starts");
     let topic = sluice_schemas::topics::jobs(&cfg.gateway().topic_prefix, "m");
@@ -384,13 +385,20 @@ async fn a_job_is_recorded_only_once_its_topic_holds_it() {
     let working = gateway(Producer::new(broker.bootstrap(), "t", Duration::from_secs(10)).expect("a producer"));
     let (created, body) = working.accept(&job("j1", "acme"), &acme, None).await.expect("accepted");
     assert!(created, "{body}");
-    let stored = store.get("j1").await.expect("the store answers").expect("recorded once produced");
+    let stored = store.get("acme", "j1").await.expect("the store answers").expect("recorded once produced");
     assert_eq!((stored.status, stored.tenant.as_str()), (sluice_schemas::JobStatus::Queued, "acme"));
     let (created, body) = working.accept(&job("j1", "acme"), &acme, None).await.expect("answered");
     assert!(!created && body["status"] == "queued", "a retry gets the record: {body}");
     let globex = Caller { tenant: Some("globex".into()) };
-    let taken = working.accept(&job("j1", "globex"), &globex, None).await;
-    assert!(matches!(taken, Err(ApiError::JobIdInUse(_))), "{:?}", taken.map(|(_, b)| b));
-    let held = store.get("j1").await.expect("the store answers").expect("still there");
+    let (created, body) = working.accept(&job("j1", "globex"), &globex, None).await.expect("accepted");
+    assert!(created && body["poll_url"] == "/v1/jobs/j1", "globex's own new job: {body}");
+    let held = store.get("acme", "j1").await.expect("the store answers").expect("still there");
     assert_eq!(held.tenant, "acme");
+    let theirs = store.get("globex", "j1").await.expect("the store answers").expect("recorded");
+    assert_eq!((theirs.status, theirs.tenant.as_str()), (sluice_schemas::JobStatus::Queued, "globex"));
+    // In open mode, a job of another tenant than the default one is polled
+    // with `?tenant=`.
+    let open = Caller { tenant: None };
+    let (_, body) = working.accept(&job("j2", "globex"), &open, None).await.expect("accepted");
+    assert_eq!(body["poll_url"], "/v1/jobs/j2?tenant=globex");
 }

@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sluice_schemas::topics::job_key;
 use sluice_schemas::{JobResult, Output};
 use tokio::sync::{broadcast, mpsc};
 
@@ -27,8 +28,9 @@ pub struct MemoryStore {
 }
 
 struct MemoryInner {
+    /// By [`job_key`]: `<tenant>/<job_id>`.
     records: HashMap<String, Entry>,
-    /// Insertion order for eviction: (job id, the entry's `seq`). An id whose
+    /// Insertion order for eviction: (job key, the entry's `seq`). A key whose
     /// record expired and was written again appears twice; the stale entry
     /// is recognised by its `seq` and skipped.
     order: VecDeque<(String, u64)>,
@@ -63,7 +65,7 @@ impl MemoryStore {
     pub(super) fn put(&self, record: &JobResult) -> Put {
         let put = self.put_locked(&mut self.lock(), record);
         if put == Put::Written && record.status.is_terminal() {
-            self.notify(Channel::Done, &record.job_id);
+            self.notify(Channel::Done, &job_key(&record.tenant, &record.job_id));
         }
         put
     }
@@ -71,11 +73,9 @@ impl MemoryStore {
     fn put_locked(&self, g: &mut MemoryInner, record: &JobResult) -> Put {
         let now = Instant::now();
         let expires = now + self.ttl;
-        match g.records.get_mut(&record.job_id) {
+        let key = job_key(&record.tenant, &record.job_id);
+        match g.records.get_mut(&key) {
             Some(e) if e.expires > now => {
-                if e.record.tenant != record.tenant {
-                    return Put::Foreign;
-                }
                 if !e.record.status.may_become(record.status) {
                     return Put::Kept(e.record.status);
                 }
@@ -86,9 +86,8 @@ impl MemoryStore {
             _ => {
                 let seq = g.next_seq;
                 g.next_seq += 1;
-                g.records
-                    .insert(record.job_id.clone(), Entry { record: record.clone(), published: false, expires, seq });
-                g.order.push_back((record.job_id.clone(), seq));
+                g.records.insert(key.clone(), Entry { record: record.clone(), published: false, expires, seq });
+                g.order.push_back((key, seq));
             }
         }
         // Evict from the oldest end: past capacity, expired, or stale.
@@ -109,13 +108,14 @@ impl MemoryStore {
         Put::Written
     }
 
-    pub(super) fn get_meta(&self, job_id: &str) -> Option<(JobResult, bool)> {
+    /// The record under `key` (a [`job_key`]).
+    pub(super) fn get_meta(&self, key: &str) -> Option<(JobResult, bool)> {
         let g = self.lock();
-        g.records.get(job_id).filter(|e| e.expires > Instant::now()).map(|e| (e.record.clone(), e.published))
+        g.records.get(key).filter(|e| e.expires > Instant::now()).map(|e| (e.record.clone(), e.published))
     }
 
-    pub(super) fn mark_published(&self, job_id: &str) {
-        if let Some(e) = self.lock().records.get_mut(job_id) {
+    pub(super) fn mark_published(&self, key: &str) {
+        if let Some(e) = self.lock().records.get_mut(key) {
             e.published = true;
         }
     }
@@ -127,13 +127,14 @@ impl MemoryStore {
         }
     }
 
-    pub(super) fn notify(&self, channel: Channel, job_id: &str) {
-        let _ = self.sender(channel).send(job_id.to_owned());
+    pub(super) fn notify(&self, channel: Channel, key: &str) {
+        let _ = self.sender(channel).send(key.to_owned());
     }
 
     pub(super) fn create(&self, record: &JobResult) -> Create {
         let mut g = self.lock();
-        if let Some(e) = g.records.get(&record.job_id).filter(|e| e.expires > Instant::now()) {
+        if let Some(e) = g.records.get(&job_key(&record.tenant, &record.job_id)).filter(|e| e.expires > Instant::now())
+        {
             return Create::Exists(Box::new(e.record.clone()));
         }
         self.put_locked(&mut g, record);
@@ -251,25 +252,38 @@ mod tests {
         }
         let g = s.lock();
         assert_eq!(g.records.len(), 3);
-        assert!(g.records.contains_key("j9") && !g.records.contains_key("j0"));
+        assert!(g.records.contains_key("t/j9") && !g.records.contains_key("t/j0"));
         assert!(g.order.len() <= 3);
         drop(g);
         let failed =
             JobResult::failed("j9".into(), "t".into(), "m".into(), ErrorCode::Internal, "x".into(), chrono::Utc::now());
         assert_eq!(s.put(&failed), Put::Written);
-        assert_eq!(s.get_meta("j9").unwrap().0.status, JobStatus::Failed);
+        assert_eq!(s.get_meta("t/j9").unwrap().0.status, JobStatus::Failed);
+    }
+
+    #[test]
+    fn two_tenants_hold_one_job_id_apart() {
+        let s = MemoryStore::new(&cfg(10));
+        let mine = record("same", JobStatus::Succeeded);
+        let mut theirs = record("same", JobStatus::Running);
+        theirs.tenant = "u".into();
+        assert_eq!(s.put(&mine), Put::Written);
+        assert_eq!(s.put(&theirs), Put::Written, "another tenant's id is another job");
+        assert_eq!(s.get_meta("t/same").unwrap().0.status, JobStatus::Succeeded);
+        assert_eq!(s.get_meta("u/same").unwrap().0.status, JobStatus::Running);
+        assert_eq!(s.create(&theirs), Create::Exists(Box::new(theirs.clone())));
     }
 
     #[test]
     fn published_flag_resets_on_every_write() {
         let s = MemoryStore::new(&cfg(10));
         s.put(&record("p", JobStatus::Running));
-        s.mark_published("p");
-        assert!(s.get_meta("p").unwrap().1);
+        s.mark_published("t/p");
+        assert!(s.get_meta("t/p").unwrap().1);
         let mut done = record("p", JobStatus::Succeeded);
         done.output = Some(Output::Embedding(vec![1.0]));
         s.put(&done);
-        assert!(!s.get_meta("p").unwrap().1, "the terminal record is not published yet");
+        assert!(!s.get_meta("t/p").unwrap().1, "the terminal record is not published yet");
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! Two back ends behind one type: Redis (`redis` crate, `ConnectionManager`)
 //! for real deployments and a bounded in-process map for `sluice up`.
 //!
+//! A job is named by its tenant and its id together
+//! ([`sluice_schemas::topics::job_key`]): job ids are the caller's, and two
+//! tenants that use the same one hold two jobs that never meet.
+//!
 //! Both enforce the job lifecycle on write: [`Store::put`] only replaces a
 //! record when [`JobStatus::may_become`] allows it, atomically (a Lua script
 //! in Redis, a mutex in memory). A finished job is therefore never changed,
@@ -21,6 +25,7 @@ mod redis;
 
 use std::time::Duration;
 
+use sluice_schemas::topics::job_key;
 use sluice_schemas::{JobResult, JobStatus, Output};
 use tokio::sync::mpsc;
 
@@ -51,9 +56,6 @@ pub enum Put {
     /// The stored record is in this status and may not become the new one;
     /// nothing was written.
     Kept(JobStatus),
-    /// The job belongs to another tenant (its owner is fixed by its first
-    /// write); nothing was written.
-    Foreign,
 }
 
 /// Outcome of [`Store::create`].
@@ -61,14 +63,14 @@ pub enum Put {
 pub enum Create {
     /// The record was written: a new job.
     Created,
-    /// A job with this id exists already; this is its record.
+    /// The tenant has a job with this id already; this is its record.
     Exists(Box<JobResult>),
 }
 
 /// Notices a subscriber has not looked at yet, per subscription: newer ones
 /// are dropped beyond this (notices are best effort; readers re-read the
 /// store). Sized for bursts: one script call of the Redis writer can finish
-/// 512 jobs at once. At most ~1 MiB of job ids.
+/// 512 jobs at once. At most ~4 MiB of job keys.
 const NOTICE_BUFFER: usize = 16_384;
 
 /// Notification channels.
@@ -151,25 +153,28 @@ impl Store {
         }
     }
 
-    /// The record of `job_id`, if it exists and has not expired.
-    pub async fn get(&self, job_id: &str) -> Result<Option<JobResult>, StoreError> {
-        Ok(self.get_meta(job_id).await?.map(|(r, _)| r))
+    /// The record of `tenant`'s job `job_id`, if it exists and has not expired.
+    pub async fn get(&self, tenant: &str, job_id: &str) -> Result<Option<JobResult>, StoreError> {
+        Ok(self.get_meta(tenant, job_id).await?.map(|(r, _)| r))
     }
 
-    /// The record of `job_id` and whether its terminal version was published.
-    pub async fn get_meta(&self, job_id: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
+    /// The record of `tenant`'s job `job_id` and whether its terminal
+    /// version was published.
+    pub async fn get_meta(&self, tenant: &str, job_id: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
+        let key = job_key(tenant, job_id);
         match self {
-            Store::Redis(r) => r.get_meta(job_id).await,
-            Store::Memory(m) => Ok(m.get_meta(job_id)),
+            Store::Redis(r) => r.get_meta(&key).await,
+            Store::Memory(m) => Ok(m.get_meta(&key)),
         }
     }
 
     /// Notes that the record's terminal version is on the results topic.
-    pub async fn mark_published(&self, job_id: &str) -> Result<(), StoreError> {
+    pub async fn mark_published(&self, tenant: &str, job_id: &str) -> Result<(), StoreError> {
+        let key = job_key(tenant, job_id);
         match self {
-            Store::Redis(r) => r.mark_published(job_id).await,
+            Store::Redis(r) => r.mark_published(&key).await,
             Store::Memory(m) => {
-                m.mark_published(job_id);
+                m.mark_published(&key);
                 Ok(())
             }
         }
@@ -185,11 +190,13 @@ impl Store {
         }
     }
 
-    /// The records of `job_ids`, in order (`None` where there is none).
-    pub async fn get_many(&self, job_ids: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
+    /// The records of `tenant`'s jobs `job_ids`, in order (`None` where
+    /// there is none).
+    pub async fn get_many(&self, tenant: &str, job_ids: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
+        let keys: Vec<String> = job_ids.iter().map(|id| job_key(tenant, id)).collect();
         match self {
-            Store::Redis(r) => r.get_many(job_ids).await,
-            Store::Memory(m) => Ok(job_ids.iter().map(|id| m.get_meta(id).map(|(r, _)| r)).collect()),
+            Store::Redis(r) => r.get_many(&keys).await,
+            Store::Memory(m) => Ok(keys.iter().map(|k| m.get_meta(k).map(|(r, _)| r)).collect()),
         }
     }
 
@@ -212,17 +219,18 @@ impl Store {
         }
     }
 
-    /// Job ids that reach a terminal status from now on (best effort, like
-    /// [`Store::cancellations`]; readers re-read the store).
+    /// Jobs that reach a terminal status from now on, by
+    /// [`job_key`] (best effort, like [`Store::cancellations`]; readers
+    /// re-read the store).
     pub fn completions(&self) -> mpsc::Receiver<String> {
         self.subscribe(Channel::Done)
     }
 
-    async fn notify(&self, channel: Channel, job_id: &str) -> Result<(), StoreError> {
+    async fn notify(&self, channel: Channel, key: &str) -> Result<(), StoreError> {
         match self {
-            Store::Redis(r) => r.notify(channel, job_id).await,
+            Store::Redis(r) => r.notify(channel, key).await,
             Store::Memory(m) => {
-                m.notify(channel, job_id);
+                m.notify(channel, key);
                 Ok(())
             }
         }
@@ -236,9 +244,9 @@ impl Store {
     }
 
     /// Cancels a job that has not finished, and notifies the workers.
-    pub async fn cancel(&self, job_id: &str) -> Result<Cancel, StoreError> {
+    pub async fn cancel(&self, tenant: &str, job_id: &str) -> Result<Cancel, StoreError> {
         for _ in 0..3 {
-            let Some(current) = self.get(job_id).await? else { return Ok(Cancel::NotFound) };
+            let Some(current) = self.get(tenant, job_id).await? else { return Ok(Cancel::NotFound) };
             if current.status.is_terminal() {
                 return Ok(Cancel::Finished(current));
             }
@@ -246,18 +254,18 @@ impl Store {
             cancelled.status = JobStatus::Cancelled;
             cancelled.finished_at = Some(chrono::Utc::now());
             if self.put(&cancelled).await? == Put::Written {
-                self.notify(Channel::Cancel, job_id).await?;
+                self.notify(Channel::Cancel, &job_key(tenant, job_id)).await?;
                 return Ok(Cancel::Cancelled(cancelled));
             }
             // It finished (or changed) under us: look again.
         }
-        match self.get(job_id).await? {
+        match self.get(tenant, job_id).await? {
             Some(r) => Ok(Cancel::Finished(r)),
             None => Ok(Cancel::NotFound),
         }
     }
 
-    /// Job ids cancelled from now on, as they are cancelled. Best effort: a
+    /// Jobs cancelled from now on, by [`job_key`], as they are cancelled. Best effort: a
     /// missed notice only means the job runs, and its result is then
     /// refused by the store because the job is already cancelled.
     pub fn cancellations(&self) -> mpsc::Receiver<String> {

@@ -1,10 +1,11 @@
-//! The Redis store: job records as hashes (`<prefix>job:<id>`), a Lua
-//! script per conditional write, pub/sub channels for notices.
+//! The Redis store: job records as hashes (`<prefix>job:<tenant>/<job_id>`),
+//! a Lua script per conditional write, pub/sub channels for notices.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sluice_schemas::topics::job_key;
 use sluice_schemas::{JobResult, JobStatus, Output};
 use tokio::sync::{mpsc, oneshot};
 
@@ -14,18 +15,16 @@ use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig, StoreError, forbid
 /// the records' keys. ARGV[1]: the lifecycle pairs that may not follow each
 /// other (`|from>to|…|`), ARGV[2]: TTL in ms, ARGV[3]: the completion
 /// channel, ARGV[4]: the terminal statuses (`|a|b|…|`), ARGV[5]: the keys'
-/// prefix before the job id; then four values per key: op, status, record
-/// JSON, tenant.
+/// prefix before the job key; then three values per key: op, status, record
+/// JSON.
 ///
-/// Every record keeps the tenant of its first write (`tenant`); a put or
-/// create by another tenant changes nothing (records written before owners
-/// were kept have none, and take the next writer's).
+/// The key holds the tenant (`<tenant>/<job_id>`), so a write can only ever
+/// reach its own tenant's job.
 ///
 /// - `P` (put): writes the record unless the stored status may not become
-///   the new one or the job is another tenant's; replies `ok`, `!` (another
-///   tenant's), or the stored status. A written record is
+///   the new one; replies `ok` or the stored status. A written record is
 ///   not yet published. Terminal writes are announced on the completion
-///   channel, all of a batch's in one message (ids separated by spaces).
+///   channel, all of a batch's in one message (job keys separated by spaces).
 /// - `C` (create): writes the record only if there is none; replies `ok`,
 ///   or `=` followed by the stored record.
 /// - `M` (mark published): on an existing record only (an expired one stays
@@ -34,17 +33,15 @@ const WRITE_SCRIPT: &str = r#"
 local forbidden, ttl, channel, terminal, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out, done = {}, {}
 for i, key in ipairs(KEYS) do
-  local op, status, record, tenant = ARGV[4 * i + 2], ARGV[4 * i + 3], ARGV[4 * i + 4], ARGV[4 * i + 5]
+  local op, status, record = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
   if op == 'P' then
-    local cur, owner = unpack(redis.call('HMGET', key, 'status', 'tenant'))
-    if owner and owner ~= tenant then
-      out[i] = '!'
-    elseif cur and string.find(forbidden, '|' .. cur .. '>' .. status .. '|', 1, true) then
+    local cur = redis.call('HGET', key, 'status')
+    if cur and string.find(forbidden, '|' .. cur .. '>' .. status .. '|', 1, true) then
       out[i] = cur
     else
       -- No 'published' mark can be there: marks are only set on terminal
       -- records, and a terminal record is never written over.
-      redis.call('HSET', key, 'status', status, 'record', record, 'tenant', tenant)
+      redis.call('HSET', key, 'status', status, 'record', record)
       redis.call('PEXPIRE', key, ttl)
       out[i] = 'ok'
       if string.find(terminal, '|' .. status .. '|', 1, true) then
@@ -56,7 +53,7 @@ for i, key in ipairs(KEYS) do
     if existing then
       out[i] = '=' .. existing
     else
-      redis.call('HSET', key, 'status', status, 'record', record, 'tenant', tenant)
+      redis.call('HSET', key, 'status', status, 'record', record)
       redis.call('PEXPIRE', key, ttl)
       out[i] = 'ok'
     end
@@ -104,17 +101,17 @@ struct Write {
 }
 
 enum Op {
-    Put { status: &'static str, record: String, tenant: String },
-    Create { status: &'static str, record: String, tenant: String },
+    Put { status: &'static str, record: String },
+    Create { status: &'static str, record: String },
     Mark,
 }
 
 impl Op {
-    fn args(&self) -> (&'static str, &'static str, &str, &str) {
+    fn args(&self) -> (&'static str, &'static str, &str) {
         match self {
-            Op::Put { status, record, tenant } => ("P", status, record, tenant),
-            Op::Create { status, record, tenant } => ("C", status, record, tenant),
-            Op::Mark => ("M", "", "", ""),
+            Op::Put { status, record } => ("P", status, record),
+            Op::Create { status, record } => ("C", status, record),
+            Op::Mark => ("M", "", ""),
         }
     }
 
@@ -129,7 +126,7 @@ struct Fixed {
     ttl_ms: u64,
     channel: String,
     terminal: String,
-    /// What precedes the job id in a record's key.
+    /// What precedes the job key in a record's key.
     key_prefix: String,
 }
 
@@ -198,8 +195,8 @@ async fn flush(batch: Vec<Write>, mut conn: ConnectionManager, script: Arc<redis
     let mut call = script.prepare_invoke();
     call.arg(&fixed.forbidden).arg(fixed.ttl_ms).arg(&fixed.channel).arg(&fixed.terminal).arg(&fixed.key_prefix);
     for w in &batch {
-        let (op, status, record, tenant) = w.op.args();
-        call.key(&w.key).arg(op).arg(status).arg(record).arg(tenant);
+        let (op, status, record) = w.op.args();
+        call.key(&w.key).arg(op).arg(status).arg(record);
     }
     let replies: Result<Vec<String>, StoreError> = call.invoke_async(&mut conn).await.map_err(unavailable);
     match replies {
@@ -250,16 +247,18 @@ impl RedisStore {
         Ok(RedisStore { client, conn, writes, ttl_ms, cache_ttl_ms: cfg.cache_ttl.as_millis() as u64, prefix })
     }
 
-    /// Queues one write for the writer and waits for its reply.
-    async fn write(&self, job_id: &str, op: Op) -> Result<String, StoreError> {
+    /// Queues one write of the record under `job` (a job key) for the
+    /// writer and waits for its reply.
+    async fn write(&self, job: &str, op: Op) -> Result<String, StoreError> {
         let (reply, answer) = oneshot::channel();
         let gone = || StoreError::Unavailable("the results store's writer has stopped".into());
-        self.writes.send(Write { key: self.key(job_id), op, reply }).await.map_err(|_| gone())?;
+        self.writes.send(Write { key: self.key(job), op, reply }).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 
-    pub(super) fn key(&self, job_id: &str) -> String {
-        format!("{}job:{job_id}", self.prefix)
+    /// The Redis key of a job key (`<tenant>/<job_id>`).
+    pub(super) fn key(&self, job: &str) -> String {
+        format!("{}job:{job}", self.prefix)
     }
 
     pub(super) fn channel(&self, channel: Channel) -> String {
@@ -270,8 +269,8 @@ impl RedisStore {
         let json = serde_json::to_string(record).expect("JobResult serialises. This is a bug.");
         let reply = self
             .write(
-                &record.job_id,
-                Op::Create { status: record.status.as_str(), record: json, tenant: record.tenant.clone() },
+                &job_key(&record.tenant, &record.job_id),
+                Op::Create { status: record.status.as_str(), record: json },
             )
             .await?;
         match reply.strip_prefix('=') {
@@ -282,10 +281,11 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn get_many(&self, job_ids: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
-        let mut out = Vec::with_capacity(job_ids.len());
+    /// The records under `jobs` (job keys), in order.
+    pub(super) async fn get_many(&self, jobs: &[String]) -> Result<Vec<Option<JobResult>>, StoreError> {
+        let mut out = Vec::with_capacity(jobs.len());
         // Pipelined in chunks: one round trip per 1000 records.
-        for chunk in job_ids.chunks(1000) {
+        for chunk in jobs.chunks(1000) {
             let mut pipe = redis::pipe();
             for id in chunk {
                 pipe.cmd("HGET").arg(self.key(id)).arg("record");
@@ -326,15 +326,10 @@ impl RedisStore {
             None => serde_json::to_string(record).expect("JobResult serialises. This is a bug."),
         };
         let reply = self
-            .write(
-                &record.job_id,
-                Op::Put { status: record.status.as_str(), record: json, tenant: record.tenant.clone() },
-            )
+            .write(&job_key(&record.tenant, &record.job_id), Op::Put { status: record.status.as_str(), record: json })
             .await?;
-        match reply.as_str() {
-            "ok" => return Ok(Put::Written),
-            "!" => return Ok(Put::Foreign),
-            _ => {}
+        if reply == "ok" {
+            return Ok(Put::Written);
         }
         let status = serde_json::from_value(serde_json::Value::String(reply.clone())).map_err(|_| {
             StoreError::Corrupt { job_id: record.job_id.clone(), message: format!("unknown status {reply:?}") }
@@ -342,10 +337,11 @@ impl RedisStore {
         Ok(Put::Kept(status))
     }
 
-    pub(super) async fn get_meta(&self, job_id: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
+    /// The record under `job` (a job key) and its published mark.
+    pub(super) async fn get_meta(&self, job: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
         let mut conn = self.conn.clone();
         let (raw, published): (Option<String>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.key(job_id))
+            .arg(self.key(job))
             .arg("record")
             .arg("published")
             .query_async(&mut conn)
@@ -354,20 +350,20 @@ impl RedisStore {
         raw.map(|s| {
             serde_json::from_str(&s)
                 .map(|r| (r, published.is_some()))
-                .map_err(|e| StoreError::Corrupt { job_id: job_id.to_owned(), message: e.to_string() })
+                .map_err(|e| StoreError::Corrupt { job_id: job.to_owned(), message: e.to_string() })
         })
         .transpose()
     }
 
-    pub(super) async fn mark_published(&self, job_id: &str) -> Result<(), StoreError> {
-        self.write(job_id, Op::Mark).await.map(|_| ())
+    pub(super) async fn mark_published(&self, job: &str) -> Result<(), StoreError> {
+        self.write(job, Op::Mark).await.map(|_| ())
     }
 
-    pub(super) async fn notify(&self, channel: Channel, job_id: &str) -> Result<(), StoreError> {
+    pub(super) async fn notify(&self, channel: Channel, job: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         redis::cmd("PUBLISH")
             .arg(self.channel(channel))
-            .arg(job_id)
+            .arg(job)
             .query_async::<i64>(&mut conn)
             .await
             .map(|_| ())

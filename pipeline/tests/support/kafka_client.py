@@ -2,10 +2,12 @@
 """A Kafka client that is not Sluice (confluent-kafka), for the tests.
 
   produce  --brokers B --topic T [--partition P]   reads JSON lines from stdin:
-           {"key": str|null, "value": str, "headers": {str: str}}; prints
+           {"key": str|null, "value": str, "headers": {str: str}} (or
+           "value_hex" for bytes that are not UTF-8); prints
            one JSON line per record: {"partition": p, "offset": o}
   consume  --brokers B --topic T --count N [--timeout S]
-           prints up to N records as JSON lines {key, value, headers, partition, offset}
+           prints up to N records as JSON lines {key, value, value_hex, headers,
+           partition, offset} (value: UTF-8 with replacements; value_hex: the bytes)
            (reads from the beginning, no consumer group commits)
   committed --brokers B --group G --topic T   prints {"partition": offset, ...}
 """
@@ -38,7 +40,7 @@ def produce(args):
         p.produce(
             args.topic,
             key=None if rec.get("key") is None else rec["key"].encode(),
-            value=rec["value"].encode(),
+            value=bytes.fromhex(rec["value_hex"]) if "value_hex" in rec else rec["value"].encode(),
             headers=[(k, v.encode()) for k, v in rec.get("headers", {}).items()],
             on_delivery=on_delivery,
             **kw,
@@ -70,6 +72,7 @@ def consume(args):
         print(json.dumps({
             "key": None if m.key() is None else m.key().decode(errors="replace"),
             "value": (m.value() or b"").decode(errors="replace"),
+            "value_hex": (m.value() or b"").hex(),
             "headers": {k: (v or b"").decode(errors="replace") for k, v in (m.headers() or [])},
             "partition": m.partition(),
             "offset": m.offset(),
