@@ -10,6 +10,14 @@
            partition, offset} (value: UTF-8 with replacements; value_hex: the bytes)
            (reads from the beginning, no consumer group commits)
   committed --brokers B --group G --topic T   prints {"partition": offset, ...}
+  produce-jobs --brokers B --topic T --tag TAG --count N [--create]
+           N text jobs `TAG-i` of tenant `t` for all-minilm-l6-v2, fast (batched)
+  produce-results --brokers B --topic T --tag TAG --lo A --hi B [--create]
+           synthetic JobResults `TAG-A..B` (5 tenants, 2 models, 1 in 10
+           failed), fast (batched), keyed <tenant>/<job_id> like Sluice's
+  --create makes the topic (4 partitions) first, and with produce-jobs also
+  <prefix>.results and <prefix>.dlq, where the prefix is the topic's up to
+  ".jobs.".
 """
 
 import argparse
@@ -18,6 +26,7 @@ import sys
 import time
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 
 def produce(args):
@@ -110,9 +119,69 @@ def commit(args):
     c.close()
 
 
+def create_topics(brokers, topics):
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for f in admin.create_topics([NewTopic(t, 4, 1) for t in topics]).values():
+        try:
+            f.result()
+        except Exception as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
+                raise
+
+
+def bulk(brokers, topic, records):
+    """Produces (key, value) pairs as fast as the broker takes them: batched
+    (linger), idempotent, one request in flight (tansu 0.6 races on
+    concurrent idempotent batches)."""
+    p = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": True,
+                  "max.in.flight.requests.per.connection": 1})
+    for key, value in records:
+        while True:
+            try:
+                p.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    if p.flush(120) != 0:
+        sys.exit("records left undelivered")
+
+
+def produce_jobs(args):
+    if args.create:
+        prefix = args.topic.split(".jobs.")[0]
+        create_topics(args.brokers, [args.topic, prefix + ".results", prefix + ".dlq"])
+    bulk(args.brokers, args.topic, (
+        (f"{args.tag}-{i}", json.dumps({"job_id": f"{args.tag}-{i}", "tenant": "t", "model": "all-minilm-l6-v2",
+                                        "input": {"text": f"backlog sentence number {i}"}}))
+        for i in range(args.count)))
+
+
+def produce_results(args):
+    if args.create:
+        create_topics(args.brokers, [args.topic])
+    models = ["all-minilm-l6-v2", "logreg-iris"]
+
+    def result(i):
+        ok = i % 10 != 0
+        r = {"job_id": f"{args.tag}-{i}", "tenant": f"tenant-{i % 5}", "model": models[i % 2], "model_version": "1",
+             "status": "succeeded" if ok else "failed",
+             "timings": {"queued_ms": i % 300, "inference_ms": 5 + i % 20, "batch_size": 1 + i % 32,
+                         "input_tokens": 3 + i % 60},
+             "worker_id": "synthetic", "submitted_at": "2026-11-27T10:00:00Z",
+             "finished_at": f"2026-11-27T{10 + i % 3:02d}:00:01Z"}
+        if ok:
+            r["output"] = {"embedding": [0.25, -0.5, i % 7 / 7.0]}
+        else:
+            r["error"] = {"code": "input_too_long", "message": "synthetic failure"}
+        return f"{r['tenant']}/{r['job_id']}", json.dumps(r)
+
+    bulk(args.brokers, args.topic, (result(i) for i in range(args.lo, args.hi)))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["produce", "consume", "committed", "commit"])
+    ap.add_argument("command", choices=["produce", "consume", "committed", "commit", "produce-jobs", "produce-results"])
     ap.add_argument("--brokers", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--partition", type=int)
@@ -120,8 +189,13 @@ def main():
     ap.add_argument("--timeout", type=float, default=30)
     ap.add_argument("--group")
     ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--tag")
+    ap.add_argument("--lo", type=int, default=0)
+    ap.add_argument("--hi", type=int, default=0)
+    ap.add_argument("--create", action="store_true")
     args = ap.parse_args()
-    {"produce": produce, "consume": consume, "committed": committed, "commit": commit}[args.command](args)
+    {"produce": produce, "consume": consume, "committed": committed, "commit": commit,
+     "produce-jobs": produce_jobs, "produce-results": produce_results}[args.command](args)
 
 
 if __name__ == "__main__":
