@@ -298,7 +298,7 @@ impl Sluice {
             http_addr = listener.local_addr().ok();
             let (router, sd) = (ops.router(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = crate::gateway::serve(listener, router, sd).await {
+                if let Err(e) = crate::http::serve(listener, router, sd).await {
                     tracing::error!(error = %e, "ops listener stopped");
                 }
             }));
@@ -325,7 +325,7 @@ impl Sluice {
             let router = gateway.router();
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = crate::gateway::serve(listener, router, sd).await {
+                if let Err(e) = crate::http::serve(listener, router, sd).await {
                     tracing::error!(error = %e, "gateway stopped");
                 }
             }));

@@ -1,9 +1,8 @@
 //! Sluice's stages and their wiring.
 //!
-//! - [`kafka`]: producers, consumer groups, topic creation, the embedded
-//!   broker. The only module that imports `rdkafka`.
-//! - [`store`]: the results store (Redis or in-process). The only module
-//!   that imports `redis`.
+//! - [`kafka`], [`store`], [`retry`], [`shutdown`]: the adapters, from the
+//!   `sluice-adapters` crate (the only crate that depends on `rdkafka` and
+//!   `redis`), re-exported here.
 //! - [`worker`]: consume jobs → inference engine → results, at-least-once.
 //! - [`gateway`]: the REST API (including `POST /v1/sql`).
 //! - [`sinks`]: results topic → Parquet lake and SQL shards, offsets
@@ -16,16 +15,14 @@
 pub mod app;
 pub mod config;
 pub mod gateway;
-pub mod kafka;
+pub mod http;
 mod offsets;
 pub mod ops;
 pub mod publish;
-pub mod retry;
-pub mod shutdown;
 pub mod sinks;
-pub mod store;
 pub mod telemetry;
 pub mod worker;
 
 pub use app::{Role, Sluice, StartError};
 pub use config::Config;
+pub use sluice_adapters::{kafka, retry, shutdown, store};

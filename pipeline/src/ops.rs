@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 use sluice_sql::ShardSet;
 use sluice_workers::{BreakerState, ModelPool};
 
-use crate::gateway::ApiError;
+use crate::http::ApiError;
 use crate::kafka::Producer;
 use crate::store::Store;
 

@@ -10,7 +10,6 @@
 
 mod auth;
 mod batches;
-mod error;
 mod jobs;
 mod limits;
 mod openapi;
@@ -27,16 +26,15 @@ use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_sql::Analytics;
 use sluice_workers::ModelCatalog;
-use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use utoipa::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
+pub use crate::http::ApiError;
 use crate::ops::Ops;
 pub use auth::{ApiKey, hash_key};
-pub use error::ApiError;
 use jobs::Waiters;
 use limits::{Backlog, RateLimits};
 
@@ -262,11 +260,6 @@ impl Gateway {
             ApiError::InvalidJson(e.body_text())
         }
     }
-}
-
-/// Serves `router` on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, router: Router, mut shutdown: Shutdown) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.wait().await }).await
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use sluice_schemas::JobRequest;
 
-use super::error::ErrorBody;
+use crate::http::ErrorBody;
 
 /// Title, description, servers, security and the shared components; the
 /// paths are added by [`super::routes`].

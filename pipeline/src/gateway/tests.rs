@@ -8,6 +8,7 @@ use serde_json::Value;
 use super::*;
 use crate::config::Config;
 use crate::shutdown;
+use tokio::net::TcpListener;
 
 /// `(path, method)` of every operation in `doc`, methods in lower case.
 fn operations(doc: &Value) -> BTreeSet<(String, String)> {
@@ -61,7 +62,7 @@ async fn serve_gateway_over(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let base = format!("http://{}", listener.local_addr().expect("bound"));
     let (trigger, shutdown) = shutdown::channel();
-    let server = tokio::spawn(serve(listener, gateway.router(), shutdown));
+    let server = tokio::spawn(crate::http::serve(listener, gateway.router(), shutdown));
     (base, trigger, server)
 }
 

@@ -1,4 +1,5 @@
-//! The gateway's errors and their one mapping to HTTP.
+//! The HTTP API's errors and their one mapping to HTTP: the only place an
+//! HTTP status or an API error code is chosen.
 
 use std::time::Duration;
 
@@ -61,13 +62,13 @@ pub enum ApiError {
 
 /// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(super) struct ErrorBody {
+pub(crate) struct ErrorBody {
     error: ErrorDetail,
 }
 
 /// What went wrong.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(super) struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     /// Stable and machine-readable (`not_found`, `rate_limited`, ...): see
     /// README's table of statuses and codes.
     code: &'static str,
@@ -81,7 +82,7 @@ fn secs(d: Duration) -> u64 {
 
 impl ApiError {
     /// `(HTTP status, stable code)` — the only place either is decided.
-    pub(super) fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub(crate) fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::EmptyBody(_) | ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -118,7 +119,7 @@ impl ApiError {
     /// have: what README's table and the OpenAPI document are checked
     /// against.
     #[cfg(test)]
-    pub(super) fn examples() -> Vec<ApiError> {
+    pub(crate) fn examples() -> Vec<ApiError> {
         let produce = |retryable| KafkaError::Produce { topic: "t".into(), message: "m".into(), retryable };
         let invalid = |code| ApiError::Invalid { code, message: "m".into() };
         let wait = Duration::from_secs(1);
@@ -188,7 +189,7 @@ impl ApiError {
 
     /// Every HTTP status an `ApiError` answers with.
     #[cfg(test)]
-    pub(super) fn statuses() -> std::collections::BTreeSet<u16> {
+    pub(crate) fn statuses() -> std::collections::BTreeSet<u16> {
         ApiError::examples().iter().map(|e| e.status_and_code().0.as_u16()).collect()
     }
 
