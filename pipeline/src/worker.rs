@@ -42,7 +42,7 @@ use crate::kafka::{Consumer, KafkaError, Producer, RebalanceHooks, Record};
 use crate::offsets::OffsetTracker;
 use crate::retry::{Backoff, GaveUp, Retryable, retry};
 use crate::shutdown::Shutdown;
-use crate::store::{Put, Store};
+use crate::store::{Put, Store, Stored};
 use Unfinished::Abandoned;
 
 /// Settings of one worker.
@@ -223,6 +223,10 @@ enum Unfinished {
     /// help, so the record is dead-lettered with the reason instead of
     /// holding its partition.
     Refused { what: &'static str, error: String },
+    /// The tenant's job under the record's id was made for another request
+    /// (another body): the record is dead-lettered with `job_id_in_use`, and
+    /// that job is unchanged.
+    Reused { tenant: String, job_id: String },
 }
 
 impl Worker {
@@ -423,6 +427,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn reused(record: &JobResult) -> Unfinished {
+    Unfinished::Reused { tenant: record.tenant.clone(), job_id: record.job_id.clone() }
+}
+
 /// What [`Ctx::dead_letter`] calls its send when it is refused.
 const DEAD_LETTER: &str = "dead-letter record";
 
@@ -444,6 +452,17 @@ impl Ctx {
     async fn settle(&self, rec: &Record) -> Result<(), Unfinished> {
         let (what, error) = match self.process(rec).await {
             Err(Unfinished::Refused { what, error }) => (what, error),
+            Err(Unfinished::Reused { tenant, job_id }) => {
+                let message = format!(
+                    "tenant {tenant:?} has a job {job_id:?} for another request (another body); it is unchanged: \
+                     a new request needs a new job_id"
+                );
+                tracing::info!(%message, "dead-lettering record");
+                match self.dead_letter(rec, ErrorCode::JobIdInUse, &message).await {
+                    Err(Unfinished::Refused { what, error }) => (what, error),
+                    other => return other,
+                }
+            }
             done => return done,
         };
         let message = format!("{what} refused for good: {error}");
@@ -487,6 +506,8 @@ impl Ctx {
             Ok(e) => e,
             Err((code, msg)) => return self.reject(rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
         };
+        let digest = req.digest();
+        let digest = Some(digest.as_str());
         let submitted = req.submitted_at.or(rec.timestamp);
         let now = Utc::now();
         let mut record = JobResult::queued(&req);
@@ -494,14 +515,14 @@ impl Ctx {
         record.worker_id = Some(self.cfg.worker_id.clone());
         let expires = req.expires_at(rec.timestamp);
         if expires.is_some_and(|at| at <= now) {
-            return self.finish_job(expired(record, now), started).await;
+            return self.finish_job(expired(record, now), started, digest).await;
         }
 
         let version = engine.model().spec.version.clone();
         record.status = JobStatus::Running;
         record.started_at = Some(now);
         record.model_version = Some(version.clone());
-        if self.cfg.running_after.is_zero() && self.store_running(&record).await? {
+        if self.cfg.running_after.is_zero() && self.store_running(&record, digest).await? {
             return self.publish_stored(&req.tenant, &req.job_id).await;
         }
         self.stages.done(Stage::Started, started);
@@ -521,7 +542,7 @@ impl Ctx {
                 batch_size: 0,
                 input_tokens: 0,
             });
-            return self.finish_job(record, started).await;
+            return self.finish_job(record, started, digest).await;
         }
 
         let inferring = Instant::now();
@@ -545,7 +566,7 @@ impl Ctx {
                 biased;
                 ran = &mut infer => ran?,
                 _ = running_for, if !self.cfg.running_after.is_zero() => {
-                    if self.store_running(&record).await? {
+                    if self.store_running(&record, digest).await? {
                         // Its engine job is dropped unrun.
                         self.cancels.cancel(&topics::job_key(&req.tenant, &req.job_id));
                         return self.publish_stored(&req.tenant, &req.job_id).await;
@@ -580,29 +601,31 @@ impl Ctx {
                     batch_size: out.batch_size,
                     input_tokens: out.input_tokens,
                 });
-                self.finish_job(record, inferred).await
+                self.finish_job(record, inferred, digest).await
             }
             Ran::Failed(code, message) => {
                 record.status = JobStatus::Failed;
                 record.finished_at = Some(Utc::now());
                 record.error = Some(JobError { code, message });
-                self.finish_job(record, inferred).await
+                self.finish_job(record, inferred, digest).await
             }
-            Ran::Expired => self.finish_job(expired(record, Utc::now()), inferred).await,
+            Ran::Expired => self.finish_job(expired(record, Utc::now()), inferred, digest).await,
             Ran::Cancelled => self.publish_stored(&req.tenant, &req.job_id).await,
             Ran::BadInput(code, msg) => self.reject(rec, Some(&req), Some(req.job_id.clone()), code, msg).await,
         }
     }
 
-    /// Stores the `running` record; `true` when the job has finished or
-    /// been cancelled already (a redelivery, or a cancel) and must not run.
-    async fn store_running(&self, record: &JobResult) -> Result<bool, Unfinished> {
-        match self.durably("store running status", || self.store.put(record)).await? {
+    /// Stores the `running` record (for the request with `digest`); `true`
+    /// when the job has finished or been cancelled already (a redelivery,
+    /// or a cancel) and must not run.
+    async fn store_running(&self, record: &JobResult, digest: Option<&str>) -> Result<bool, Unfinished> {
+        match self.durably("store running status", || self.store.put_for(record, None, digest)).await? {
             Put::Written | Put::Kept(JobStatus::Queued | JobStatus::Running) => Ok(false),
             Put::Kept(done) => {
                 tracing::debug!(status = %done, "job already finished");
                 Ok(true)
             }
+            Put::Reused => Err(reused(record)),
         }
     }
 
@@ -700,27 +723,28 @@ impl Ctx {
     }
 
     /// Makes a terminal record durable: results store, results topic, mark.
-    /// `since`: when the stage before storing began (for its timing).
-    async fn finish_job(&self, record: JobResult, since: Instant) -> Result<(), Unfinished> {
+    /// `since`: when the stage before storing began (for its timing);
+    /// `digest`: the request's, when the record is its job's.
+    async fn finish_job(&self, record: JobResult, since: Instant, digest: Option<&str>) -> Result<(), Unfinished> {
         debug_assert!(record.validate().is_ok(), "{:?}", record.validate());
         // Encoded once, for the store and the results topic.
         let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
-        match self.durably("store result", || self.store.put_encoded(&record, &json)).await? {
+        match self.durably("store result", || self.store.put_for(&record, Some(&json), digest)).await? {
             // The store's completion notice has woken long-polls.
             Put::Written => self.publish(&record, &json, self.stages.done(Stage::Stored, since)).await,
             // Someone else finished it first (a cancel, or a redelivery that
             // raced us): their record stands; make sure it is published.
             Put::Kept(_) => self.publish_stored(&record.tenant, &record.job_id).await,
+            Put::Reused => Err(reused(&record)),
         }
     }
 
     /// Publishes the stored terminal record if nobody has yet (a crash
     /// between storing and publishing, or a cancel from the gateway).
     async fn publish_stored(&self, tenant: &str, job_id: &str) -> Result<(), Unfinished> {
-        if let Some((record, published)) =
+        if let Some(Stored { record, published: false, .. }) =
             self.durably("read stored result", || self.store.get_meta(tenant, job_id)).await?
             && record.status.is_terminal()
-            && !published
         {
             let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
             // Stored but not marked: an earlier publish may have reached the topic.
@@ -788,7 +812,13 @@ impl Ctx {
         if let Some(r) = req {
             failed.metadata = r.metadata.clone();
         }
-        self.finish_job(failed, Instant::now()).await
+        // A job of this id made for another request is not failed by this
+        // record, which is dead-lettered already.
+        let digest = req.map(JobRequest::digest);
+        match self.finish_job(failed, Instant::now(), digest.as_deref()).await {
+            Err(Unfinished::Reused { .. }) => Ok(()),
+            done => done,
+        }
     }
 
     /// The record, as it came, on the dead-letter topic with `code` and

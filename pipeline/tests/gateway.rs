@@ -64,6 +64,13 @@ async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_err
             "text model",
         ),
         ("x".repeat(70_000), 413, "payload_too_large", "65536"),
+        // A used id for another request (the same request is answered 200).
+        (
+            json!({"job_id": "client-chosen-1", "model": MODEL, "input": {"text": "another request"}}).to_string(),
+            409,
+            "job_id_in_use",
+            "another of your requests",
+        ),
         // Issue 10, item 14: the rest of the bad-input table (REST).
         ("null".into(), 422, "schema_violation", "expected a JSON object"),
         ("\"text\"".into(), 422, "schema_violation", "expected a JSON object"),

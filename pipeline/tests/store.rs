@@ -105,8 +105,8 @@ async fn concurrent_writes_share_round_trips_and_keep_the_lifecycle() {
     // Every job is stored finished and published, and was announced once.
     let ids: Vec<String> = (0..n).map(|i| format!("job-{i}")).collect();
     for id in &ids {
-        let (r, published) = store.get_meta("t", id).await.unwrap().expect("stored");
-        assert_eq!((r.status, published), (JobStatus::Succeeded, true), "{id}");
+        let stored = store.get_meta("t", id).await.unwrap().expect("stored");
+        assert_eq!((stored.record.status, stored.published), (JobStatus::Succeeded, true), "{id}");
     }
     let mut announced = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -125,11 +125,11 @@ async fn concurrent_writes_share_round_trips_and_keep_the_lifecycle() {
 async fn create_writes_once_and_returns_the_existing_record() {
     let store = store(&unique_prefix("create")).await;
     let queued = record("c-1", JobStatus::Queued);
-    assert_eq!(store.create(&queued).await.unwrap(), Create::Created);
+    assert_eq!(store.create(&queued, "d").await.unwrap(), Create::Created);
     assert_eq!(store.put(&record("c-1", JobStatus::Running)).await.unwrap(), Put::Written);
-    match store.create(&queued).await.unwrap() {
+    match store.create(&queued, "d").await.unwrap() {
         Create::Exists(r) => assert_eq!(r.status, JobStatus::Running, "the stored record, not the new one"),
-        Create::Created => panic!("created twice"),
+        other => panic!("created twice, or refused: {other:?}"),
     }
     // A large record goes through the same path (one write alone in its batch).
     let mut big = record("c-2", JobStatus::Succeeded);
@@ -153,7 +153,7 @@ async fn another_tenants_job_of_the_same_id_is_another_job() {
     };
     for store in [store(&unique_prefix("owner")).await, Store::memory(&cfg)] {
         let mine = record("o-1", JobStatus::Queued);
-        assert_eq!(store.create(&mine).await.unwrap(), Create::Created);
+        assert_eq!(store.create(&mine, "d").await.unwrap(), Create::Created);
         let mut theirs = record("o-1", JobStatus::Succeeded);
         theirs.tenant = "mallory".into();
         assert_eq!(store.put(&theirs).await.unwrap(), Put::Written);
@@ -162,7 +162,7 @@ async fn another_tenants_job_of_the_same_id_is_another_job() {
         running.output = None;
         running.finished_at = None;
         assert_eq!(store.put(&running).await.unwrap(), Put::Kept(JobStatus::Succeeded), "mallory's job is finished");
-        assert_eq!(store.create(&running).await.unwrap(), Create::Exists(Box::new(theirs.clone())));
+        assert_eq!(store.create(&running, "d").await.unwrap(), Create::Exists(Box::new(theirs.clone())));
         let stored = store.get("t", "o-1").await.unwrap().unwrap();
         assert_eq!((stored.tenant.as_str(), stored.status), ("t", JobStatus::Queued), "unchanged");
         assert_eq!(store.get("mallory", "o-1").await.unwrap(), Some(theirs.clone()));
@@ -171,5 +171,49 @@ async fn another_tenants_job_of_the_same_id_is_another_job() {
         assert_eq!(store.put(&record("o-1", JobStatus::Succeeded)).await.unwrap(), Put::Written);
         assert_eq!(store.get("t", "o-1").await.unwrap().unwrap().status, JobStatus::Succeeded);
         assert!(store.get("nobody", "o-1").await.unwrap().is_none());
+    }
+}
+
+/// Issue 10, item 14: within a tenant a job id names one request. A write on
+/// behalf of another request (another digest) changes nothing, whether the
+/// job is queued or finished; the same request, and writes on behalf of no
+/// request (a cancel), go through; a record written without a digest takes
+/// the first one it is given. In Redis and in the in-process store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_id_names_one_request_of_its_tenant() {
+    let cfg = StoreConfig {
+        ttl: Duration::from_secs(600),
+        memory_capacity: 100,
+        key_prefix: String::new(),
+        cache_ttl: Duration::ZERO,
+        cache_capacity: 1,
+    };
+    for store in [store(&unique_prefix("digest")).await, Store::memory(&cfg)] {
+        let queued = record("r-1", JobStatus::Queued);
+        assert_eq!(store.create(&queued, "aaaa").await.unwrap(), Create::Created);
+        assert_eq!(store.create(&queued, "bbbb").await.unwrap(), Create::Reused(Box::new(queued.clone())));
+        assert_eq!(store.create(&queued, "aaaa").await.unwrap(), Create::Exists(Box::new(queued.clone())));
+        let running = record("r-1", JobStatus::Running);
+        assert_eq!(store.put_for(&running, None, Some("bbbb")).await.unwrap(), Put::Reused);
+        assert_eq!(store.get("t", "r-1").await.unwrap().unwrap().status, JobStatus::Queued, "unchanged");
+        assert_eq!(store.put_for(&running, None, Some("aaaa")).await.unwrap(), Put::Written);
+        let done = record("r-1", JobStatus::Succeeded);
+        let json = serde_json::to_string(&done).unwrap();
+        assert_eq!(store.put_for(&done, Some(&json), Some("bbbb")).await.unwrap(), Put::Reused);
+        assert_eq!(store.put_for(&done, Some(&json), Some("aaaa")).await.unwrap(), Put::Written);
+        let stored = store.get_meta("t", "r-1").await.unwrap().unwrap();
+        assert_eq!((stored.record.status, stored.digest.as_deref()), (JobStatus::Succeeded, Some("aaaa")));
+        // Finished: the same request again is kept out by the lifecycle,
+        // another request still by its digest.
+        assert_eq!(store.put_for(&running, None, Some("aaaa")).await.unwrap(), Put::Kept(JobStatus::Succeeded));
+        assert_eq!(store.put_for(&running, None, Some("bbbb")).await.unwrap(), Put::Reused);
+
+        // Written without a digest (before digests were kept): the first
+        // request that writes it names it.
+        assert_eq!(store.put(&record("r-2", JobStatus::Running)).await.unwrap(), Put::Written);
+        assert_eq!(store.get_meta("t", "r-2").await.unwrap().unwrap().digest, None);
+        assert_eq!(store.put_for(&record("r-2", JobStatus::Running), None, Some("cccc")).await.unwrap(), Put::Written);
+        assert_eq!(store.put_for(&record("r-2", JobStatus::Succeeded), None, Some("dddd")).await.unwrap(), Put::Reused);
+        assert_eq!(store.get_meta("t", "r-2").await.unwrap().unwrap().digest.as_deref(), Some("cccc"));
     }
 }

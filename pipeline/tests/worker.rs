@@ -143,6 +143,21 @@ async fn bad_records_are_dead_lettered_with_codes_and_the_partition_keeps_moving
     assert_eq!((acmes["tenant"].as_str(), acmes["status"].as_str()), (Some("acme"), Some("succeeded")), "{acmes}");
     assert_example_embedding(&acmes);
     assert_eq!(h.get("/v1/jobs/owned-1?tenant=globex").await.1, owned, "another tenant's record changed nothing");
+
+    // Acme's id used again for another request: dead-lettered
+    // `job_id_in_use`, and the job stays as it was.
+    let reused = record(Some("after-bad-1"), job("after-bad-1", "another text under a used id").to_string());
+    let at = h.produce(&h.jobs_topic(), Some(0), vec![reused]).await[0].1.to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let dlq = h.consume(&format!("{}.dlq", h.prefix), bad_records.len() + 1, 5).await;
+        if let Some(d) = dlq.into_iter().find(|d| d["headers"]["sluice.source.offset"].as_str() == Some(at.as_str())) {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no dead letter for the reused id");
+    };
+    assert_eq!(dead["headers"]["sluice.error.code"], "job_id_in_use", "{dead}");
+    assert_eq!(h.wait_done("after-bad-1").await, good, "the job under the id is unchanged");
     h.stop().await;
 }
 

@@ -24,13 +24,16 @@ pub enum ErrorCode {
     /// A bug or an unexpected condition inside Sluice.
     Internal,
     /// The record's `sluice.tenant` header and its body name different
-    /// tenants, or its job id belongs to another tenant's job.
+    /// tenants.
     TenantMismatch,
+    /// The tenant already has a job with this id for another request (a
+    /// different body, [`crate::JobRequest::digest`]); that job is unchanged.
+    JobIdInUse,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (for docs, metrics and tests).
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::InvalidJson,
         ErrorCode::SchemaViolation,
         ErrorCode::UnknownModel,
@@ -40,6 +43,7 @@ impl ErrorCode {
         ErrorCode::InferenceFailed,
         ErrorCode::Internal,
         ErrorCode::TenantMismatch,
+        ErrorCode::JobIdInUse,
     ];
 
     /// The wire spelling, e.g. `"invalid_json"`.
@@ -54,6 +58,7 @@ impl ErrorCode {
             ErrorCode::InferenceFailed => "inference_failed",
             ErrorCode::Internal => "internal",
             ErrorCode::TenantMismatch => "tenant_mismatch",
+            ErrorCode::JobIdInUse => "job_id_in_use",
         }
     }
 }

@@ -303,6 +303,26 @@ impl JobRequest {
         Ok(())
     }
 
+    /// What the job asks for, as a hex SHA-256: every field but who
+    /// (`tenant`, `job_id`) and when (`submitted_at`, which the gateway
+    /// stamps on every submission). A retried submission of the same job
+    /// has the same digest; another request under a used job id has
+    /// another (every map is ordered, so the bytes are stable).
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let asked = (
+            &self.model,
+            &self.model_version,
+            &self.input,
+            &self.priority,
+            self.deadline.map(|d| d.timestamp_millis()),
+            self.ttl_ms,
+            &self.metadata,
+        );
+        let bytes = serde_json::to_vec(&asked).expect("a JobRequest serialises. This is a bug.");
+        Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The instant after which the job must not start: `deadline`, or
     /// `ttl_ms` after `submitted_at` (or after `fallback_start`, typically the
     /// Kafka record's timestamp, for producers that omit `submitted_at`).
@@ -386,6 +406,25 @@ mod tests {
 
     fn decode(s: &str) -> Result<JobRequest, DecodeError> {
         JobRequest::decode(s.as_bytes())
+    }
+
+    #[test]
+    fn the_digest_is_what_is_asked_not_who_or_when() {
+        let req = |src: &str| decode(src).unwrap();
+        let a = req(r#"{"job_id":"j1","tenant":"t","model":"m","input":{"text":"hi"},"metadata":{"b":"2","a":"1"}}"#);
+        let same = req(
+            r#"{"metadata":{"a":"1","b":"2"},"job_id":"j2","tenant":"u","model":"m","input":{"text":"hi"},"submitted_at":"2026-01-01T00:00:00Z"}"#,
+        );
+        assert_eq!(a.digest(), same.digest(), "ids, tenants, clocks and key order are not the request");
+        assert_eq!(a.digest().len(), 64);
+        for other in [
+            r#"{"job_id":"j1","tenant":"t","model":"m","input":{"text":"hi!"},"metadata":{"b":"2","a":"1"}}"#,
+            r#"{"job_id":"j1","tenant":"t","model":"m","input":{"text":"hi"},"metadata":{"b":"3","a":"1"}}"#,
+            r#"{"job_id":"j1","tenant":"t","model":"m","model_version":"1","input":{"text":"hi"},"metadata":{"b":"2","a":"1"}}"#,
+            r#"{"job_id":"j1","tenant":"t","model":"m","input":{"text":"hi"},"priority":"high","metadata":{"b":"2","a":"1"}}"#,
+        ] {
+            assert_ne!(a.digest(), req(other).digest(), "{other}");
+        }
     }
 
     #[test]

@@ -208,8 +208,14 @@ impl Gateway {
             None if req.tenant != self.cfg.default_tenant => format!("/v1/jobs/{}?tenant={}", req.job_id, req.tenant),
             _ => format!("/v1/jobs/{}", req.job_id),
         };
-        if let Some(existing) = self.store.get(&req.tenant, &req.job_id).await? {
-            let mut body = serde_json::to_value(&existing).expect("JobResult serialises. This is a bug.");
+        let digest = req.digest();
+        if let Some(existing) = self.store.get_meta(&req.tenant, &req.job_id).await? {
+            // The same request again is answered with its job; another
+            // request under a used id is refused (the job is unchanged).
+            if existing.digest.as_ref().is_some_and(|d| *d != digest) {
+                return Err(ApiError::JobIdInUse(req.job_id.clone()));
+            }
+            let mut body = serde_json::to_value(&existing.record).expect("JobResult serialises. This is a bug.");
             body["poll_url"] = json!(poll_url);
             return Ok((false, body));
         }
@@ -221,9 +227,13 @@ impl Gateway {
         let topic = topics::jobs(&self.cfg.topic_prefix, &req.model);
         // Nothing is written before this succeeds: a client may retry the id.
         self.producer.send(&topic, Some(req.job_id.as_bytes()), &payload, &hdrs).await?;
-        match self.store.create(&JobResult::queued(req)).await {
+        match self.store.create(&JobResult::queued(req), &digest).await {
             // The worker, or a retry of the same submission, wrote first.
             Ok(Create::Created | Create::Exists(_)) => {}
+            // Another request of this tenant took the id since the read:
+            // that job is unchanged, and the worker dead-letters this record
+            // (`job_id_in_use`).
+            Ok(Create::Reused(_)) => return Err(ApiError::JobIdInUse(req.job_id.clone())),
             // The job is in Kafka and will run; its first record is the worker's.
             Err(e) => tracing::warn!(job_id = %req.job_id, error = %e, "job accepted without its queued record"),
         }

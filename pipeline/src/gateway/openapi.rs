@@ -90,7 +90,7 @@ error_responses! {
     E403 = "tenant_mismatch: the body or the `tenant` parameter names another tenant than the API key's; read_only: the SQL would write";
     E404 = "not_found: no such job or batch for this tenant";
     E408 = "body_timeout: the body did not arrive within gateway.upload_timeout_ms";
-    E409 = "job_finished: cancelling a job that has finished";
+    E409 = "job_finished: cancelling a job that has finished; job_id_in_use: a job id already used by another request of this tenant";
     E413 = "payload_too_large or too_many_items";
     E422 = "schema_violation, unknown_model, input_too_long, invalid_input, or invalid_json (a batch line); resources_exhausted: the query needs more memory than one query may use";
     E429 = "rate_limited; see Retry-After", retry;

@@ -346,7 +346,8 @@ async fn a_stalled_batch_upload_is_cut_off_and_uploads_are_bounded() {
 /// A job is recorded only once its topic holds it: a client that hangs up
 /// while the produce waits, or a produce that fails, leaves no record (a
 /// retry of the id is a new submission, not a `queued` job that never runs).
-/// Once Kafka has it, the job is `queued` and a retry answers its record.
+/// Once Kafka has it, the job is `queued` and a retry answers its record;
+/// another request under its id is refused with `job_id_in_use`.
 /// Another tenant's job of the same id is another job (issue 10, item 12):
 /// accepted as new, and acme's is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,6 +391,12 @@ async fn a_job_is_recorded_only_once_its_topic_holds_it() {
     assert_eq!((stored.status, stored.tenant.as_str()), (sluice_schemas::JobStatus::Queued, "acme"));
     let (created, body) = working.accept(&job("j1", "acme"), &acme, None).await.expect("answered");
     assert!(!created && body["status"] == "queued", "a retry gets the record: {body}");
+    // Another request under the same id is refused; the job is unchanged.
+    let mut other = job("j1", "acme");
+    other.input = sluice_schemas::Input::Text("another text".into());
+    let reused = working.accept(&other, &acme, None).await;
+    assert!(matches!(reused, Err(ApiError::JobIdInUse(_))), "{:?}", reused.map(|(_, b)| b));
+    assert_eq!(store.get("acme", "j1").await.expect("the store answers"), Some(stored.clone()));
     let globex = Caller { tenant: Some("globex".into()) };
     let (created, body) = working.accept(&job("j1", "globex"), &globex, None).await.expect("accepted");
     assert!(created && body["poll_url"] == "/v1/jobs/j1", "globex's own new job: {body}");

@@ -36,6 +36,10 @@ pub enum ApiError {
     Unauthorized,
     #[error("the job names tenant {given:?}, but the API key belongs to another tenant")]
     TenantMismatch { given: String },
+    #[error(
+        "job id {0:?} is already used by another of your requests (another body); the same request gets its job, another needs a new job_id"
+    )]
+    JobIdInUse(String),
     #[error("no job with id {0:?}")]
     NotFound(String),
     #[error("no batch with id {0:?}")]
@@ -91,6 +95,7 @@ impl ApiError {
             ApiError::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code.as_str()),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::TenantMismatch { .. } => (StatusCode::FORBIDDEN, "tenant_mismatch"),
+            ApiError::JobIdInUse(_) => (StatusCode::CONFLICT, "job_id_in_use"),
             ApiError::NotFound(_) | ApiError::BatchNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -138,6 +143,7 @@ impl ApiError {
             invalid(ErrorCode::InputTooLong),
             ApiError::Unauthorized,
             ApiError::TenantMismatch { given: "t".into() },
+            ApiError::JobIdInUse("j".into()),
             ApiError::NotFound("j".into()),
             ApiError::BatchNotFound("b".into()),
             ApiError::NoRoute("/".into()),
@@ -171,6 +177,7 @@ impl ApiError {
                 | ApiError::Invalid { .. }
                 | ApiError::Unauthorized
                 | ApiError::TenantMismatch { .. }
+                | ApiError::JobIdInUse(_)
                 | ApiError::NotFound(_)
                 | ApiError::BatchNotFound(_)
                 | ApiError::NoRoute(_)

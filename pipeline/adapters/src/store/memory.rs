@@ -8,7 +8,7 @@ use sluice_schemas::topics::job_key;
 use sluice_schemas::{JobResult, Output};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig};
+use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig, Stored};
 
 /// In-process store for `sluice up`: a map with per-record expiry and a
 /// capacity bound (the oldest-written records are evicted first).
@@ -40,6 +40,8 @@ struct MemoryInner {
 struct Entry {
     record: JobResult,
     published: bool,
+    /// The digest of the request that made the job, once one is known.
+    digest: Option<String>,
     expires: Instant,
     seq: u64,
 }
@@ -62,31 +64,40 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn put(&self, record: &JobResult) -> Put {
-        let put = self.put_locked(&mut self.lock(), record);
+    pub(super) fn put(&self, record: &JobResult, digest: Option<&str>) -> Put {
+        let put = self.put_locked(&mut self.lock(), record, digest);
         if put == Put::Written && record.status.is_terminal() {
             self.notify(Channel::Done, &job_key(&record.tenant, &record.job_id));
         }
         put
     }
 
-    fn put_locked(&self, g: &mut MemoryInner, record: &JobResult) -> Put {
+    fn put_locked(&self, g: &mut MemoryInner, record: &JobResult, digest: Option<&str>) -> Put {
         let now = Instant::now();
         let expires = now + self.ttl;
         let key = job_key(&record.tenant, &record.job_id);
         match g.records.get_mut(&key) {
             Some(e) if e.expires > now => {
+                if let (Some(had), Some(d)) = (&e.digest, digest)
+                    && had != d
+                {
+                    return Put::Reused;
+                }
                 if !e.record.status.may_become(record.status) {
                     return Put::Kept(e.record.status);
                 }
                 e.record = record.clone();
                 e.published = false;
                 e.expires = expires;
+                if e.digest.is_none() {
+                    e.digest = digest.map(str::to_owned);
+                }
             }
             _ => {
                 let seq = g.next_seq;
                 g.next_seq += 1;
-                g.records.insert(key.clone(), Entry { record: record.clone(), published: false, expires, seq });
+                let digest = digest.map(str::to_owned);
+                g.records.insert(key.clone(), Entry { record: record.clone(), published: false, digest, expires, seq });
                 g.order.push_back((key, seq));
             }
         }
@@ -109,9 +120,13 @@ impl MemoryStore {
     }
 
     /// The record under `key` (a [`job_key`]).
-    pub(super) fn get_meta(&self, key: &str) -> Option<(JobResult, bool)> {
+    pub(super) fn get_meta(&self, key: &str) -> Option<Stored> {
         let g = self.lock();
-        g.records.get(key).filter(|e| e.expires > Instant::now()).map(|e| (e.record.clone(), e.published))
+        g.records.get(key).filter(|e| e.expires > Instant::now()).map(|e| Stored {
+            record: e.record.clone(),
+            published: e.published,
+            digest: e.digest.clone(),
+        })
     }
 
     pub(super) fn mark_published(&self, key: &str) {
@@ -131,13 +146,16 @@ impl MemoryStore {
         let _ = self.sender(channel).send(key.to_owned());
     }
 
-    pub(super) fn create(&self, record: &JobResult) -> Create {
+    pub(super) fn create(&self, record: &JobResult, digest: &str) -> Create {
         let mut g = self.lock();
         if let Some(e) = g.records.get(&job_key(&record.tenant, &record.job_id)).filter(|e| e.expires > Instant::now())
         {
-            return Create::Exists(Box::new(e.record.clone()));
+            return match &e.digest {
+                Some(had) if had != digest => Create::Reused(Box::new(e.record.clone())),
+                _ => Create::Exists(Box::new(e.record.clone())),
+            };
         }
-        self.put_locked(&mut g, record);
+        self.put_locked(&mut g, record, Some(digest));
         Create::Created
     }
 
@@ -237,9 +255,9 @@ mod tests {
         for from in JobStatus::ALL {
             for to in JobStatus::ALL {
                 let id = format!("{from}-{to}");
-                assert_eq!(s.put(&record(&id, from)), Put::Written);
+                assert_eq!(s.put(&record(&id, from), None), Put::Written);
                 let want = if from.may_become(to) { Put::Written } else { Put::Kept(from) };
-                assert_eq!(s.put(&record(&id, to)), want, "{from} -> {to}");
+                assert_eq!(s.put(&record(&id, to), None), want, "{from} -> {to}");
             }
         }
     }
@@ -248,7 +266,7 @@ mod tests {
     fn memory_store_is_bounded() {
         let s = MemoryStore::new(&cfg(3));
         for i in 0..10 {
-            s.put(&record(&format!("j{i}"), JobStatus::Queued));
+            s.put(&record(&format!("j{i}"), JobStatus::Queued), None);
         }
         let g = s.lock();
         assert_eq!(g.records.len(), 3);
@@ -257,8 +275,8 @@ mod tests {
         drop(g);
         let failed =
             JobResult::failed("j9".into(), "t".into(), "m".into(), ErrorCode::Internal, "x".into(), chrono::Utc::now());
-        assert_eq!(s.put(&failed), Put::Written);
-        assert_eq!(s.get_meta("t/j9").unwrap().0.status, JobStatus::Failed);
+        assert_eq!(s.put(&failed, None), Put::Written);
+        assert_eq!(s.get_meta("t/j9").unwrap().record.status, JobStatus::Failed);
     }
 
     #[test]
@@ -267,23 +285,23 @@ mod tests {
         let mine = record("same", JobStatus::Succeeded);
         let mut theirs = record("same", JobStatus::Running);
         theirs.tenant = "u".into();
-        assert_eq!(s.put(&mine), Put::Written);
-        assert_eq!(s.put(&theirs), Put::Written, "another tenant's id is another job");
-        assert_eq!(s.get_meta("t/same").unwrap().0.status, JobStatus::Succeeded);
-        assert_eq!(s.get_meta("u/same").unwrap().0.status, JobStatus::Running);
-        assert_eq!(s.create(&theirs), Create::Exists(Box::new(theirs.clone())));
+        assert_eq!(s.put(&mine, None), Put::Written);
+        assert_eq!(s.put(&theirs, None), Put::Written, "another tenant's id is another job");
+        assert_eq!(s.get_meta("t/same").unwrap().record.status, JobStatus::Succeeded);
+        assert_eq!(s.get_meta("u/same").unwrap().record.status, JobStatus::Running);
+        assert_eq!(s.create(&theirs, "d"), Create::Exists(Box::new(theirs.clone())));
     }
 
     #[test]
     fn published_flag_resets_on_every_write() {
         let s = MemoryStore::new(&cfg(10));
-        s.put(&record("p", JobStatus::Running));
+        s.put(&record("p", JobStatus::Running), None);
         s.mark_published("t/p");
-        assert!(s.get_meta("t/p").unwrap().1);
+        assert!(s.get_meta("t/p").unwrap().published);
         let mut done = record("p", JobStatus::Succeeded);
         done.output = Some(Output::Embedding(vec![1.0]));
-        s.put(&done);
-        assert!(!s.get_meta("t/p").unwrap().1, "the terminal record is not published yet");
+        s.put(&done, None);
+        assert!(!s.get_meta("t/p").unwrap().published, "the terminal record is not published yet");
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub enum Put {
     /// The stored record is in this status and may not become the new one;
     /// nothing was written.
     Kept(JobStatus),
+    /// The tenant's job under this id was made for another request (its
+    /// [`sluice_schemas::JobRequest::digest`] differs); nothing was written.
+    Reused,
 }
 
 /// Outcome of [`Store::create`].
@@ -63,8 +66,23 @@ pub enum Put {
 pub enum Create {
     /// The record was written: a new job.
     Created,
-    /// The tenant has a job with this id already; this is its record.
+    /// The tenant has a job with this id already, for the same request (or
+    /// one written without a digest); this is its record.
     Exists(Box<JobResult>),
+    /// The tenant has a job with this id already, for another request; this
+    /// is its record, unchanged.
+    Reused(Box<JobResult>),
+}
+
+/// A stored job record and what the store keeps beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub record: JobResult,
+    /// Whether its terminal version is on the results topic.
+    pub published: bool,
+    /// The digest of the request that made the job (`None` for records
+    /// written without one).
+    pub digest: Option<String>,
 }
 
 /// Notices a subscriber has not looked at yet, per subscription: newer ones
@@ -139,28 +157,34 @@ impl Store {
     /// terminal record that is written wakes [`Store::completions`].
     pub async fn put(&self, record: &JobResult) -> Result<Put, StoreError> {
         match self {
-            Store::Redis(r) => r.put(record, None).await,
-            Store::Memory(m) => Ok(m.put(record)),
+            Store::Redis(r) => r.put(record, None, None).await,
+            Store::Memory(m) => Ok(m.put(record, None)),
         }
     }
 
-    /// [`Store::put`] of a record whose JSON the caller has already made
-    /// (`json` must be `record` serialised; it is sent as is).
-    pub async fn put_encoded(&self, record: &JobResult, json: &str) -> Result<Put, StoreError> {
+    /// [`Store::put`] on behalf of the request with `digest` (if known):
+    /// refused ([`Put::Reused`]) when the job was made for another request.
+    /// `json`, when given, is `record` serialised (sent as is).
+    pub async fn put_for(
+        &self,
+        record: &JobResult,
+        json: Option<&str>,
+        digest: Option<&str>,
+    ) -> Result<Put, StoreError> {
         match self {
-            Store::Redis(r) => r.put(record, Some(json)).await,
-            Store::Memory(m) => Ok(m.put(record)),
+            Store::Redis(r) => r.put(record, json, digest).await,
+            Store::Memory(m) => Ok(m.put(record, digest)),
         }
     }
 
     /// The record of `tenant`'s job `job_id`, if it exists and has not expired.
     pub async fn get(&self, tenant: &str, job_id: &str) -> Result<Option<JobResult>, StoreError> {
-        Ok(self.get_meta(tenant, job_id).await?.map(|(r, _)| r))
+        Ok(self.get_meta(tenant, job_id).await?.map(|s| s.record))
     }
 
-    /// The record of `tenant`'s job `job_id` and whether its terminal
-    /// version was published.
-    pub async fn get_meta(&self, tenant: &str, job_id: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
+    /// The record of `tenant`'s job `job_id`, whether its terminal version
+    /// was published, and the digest of the request that made it.
+    pub async fn get_meta(&self, tenant: &str, job_id: &str) -> Result<Option<Stored>, StoreError> {
         let key = job_key(tenant, job_id);
         match self {
             Store::Redis(r) => r.get_meta(&key).await,
@@ -180,13 +204,14 @@ impl Store {
         }
     }
 
-    /// Writes `record` (a `queued` record from the gateway) only if no record
-    /// of its job exists; otherwise returns the existing one. This makes a
-    /// client-given `job_id` idempotent.
-    pub async fn create(&self, record: &JobResult) -> Result<Create, StoreError> {
+    /// Writes `record` (a `queued` record from the gateway, for the request
+    /// with `digest`) only if no record of its job exists; otherwise returns
+    /// the existing one, as [`Create::Reused`] when it was made for another
+    /// request. This makes a client-given `job_id` idempotent.
+    pub async fn create(&self, record: &JobResult, digest: &str) -> Result<Create, StoreError> {
         match self {
-            Store::Redis(r) => r.create(record).await,
-            Store::Memory(m) => Ok(m.create(record)),
+            Store::Redis(r) => r.create(record, digest).await,
+            Store::Memory(m) => Ok(m.create(record, digest)),
         }
     }
 
@@ -196,7 +221,7 @@ impl Store {
         let keys: Vec<String> = job_ids.iter().map(|id| job_key(tenant, id)).collect();
         match self {
             Store::Redis(r) => r.get_many(&keys).await,
-            Store::Memory(m) => Ok(keys.iter().map(|k| m.get_meta(k).map(|(r, _)| r)).collect()),
+            Store::Memory(m) => Ok(keys.iter().map(|k| m.get_meta(k).map(|s| s.record)).collect()),
         }
     }
 

@@ -9,39 +9,47 @@ use sluice_schemas::topics::job_key;
 use sluice_schemas::{JobResult, JobStatus, Output};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig, StoreError, forbidden_pairs};
+use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig, StoreError, Stored, forbidden_pairs};
 
 /// Applies a batch of record writes in order, one reply per key. KEYS:
 /// the records' keys. ARGV[1]: the lifecycle pairs that may not follow each
 /// other (`|from>to|…|`), ARGV[2]: TTL in ms, ARGV[3]: the completion
 /// channel, ARGV[4]: the terminal statuses (`|a|b|…|`), ARGV[5]: the keys'
-/// prefix before the job key; then three values per key: op, status, record
-/// JSON.
+/// prefix before the job key; then four values per key: op, status, record
+/// JSON, and the digest of the request the write is for (empty: none).
 ///
 /// The key holds the tenant (`<tenant>/<job_id>`), so a write can only ever
-/// reach its own tenant's job.
+/// reach its own tenant's job. A record keeps the digest of the first write
+/// that gave one (`digest`); a write with another digest is a job id used
+/// for another request, and changes nothing.
 ///
-/// - `P` (put): writes the record unless the stored status may not become
-///   the new one; replies `ok` or the stored status. A written record is
+/// - `P` (put): writes the record unless the job was made for another
+///   request or the stored status may not become the new one; replies `ok`,
+///   `#` (another request's), or the stored status. A written record is
 ///   not yet published. Terminal writes are announced on the completion
 ///   channel, all of a batch's in one message (job keys separated by spaces).
 /// - `C` (create): writes the record only if there is none; replies `ok`,
-///   or `=` followed by the stored record.
+///   or `=` (the same request) or `#` (another) followed by the stored record.
 /// - `M` (mark published): on an existing record only (an expired one stays
 ///   missing); replies `ok`.
 const WRITE_SCRIPT: &str = r#"
 local forbidden, ttl, channel, terminal, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out, done = {}, {}
 for i, key in ipairs(KEYS) do
-  local op, status, record = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
+  local op, status, record, digest = ARGV[4 * i + 2], ARGV[4 * i + 3], ARGV[4 * i + 4], ARGV[4 * i + 5]
   if op == 'P' then
-    local cur = redis.call('HGET', key, 'status')
-    if cur and string.find(forbidden, '|' .. cur .. '>' .. status .. '|', 1, true) then
+    local cur, had = unpack(redis.call('HMGET', key, 'status', 'digest'))
+    if digest ~= '' and had and had ~= digest then
+      out[i] = '#'
+    elseif cur and string.find(forbidden, '|' .. cur .. '>' .. status .. '|', 1, true) then
       out[i] = cur
     else
       -- No 'published' mark can be there: marks are only set on terminal
       -- records, and a terminal record is never written over.
       redis.call('HSET', key, 'status', status, 'record', record)
+      if digest ~= '' and not had then
+        redis.call('HSET', key, 'digest', digest)
+      end
       redis.call('PEXPIRE', key, ttl)
       out[i] = 'ok'
       if string.find(terminal, '|' .. status .. '|', 1, true) then
@@ -49,11 +57,15 @@ for i, key in ipairs(KEYS) do
       end
     end
   elseif op == 'C' then
-    local existing = redis.call('HGET', key, 'record')
+    local existing, had = unpack(redis.call('HMGET', key, 'record', 'digest'))
     if existing then
-      out[i] = '=' .. existing
+      if had and had ~= digest then
+        out[i] = '#' .. existing
+      else
+        out[i] = '=' .. existing
+      end
     else
-      redis.call('HSET', key, 'status', status, 'record', record)
+      redis.call('HSET', key, 'status', status, 'record', record, 'digest', digest)
       redis.call('PEXPIRE', key, ttl)
       out[i] = 'ok'
     end
@@ -101,17 +113,26 @@ struct Write {
 }
 
 enum Op {
-    Put { status: &'static str, record: String },
-    Create { status: &'static str, record: String },
+    /// `digest`: empty for a write on behalf of no request.
+    Put {
+        status: &'static str,
+        record: String,
+        digest: String,
+    },
+    Create {
+        status: &'static str,
+        record: String,
+        digest: String,
+    },
     Mark,
 }
 
 impl Op {
-    fn args(&self) -> (&'static str, &'static str, &str) {
+    fn args(&self) -> (&'static str, &'static str, &str, &str) {
         match self {
-            Op::Put { status, record } => ("P", status, record),
-            Op::Create { status, record } => ("C", status, record),
-            Op::Mark => ("M", "", ""),
+            Op::Put { status, record, digest } => ("P", status, record, digest),
+            Op::Create { status, record, digest } => ("C", status, record, digest),
+            Op::Mark => ("M", "", "", ""),
         }
     }
 
@@ -195,8 +216,8 @@ async fn flush(batch: Vec<Write>, mut conn: ConnectionManager, script: Arc<redis
     let mut call = script.prepare_invoke();
     call.arg(&fixed.forbidden).arg(fixed.ttl_ms).arg(&fixed.channel).arg(&fixed.terminal).arg(&fixed.key_prefix);
     for w in &batch {
-        let (op, status, record) = w.op.args();
-        call.key(&w.key).arg(op).arg(status).arg(record);
+        let (op, status, record, digest) = w.op.args();
+        call.key(&w.key).arg(op).arg(status).arg(record).arg(digest);
     }
     let replies: Result<Vec<String>, StoreError> = call.invoke_async(&mut conn).await.map_err(unavailable);
     match replies {
@@ -265,20 +286,21 @@ impl RedisStore {
         format!("{}{}", self.prefix, channel.name())
     }
 
-    pub(super) async fn create(&self, record: &JobResult) -> Result<Create, StoreError> {
+    pub(super) async fn create(&self, record: &JobResult, digest: &str) -> Result<Create, StoreError> {
         let json = serde_json::to_string(record).expect("JobResult serialises. This is a bug.");
-        let reply = self
-            .write(
-                &job_key(&record.tenant, &record.job_id),
-                Op::Create { status: record.status.as_str(), record: json },
-            )
-            .await?;
-        match reply.strip_prefix('=') {
-            None => Ok(Create::Created),
-            Some(raw) => serde_json::from_str(raw)
-                .map(|r| Create::Exists(Box::new(r)))
-                .map_err(|e| StoreError::Corrupt { job_id: record.job_id.clone(), message: e.to_string() }),
+        let op = Op::Create { status: record.status.as_str(), record: json, digest: digest.to_owned() };
+        let reply = self.write(&job_key(&record.tenant, &record.job_id), op).await?;
+        if reply == "ok" {
+            return Ok(Create::Created);
         }
+        let corrupt = |message: String| StoreError::Corrupt { job_id: record.job_id.clone(), message };
+        let (same, raw) = match (reply.strip_prefix('='), reply.strip_prefix('#')) {
+            (Some(raw), _) => (true, raw),
+            (_, Some(raw)) => (false, raw),
+            _ => return Err(corrupt(format!("unknown reply {reply:?}"))),
+        };
+        let stored = Box::new(serde_json::from_str(raw).map_err(|e| corrupt(e.to_string()))?);
+        Ok(if same { Create::Exists(stored) } else { Create::Reused(stored) })
     }
 
     /// The records under `jobs` (job keys), in order.
@@ -320,16 +342,22 @@ impl RedisStore {
         redis::cmd("GET").arg(format!("{}{kind}:{id}", self.prefix)).query_async(&mut conn).await.map_err(unavailable)
     }
 
-    pub(super) async fn put(&self, record: &JobResult, json: Option<&str>) -> Result<Put, StoreError> {
+    pub(super) async fn put(
+        &self,
+        record: &JobResult,
+        json: Option<&str>,
+        digest: Option<&str>,
+    ) -> Result<Put, StoreError> {
         let json = match json {
             Some(j) => j.to_owned(),
             None => serde_json::to_string(record).expect("JobResult serialises. This is a bug."),
         };
-        let reply = self
-            .write(&job_key(&record.tenant, &record.job_id), Op::Put { status: record.status.as_str(), record: json })
-            .await?;
-        if reply == "ok" {
-            return Ok(Put::Written);
+        let op = Op::Put { status: record.status.as_str(), record: json, digest: digest.unwrap_or("").to_owned() };
+        let reply = self.write(&job_key(&record.tenant, &record.job_id), op).await?;
+        match reply.as_str() {
+            "ok" => return Ok(Put::Written),
+            "#" => return Ok(Put::Reused),
+            _ => {}
         }
         let status = serde_json::from_value(serde_json::Value::String(reply.clone())).map_err(|_| {
             StoreError::Corrupt { job_id: record.job_id.clone(), message: format!("unknown status {reply:?}") }
@@ -337,19 +365,20 @@ impl RedisStore {
         Ok(Put::Kept(status))
     }
 
-    /// The record under `job` (a job key) and its published mark.
-    pub(super) async fn get_meta(&self, job: &str) -> Result<Option<(JobResult, bool)>, StoreError> {
+    /// The record under `job` (a job key), its published mark and digest.
+    pub(super) async fn get_meta(&self, job: &str) -> Result<Option<Stored>, StoreError> {
         let mut conn = self.conn.clone();
-        let (raw, published): (Option<String>, Option<String>) = redis::cmd("HMGET")
+        let (raw, published, digest): (Option<String>, Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(self.key(job))
             .arg("record")
             .arg("published")
+            .arg("digest")
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
         raw.map(|s| {
             serde_json::from_str(&s)
-                .map(|r| (r, published.is_some()))
+                .map(|record| Stored { record, published: published.is_some(), digest })
                 .map_err(|e| StoreError::Corrupt { job_id: job.to_owned(), message: e.to_string() })
         })
         .transpose()
