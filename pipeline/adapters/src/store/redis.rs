@@ -46,9 +46,10 @@ for i, key in ipairs(KEYS) do
     else
       -- No 'published' mark can be there: marks are only set on terminal
       -- records, and a terminal record is never written over.
-      redis.call('HSET', key, 'status', status, 'record', record)
       if digest ~= '' and not had then
-        redis.call('HSET', key, 'digest', digest)
+        redis.call('HSET', key, 'status', status, 'record', record, 'digest', digest)
+      else
+        redis.call('HSET', key, 'status', status, 'record', record)
       end
       redis.call('PEXPIRE', key, ttl)
       out[i] = 'ok'
