@@ -2,7 +2,7 @@
 //! until stopped. `sluice up` is [`Role::Up`]: everything in one process.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::kafka::{self, Consumer, EmbeddedBroker, KafkaError, Producer};
 use crate::ops::Ops;
-use crate::shutdown::{self, Trigger};
+use crate::shutdown::{self, Shutdown, Trigger};
 use crate::sinks::{self, LakeSink, ShardSink, SinkHooks};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -89,9 +89,39 @@ pub struct Sluice {
     broker: Option<EmbeddedBroker>,
 }
 
+/// The stages a [`Role`] runs in this process.
+#[derive(Debug, Clone, Copy)]
+struct Stages {
+    workers: bool,
+    gateway: bool,
+    sinks: bool,
+}
+
+impl Role {
+    fn stages(self) -> Stages {
+        let none = Stages { workers: false, gateway: false, sinks: false };
+        match self {
+            Role::Up => Stages { workers: true, gateway: true, sinks: true },
+            Role::Worker => Stages { workers: true, ..none },
+            Role::Gateway => Stages { gateway: true, ..none },
+            Role::Sink => Stages { sinks: true, ..none },
+        }
+    }
+}
+
+/// What every stage of one process shares.
+struct Shared<'a> {
+    cfg: &'a Config,
+    bootstrap: &'a str,
+    shutdown: &'a Shutdown,
+}
+
 impl Sluice {
-    /// Starts the stages of `role`.
+    /// Starts the stages of `role`: each stage has its own `start_*` below;
+    /// this only decides which run and builds what they share once (the
+    /// broker, the topics, the results store, the readiness checks).
     pub async fn start(cfg: Config, role: Role) -> Result<Sluice, StartError> {
+        let stages = role.stages();
         let metrics = telemetry::prometheus();
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = Vec::new();
@@ -106,67 +136,32 @@ impl Sluice {
             None
         };
         let bootstrap = broker.as_ref().map_or(cfg.kafka.brokers.clone(), |b| b.bootstrap().to_owned());
-        let mut kafka_clients = bootstrap.clone();
-        if broker.is_some() && !cfg.kafka.embedded_listen.is_empty() {
-            let mut sd = shutdown.clone();
-            let stop = async move { sd.wait().await };
-            match kafka::forward_bootstrap(&cfg.kafka.embedded_listen, bootstrap.clone(), stop).await {
-                Ok(addr) => kafka_clients = addr.to_string(),
-                Err(e) => tracing::warn!(
-                    listen = %cfg.kafka.embedded_listen,
-                    error = %e,
-                    "cannot accept Kafka clients there (kafka.embedded_listen); they can use {bootstrap}"
-                ),
-            }
-        }
+        let kafka_clients = match &broker {
+            Some(_) if !cfg.kafka.embedded_listen.is_empty() => forward_clients(&cfg, &bootstrap, &shutdown).await,
+            _ => bootstrap.clone(),
+        };
+        let shared = Shared { cfg: &cfg, bootstrap: &bootstrap, shutdown: &shutdown };
 
         // Models: engines for workers, a catalog (no sessions) for the gateway.
-        let runs_workers = matches!(role, Role::Up | Role::Worker);
-        let runs_gateway = matches!(role, Role::Up | Role::Gateway);
-        let runs_sinks = matches!(role, Role::Up | Role::Sink);
         let (lake_dir, shard_urls) = sink_targets(&cfg, role);
         if role == Role::Sink && lake_dir.is_none() && shard_urls.is_empty() {
             return Err(StartError::Missing("sinks.lake or sinks.shards (--lake / --shard)"));
         }
-        let serve = cfg.models.serve.clone();
-        let pool = if runs_workers {
+        let pool = if stages.workers {
             let repo = ModelRepository::new(&cfg.models.repository);
-            let pool = ModelPool::start(repo, serve.clone(), cfg.engine()).await?;
+            let pool = ModelPool::start(repo, cfg.models.serve.clone(), cfg.engine()).await?;
             tasks.push(pool.spawn_watcher(cfg.poll_interval()));
             Some(pool)
         } else {
             None
         };
-        let catalog = if runs_gateway {
-            let repo = ModelRepository::new(&cfg.models.repository);
-            let catalog = Arc::new(
-                tokio::task::spawn_blocking(move || ModelCatalog::load(repo, serve))
-                    .await
-                    .expect("catalog loading does not panic. This is a bug.")?,
-            );
-            let (c, every, mut sd) = (catalog.clone(), cfg.poll_interval(), shutdown.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = sd.wait() => return,
-                    }
-                    let c = c.clone();
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.refresh()).await {
-                        tracing::warn!(error = %e, "model catalog refresh failed");
-                    }
-                }
-            }));
-            Some(catalog)
-        } else {
-            None
-        };
+        let catalog = if stages.gateway { Some(load_catalog(&shared, &mut tasks).await?) } else { None };
         let names: Vec<String> = match (&pool, &catalog) {
             (Some(p), _) => p.models(),
             (None, Some(c)) => c.names(),
             (None, None) => Vec::new(),
         };
-        if names.is_empty() && role != Role::Sink {
+        if names.is_empty() && (stages.workers || stages.gateway) {
             return Err(StartError::NoModels(cfg.models.repository.clone()));
         }
 
@@ -183,153 +178,74 @@ impl Sluice {
             None => kafka::ensure_topics(&bootstrap, &topic_names, cfg.kafka.partitions, cfg.kafka.replication).await?,
         }
 
-        // Results store.
-        let store = if role == Role::Sink {
-            Store::memory(&cfg.store()) // unused: sinks read the results topic
+        // Results store: the workers write it, the gateway reads it; the
+        // sinks read the results topic instead.
+        let store = if !(stages.workers || stages.gateway) {
+            None
         } else if cfg.store.redis.is_empty() {
             if role != Role::Up {
                 return Err(StartError::Missing("store.redis (--redis)"));
             }
-            Store::memory(&cfg.store())
+            Some(Store::memory(&cfg.store()))
         } else {
-            Store::redis(&cfg.store.redis, &cfg.store()).await?
+            Some(Store::redis(&cfg.store.redis, &cfg.store()).await?)
         };
 
-        let worker_cfg = cfg.worker();
-        let mut ops = None;
+        // The stages.
+        let worker_producer = match (&pool, &store) {
+            (Some(pool), Some(store)) => Some(start_workers(&shared, pool, store, &names, &mut tasks)?),
+            _ => None,
+        };
+        let run_suffix = broker.as_ref().map(|_| chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string());
+        let shard_set = if stages.sinks {
+            start_sinks(&shared, lake_dir.as_deref(), &shard_urls, run_suffix, &mut tasks)?
+        } else {
+            None
+        };
 
-        // Workers: one consumer group per model.
-        if let Some(pool) = &pool {
-            let producer = Producer::with_max_message_bytes(
-                &bootstrap,
-                &worker_cfg.worker_id,
-                cfg.publish_timeout(),
-                cfg.kafka.max_message_bytes,
-            )?;
-            ops = Some(Ops::new(metrics.clone(), producer.clone()).with_store(store.clone()).with_models(pool.clone()));
-            for name in &names {
-                let group = format!("{prefix}.workers.{name}");
-                let tracker = Arc::new(SharedTracker::default());
-                let consumer = Consumer::with_timeouts(
-                    &bootstrap,
-                    &worker_cfg.worker_id,
-                    &group,
-                    &[topics::jobs(prefix, name)],
-                    tracker.clone(),
-                    Some(cfg.worker_group_timeouts()),
-                )?;
-                let worker = Worker {
-                    consumer,
-                    tracker,
-                    producer: producer.clone(),
-                    store: store.clone(),
-                    pool: pool.clone(),
-                    model: name.clone(),
-                    cfg: worker_cfg.clone(),
-                };
-                let (sd, model) = (shutdown.clone(), name.clone());
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = worker.run(sd).await {
-                        tracing::error!(model, error = %e, "worker stopped");
-                    }
-                }));
-            }
-        }
-
-        // Sinks: one consumer group each on the results topic.
-        let mut shard_set = None;
-        if runs_sinks {
-            let results = topics::results(prefix);
-            if let Some(dir) = &lake_dir {
-                let lake = Lake::open(dir)?;
-                let hooks = Arc::new(SinkHooks::default());
-                let consumer = Consumer::with_timeouts(
-                    &bootstrap,
-                    "sluice-sink-lake",
-                    &format!("{}.lake", cfg.sink_group()),
-                    std::slice::from_ref(&results),
-                    hooks.clone(),
-                    Some(cfg.sink_group_timeouts()),
-                )?;
-                let run_suffix = broker.as_ref().map(|_| chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string());
-                let (sink, sd, c) = (LakeSink { lake, run_suffix }, shutdown.clone(), cfg.sink());
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
-                        tracing::error!(error = %e, "lake sink stopped");
-                    }
-                }));
-            }
-            if !shard_urls.is_empty() {
-                let strategy = cfg.shard_strategy().map_err(StartError::Config)?;
-                let timeout = Duration::from_millis(cfg.sinks.shard_timeout_ms.max(1));
-                let set = Arc::new(ShardSet::open(&shard_urls, strategy, timeout)?);
-                shard_set = Some(set.clone());
-                let hooks = Arc::new(SinkHooks::default());
-                let consumer = Consumer::with_timeouts(
-                    &bootstrap,
-                    "sluice-sink-shards",
-                    &format!("{}.shards", cfg.sink_group()),
-                    &[results],
-                    hooks.clone(),
-                    Some(cfg.sink_group_timeouts()),
-                )?;
-                let (sink, sd, c) = (ShardSink::new(set), shutdown.clone(), cfg.sink());
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
-                        tracing::error!(error = %e, "shard sink stopped");
-                    }
-                }));
-            }
-        }
-
-        if runs_sinks && !runs_workers {
-            let probe = Producer::new(&bootstrap, "sluice-sink-probe", cfg.produce_timeout())?;
-            ops = Some(Ops::new(metrics.clone(), probe).with_sinks(lake_dir.clone(), shard_set.clone()));
-        }
-
-        // The ops listener of processes without the REST API.
-        let mut http_addr = None;
-        if let (Some(ops), false) = (ops, runs_gateway)
-            && !cfg.ops.listen.is_empty()
-        {
-            let addr = cfg.ops.listen.clone();
-            let listener =
-                TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
-            http_addr = listener.local_addr().ok();
-            let (router, sd) = (ops.router(), shutdown.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = crate::http::serve(listener, router, sd).await {
-                    tracing::error!(error = %e, "ops listener stopped");
-                }
-            }));
-        }
-
-        // Gateway.
-        if let Some(catalog) = catalog {
-            let addr = cfg.gateway.listen.clone();
-            let listener =
-                TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
-            http_addr = listener.local_addr().ok();
-            let producer = Producer::with_max_message_bytes(
+        // Readiness: one `Ops` over everything this process depends on.
+        let gateway_producer = match stages.gateway {
+            true => Some(Producer::with_max_message_bytes(
                 &bootstrap,
                 "sluice-gateway",
                 cfg.produce_timeout(),
                 cfg.kafka.max_message_bytes,
-            )?;
-            let mut gateway = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), metrics.clone());
-            if lake_dir.is_some() || !shard_urls.is_empty() {
-                let sources = Sources { lake: lake_dir.clone(), shards: shard_urls.clone() };
-                gateway = gateway.with_analytics(Arc::new(Analytics::new(sources, cfg.query_limits())?));
-            }
-            tasks.extend(gateway.spawn_background(&bootstrap, shutdown.clone()));
-            let router = gateway.router();
-            let sd = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = crate::http::serve(listener, router, sd).await {
-                    tracing::error!(error = %e, "gateway stopped");
-                }
-            }));
+            )?),
+            false => None,
+        };
+        let probe = match worker_producer.as_ref().or(gateway_producer.as_ref()) {
+            Some(p) => p.clone(),
+            None => Producer::new(&bootstrap, "sluice-probe", cfg.produce_timeout())?,
+        };
+        let mut ops = Ops::new(metrics.clone(), probe);
+        if let Some(store) = &store {
+            ops = ops.with_store(store.clone());
         }
+        if let Some(pool) = &pool {
+            ops = ops.with_models(pool.clone());
+        }
+        if stages.sinks {
+            ops = ops.with_sinks(lake_dir.clone(), shard_set.clone());
+        }
+
+        // HTTP: the REST API (with the ops routes among its own), or the ops
+        // routes alone.
+        let http_addr = match (catalog, gateway_producer, &store) {
+            (Some(catalog), Some(producer), Some(store)) => {
+                let analytics = (lake_dir.is_some() || !shard_urls.is_empty())
+                    .then(|| {
+                        Analytics::new(
+                            Sources { lake: lake_dir.clone(), shards: shard_urls.clone() },
+                            cfg.query_limits(),
+                        )
+                    })
+                    .transpose()?;
+                let gateway = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), ops);
+                Some(start_gateway(&shared, gateway, analytics, &mut tasks).await?)
+            }
+            _ if cfg.ops.listen.is_empty() => None,
+            _ => Some(serve_on(&cfg.ops.listen, ops.router(), "ops listener", &shutdown, &mut tasks).await?),
+        };
 
         // Histogram upkeep for the Prometheus recorder.
         let mut sd = shutdown.clone();
@@ -348,7 +264,7 @@ impl Sluice {
             bootstrap,
             kafka_clients,
             embedded_broker: broker.is_some(),
-            store_kind: if role == Role::Sink { "none (sinks read the results topic)" } else { store.describe() },
+            store_kind: store.as_ref().map_or("none (sinks read the results topic)", |s| s.describe()),
             models: match &pool {
                 Some(p) => p
                     .versions()
@@ -374,6 +290,177 @@ impl Sluice {
         }
         drop(self.broker.take());
     }
+}
+
+/// Accepts Kafka clients of the embedded broker on `kafka.embedded_listen`;
+/// where that address is taken, clients use the broker's own address.
+async fn forward_clients(cfg: &Config, bootstrap: &str, shutdown: &Shutdown) -> String {
+    let mut sd = shutdown.clone();
+    let stop = async move { sd.wait().await };
+    match kafka::forward_bootstrap(&cfg.kafka.embedded_listen, bootstrap.to_owned(), stop).await {
+        Ok(addr) => addr.to_string(),
+        Err(e) => {
+            tracing::warn!(
+                listen = %cfg.kafka.embedded_listen,
+                error = %e,
+                "cannot accept Kafka clients there (kafka.embedded_listen); they can use {bootstrap}"
+            );
+            bootstrap.to_owned()
+        }
+    }
+}
+
+/// The gateway's model catalog, refreshed every `models.poll_interval_ms`.
+async fn load_catalog(sh: &Shared<'_>, tasks: &mut Vec<JoinHandle<()>>) -> Result<Arc<ModelCatalog>, StartError> {
+    let (repo, serve) = (ModelRepository::new(&sh.cfg.models.repository), sh.cfg.models.serve.clone());
+    let catalog = Arc::new(
+        tokio::task::spawn_blocking(move || ModelCatalog::load(repo, serve))
+            .await
+            .expect("catalog loading does not panic. This is a bug.")?,
+    );
+    let (c, every, mut sd) = (catalog.clone(), sh.cfg.poll_interval(), sh.shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = sd.wait() => return,
+            }
+            let c = c.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.refresh()).await {
+                tracing::warn!(error = %e, "model catalog refresh failed");
+            }
+        }
+    }));
+    Ok(catalog)
+}
+
+/// The worker stage: one consumer group per served model, all publishing
+/// through one producer, which is returned.
+fn start_workers(
+    sh: &Shared<'_>,
+    pool: &ModelPool,
+    store: &Store,
+    models: &[String],
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Producer, StartError> {
+    let (cfg, prefix) = (sh.cfg, &sh.cfg.kafka.topic_prefix);
+    let worker_cfg = cfg.worker();
+    let producer = Producer::with_max_message_bytes(
+        sh.bootstrap,
+        &worker_cfg.worker_id,
+        cfg.publish_timeout(),
+        cfg.kafka.max_message_bytes,
+    )?;
+    for name in models {
+        let tracker = Arc::new(SharedTracker::default());
+        let consumer = Consumer::with_timeouts(
+            sh.bootstrap,
+            &worker_cfg.worker_id,
+            &format!("{prefix}.workers.{name}"),
+            &[topics::jobs(prefix, name)],
+            tracker.clone(),
+            Some(cfg.worker_group_timeouts()),
+        )?;
+        let worker = Worker {
+            consumer,
+            tracker,
+            producer: producer.clone(),
+            store: store.clone(),
+            pool: pool.clone(),
+            model: name.clone(),
+            cfg: worker_cfg.clone(),
+        };
+        let (sd, model) = (sh.shutdown.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = worker.run(sd).await {
+                tracing::error!(model, error = %e, "worker stopped");
+            }
+        }));
+    }
+    Ok(producer)
+}
+
+/// The results sinks: one consumer group each on the results topic. Returns
+/// the shards, when there are any.
+fn start_sinks(
+    sh: &Shared<'_>,
+    lake_dir: Option<&Path>,
+    shard_urls: &[String],
+    run_suffix: Option<String>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<Arc<ShardSet>>, StartError> {
+    let cfg = sh.cfg;
+    let results = topics::results(&cfg.kafka.topic_prefix);
+    let consumer = |client_id: &str, name: &str, hooks: Arc<SinkHooks>| {
+        Consumer::with_timeouts(
+            sh.bootstrap,
+            client_id,
+            &format!("{}.{name}", cfg.sink_group()),
+            std::slice::from_ref(&results),
+            hooks,
+            Some(cfg.sink_group_timeouts()),
+        )
+    };
+    if let Some(dir) = lake_dir {
+        let hooks = Arc::new(SinkHooks::default());
+        let consumer = consumer("sluice-sink-lake", "lake", hooks.clone())?;
+        let (sink, sd, c) = (LakeSink { lake: Lake::open(dir)?, run_suffix }, sh.shutdown.clone(), cfg.sink());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
+                tracing::error!(error = %e, "lake sink stopped");
+            }
+        }));
+    }
+    if shard_urls.is_empty() {
+        return Ok(None);
+    }
+    let strategy = cfg.shard_strategy().map_err(StartError::Config)?;
+    let timeout = Duration::from_millis(cfg.sinks.shard_timeout_ms.max(1));
+    let set = Arc::new(ShardSet::open(shard_urls, strategy, timeout)?);
+    let hooks = Arc::new(SinkHooks::default());
+    let consumer = consumer("sluice-sink-shards", "shards", hooks.clone())?;
+    let (sink, sd, c) = (ShardSink::new(set.clone()), sh.shutdown.clone(), cfg.sink());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
+            tracing::error!(error = %e, "shard sink stopped");
+        }
+    }));
+    Ok(Some(set))
+}
+
+/// The REST gateway (serving its `Ops`'s routes among its own) and its
+/// background work. Returns where it listens.
+async fn start_gateway(
+    sh: &Shared<'_>,
+    mut gateway: Gateway,
+    analytics: Option<Analytics>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<SocketAddr, StartError> {
+    if let Some(analytics) = analytics {
+        gateway = gateway.with_analytics(Arc::new(analytics));
+    }
+    tasks.extend(gateway.spawn_background(sh.bootstrap, sh.shutdown.clone()));
+    serve_on(&sh.cfg.gateway.listen, gateway.router(), "gateway", sh.shutdown, tasks).await
+}
+
+/// Binds `addr` and serves `router` on it until shutdown.
+async fn serve_on(
+    addr: &str,
+    router: axum::Router,
+    what: &'static str,
+    shutdown: &Shutdown,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<SocketAddr, StartError> {
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr: addr.to_owned(), source })?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen { addr: addr.to_owned(), source })?;
+    let sd = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(listener, router, sd).await {
+            tracing::error!(error = %e, "{what} stopped");
+        }
+    }));
+    Ok(local)
 }
 
 /// The lake and shards a role writes (sinks) or queries (gateway). `sluice

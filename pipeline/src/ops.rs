@@ -9,8 +9,9 @@
 //! the same, and no served
 //! model's circuit breaker is open (an open breaker holds its jobs back in
 //! Kafka). Of a sink: Kafka answers, the lake's directory exists and every
-//! shard answers `SELECT 1`. Each check is bounded by [`CHECK_TIMEOUT`], so
-//! a probe never hangs on a dead dependency.
+//! shard answers `SELECT 1`. A process running several stages (`sluice up`)
+//! has one `Ops` holding the checks of them all. Each check is bounded by
+//! [`CHECK_TIMEOUT`], so a probe never hangs on a dead dependency.
 
 use std::path::PathBuf;
 use std::sync::Arc;

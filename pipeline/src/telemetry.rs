@@ -90,7 +90,7 @@ mod tests {
     fn every_emitted_metric_comes_from_the_catalog_and_every_entry_is_emitted() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut sources = Vec::new();
-        for dir in ["pipeline/src", "pipeline/adapters/src", "workers/src", "sql/src", "load-tests/src"] {
+        for dir in ["pipeline/src", "adapters/src", "workers/src", "sql/src", "load-tests/src"] {
             collect_rs(&root.join(dir), &mut sources);
         }
         assert!(sources.len() > 20, "found the sources: {}", sources.len());

@@ -23,7 +23,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_sql::Analytics;
 use sluice_workers::ModelCatalog;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -157,7 +156,7 @@ pub struct Gateway {
     in_flight: Arc<Semaphore>,
     waiters: Arc<Waiters>,
     cfg: Arc<GatewayConfig>,
-    /// `/healthz`, `/readyz` (Kafka and the store) and `/metrics`.
+    /// `/healthz`, `/readyz` (what this process depends on) and `/metrics`.
     ops: Ops,
     /// `POST /v1/sql`, when the lake or shards are configured.
     analytics: Option<Arc<Analytics>>,
@@ -168,18 +167,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(
-        producer: Producer,
-        store: Store,
-        catalog: Arc<ModelCatalog>,
-        cfg: GatewayConfig,
-        metrics: PrometheusHandle,
-    ) -> Gateway {
+    pub fn new(producer: Producer, store: Store, catalog: Arc<ModelCatalog>, cfg: GatewayConfig, ops: Ops) -> Gateway {
         if cfg.api_keys.is_empty() {
             tracing::warn!("no API keys configured: the gateway is OPEN (any caller, any tenant)");
         }
         Gateway {
-            ops: Ops::new(metrics, producer.clone()).with_store(store.clone()),
+            ops,
             producer,
             store,
             catalog,

@@ -54,7 +54,9 @@ async fn serve_gateway_over(
     std::fs::create_dir_all(&models).expect("temp dir");
     let catalog = ModelCatalog::load(sluice_workers::ModelRepository::new(&models), Vec::new()).expect("empty catalog");
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let mut gateway = Gateway::new(producer, Store::memory(&cfg.store()), Arc::new(catalog), cfg.gateway(), metrics);
+    let store = Store::memory(&cfg.store());
+    let ops = Ops::new(metrics, producer.clone()).with_store(store.clone());
+    let mut gateway = Gateway::new(producer, store, Arc::new(catalog), cfg.gateway(), ops);
     if let Some(lake) = lake {
         let sources = sluice_sql::Sources { lake: Some(lake.to_path_buf()), shards: vec![] };
         gateway = gateway.with_analytics(Arc::new(Analytics::new(sources, cfg.query_limits()).expect("analytics")));
@@ -362,7 +364,8 @@ async fn a_job_is_recorded_only_once_its_topic_holds_it() {
         Arc::new(ModelCatalog::load(sluice_workers::ModelRepository::new(&models), Vec::new()).expect("empty catalog"));
     let gateway = |producer: Producer| {
         let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-        Gateway::new(producer, store.clone(), catalog.clone(), cfg.gateway(), metrics)
+        let ops = Ops::new(metrics, producer.clone()).with_store(store.clone());
+        Gateway::new(producer, store.clone(), catalog.clone(), cfg.gateway(), ops)
     };
     let job = |id: &str, tenant: &str| {
         let v = serde_json::json!({"job_id": id, "tenant": tenant, "model": "m", "input": {"text": "x"}});
