@@ -2,7 +2,7 @@
 //! until stopped. `sluice up` is [`Role::Up`]: everything in one process.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,17 +12,17 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use sluice_sql::shards::redact;
-use sluice_sql::{Analytics, Lake, LakeError, QueryError, ShardError, ShardSet, Sources};
+use sluice_sql::{Analytics, QueryError, Sources};
 
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::kafka::{self, Consumer, EmbeddedBroker, KafkaError, Producer};
 use crate::ops::Ops;
 use crate::shutdown::{self, Shutdown, Trigger};
-use crate::sinks::{self, LakeSink, ShardSink, SinkHooks};
+use crate::sinks::{self, SinkError};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
-use crate::worker::{SharedTracker, Worker};
+use crate::worker::{SharedTracker, Worker, WorkerConfig};
 
 /// Which stages run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,14 +53,10 @@ pub enum StartError {
     Model(#[from] WorkerError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Lake(#[from] LakeError),
-    #[error(transparent)]
-    Shard(#[from] ShardError),
     #[error(transparent)]
     Analytics(#[from] QueryError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
 }
 
 /// A running Sluice; [`Sluice::stop`] shuts it down in order.
@@ -196,9 +192,18 @@ impl Sluice {
             (Some(pool), Some(store)) => Some(start_workers(&shared, pool, store, &names, &mut tasks)?),
             _ => None,
         };
-        let run_suffix = broker.as_ref().map(|_| chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string());
         let shard_set = if stages.sinks {
-            start_sinks(&shared, lake_dir.as_deref(), &shard_urls, run_suffix, &mut tasks)?
+            let shards = sinks::open_shards(&cfg, &shard_urls)?;
+            let ctx = sinks::Context {
+                cfg: &cfg,
+                bootstrap: &bootstrap,
+                shutdown: &shutdown,
+                lake: lake_dir.as_deref(),
+                shards: shards.clone(),
+                run_suffix: broker.as_ref().map(|_| chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f").to_string()),
+            };
+            sinks::start(&ctx, &mut tasks)?;
+            shards
         } else {
             None
         };
@@ -240,7 +245,7 @@ impl Sluice {
                         )
                     })
                     .transpose()?;
-                let gateway = Gateway::new(producer, store.clone(), catalog, cfg.gateway(), ops);
+                let gateway = Gateway::new(producer, store.clone(), catalog, GatewayConfig::from_config(&cfg), ops);
                 Some(start_gateway(&shared, gateway, analytics, &mut tasks).await?)
             }
             _ if cfg.ops.listen.is_empty() => None,
@@ -344,7 +349,7 @@ fn start_workers(
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Producer, StartError> {
     let (cfg, prefix) = (sh.cfg, &sh.cfg.kafka.topic_prefix);
-    let worker_cfg = cfg.worker();
+    let worker_cfg = WorkerConfig::from_config(cfg);
     let producer = Producer::with_max_message_bytes(
         sh.bootstrap,
         &worker_cfg.worker_id,
@@ -359,7 +364,7 @@ fn start_workers(
             &format!("{prefix}.workers.{name}"),
             &[topics::jobs(prefix, name)],
             tracker.clone(),
-            Some(cfg.worker_group_timeouts()),
+            Some(WorkerConfig::group_timeouts(cfg)),
         )?;
         let worker = Worker {
             consumer,
@@ -378,54 +383,6 @@ fn start_workers(
         }));
     }
     Ok(producer)
-}
-
-/// The results sinks: one consumer group each on the results topic. Returns
-/// the shards, when there are any.
-fn start_sinks(
-    sh: &Shared<'_>,
-    lake_dir: Option<&Path>,
-    shard_urls: &[String],
-    run_suffix: Option<String>,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Result<Option<Arc<ShardSet>>, StartError> {
-    let cfg = sh.cfg;
-    let results = topics::results(&cfg.kafka.topic_prefix);
-    let consumer = |client_id: &str, name: &str, hooks: Arc<SinkHooks>| {
-        Consumer::with_timeouts(
-            sh.bootstrap,
-            client_id,
-            &format!("{}.{name}", cfg.sink_group()),
-            std::slice::from_ref(&results),
-            hooks,
-            Some(cfg.sink_group_timeouts()),
-        )
-    };
-    if let Some(dir) = lake_dir {
-        let hooks = Arc::new(SinkHooks::default());
-        let consumer = consumer("sluice-sink-lake", "lake", hooks.clone())?;
-        let (sink, sd, c) = (LakeSink { lake: Lake::open(dir)?, run_suffix }, sh.shutdown.clone(), cfg.sink());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
-                tracing::error!(error = %e, "lake sink stopped");
-            }
-        }));
-    }
-    if shard_urls.is_empty() {
-        return Ok(None);
-    }
-    let strategy = cfg.shard_strategy().map_err(StartError::Config)?;
-    let timeout = Duration::from_millis(cfg.sinks.shard_timeout_ms.max(1));
-    let set = Arc::new(ShardSet::open(shard_urls, strategy, timeout)?);
-    let hooks = Arc::new(SinkHooks::default());
-    let consumer = consumer("sluice-sink-shards", "shards", hooks.clone())?;
-    let (sink, sd, c) = (ShardSink::new(set.clone()), sh.shutdown.clone(), cfg.sink());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = sinks::run(consumer, hooks, sink, c, sd).await {
-            tracing::error!(error = %e, "shard sink stopped");
-        }
-    }));
-    Ok(Some(set))
 }
 
 /// The REST gateway (serving its `Ops`'s routes among its own) and its

@@ -10,12 +10,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use sluice_workers::{BreakerConfig, EngineConfig, ExecutionProvider, ProviderFallback, SessionConfig};
 
-use sluice_sql::{QueryLimits, ShardStrategy};
+use sluice_sql::QueryLimits;
 
-use crate::gateway::{ApiKey, GatewayConfig};
-use crate::sinks::SinkConfig;
 use crate::store::StoreConfig;
-use crate::worker::WorkerConfig;
 
 /// The defaults, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -167,6 +164,22 @@ pub struct WorkerSection {
     pub max_poll_interval_ms: u64,
 }
 
+/// One configured API key (`[[gateway.api_keys]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The tenant the key acts as.
+    pub tenant: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    /// Jobs per second this tenant may submit (the default when absent).
+    #[serde(default)]
+    pub rate_per_second: Option<u32>,
+    /// Jobs this tenant may submit at once above its rate.
+    #[serde(default)]
+    pub rate_burst: Option<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySection {
@@ -248,104 +261,6 @@ impl Config {
         }
     }
 
-    pub fn worker(&self) -> WorkerConfig {
-        let w = &self.worker;
-        WorkerConfig {
-            worker_id: if w.id.is_empty() { default_worker_id() } else { w.id.clone() },
-            topic_prefix: self.kafka.topic_prefix.clone(),
-            max_in_flight: w.max_in_flight,
-            max_in_flight_bytes: w.max_in_flight_bytes,
-            resume_below: w.resume_below,
-            running_after: Duration::from_millis(w.running_status_after_ms),
-            max_attempts: w.max_attempts,
-            commit_interval: Duration::from_millis(w.commit_interval_ms),
-            drain_timeout: Duration::from_millis(w.drain_timeout_ms),
-            cache_shared: self.store.cache_shared,
-        }
-    }
-
-    pub fn gateway(&self) -> GatewayConfig {
-        let g = &self.gateway;
-        GatewayConfig {
-            topic_prefix: self.kafka.topic_prefix.clone(),
-            default_tenant: g.default_tenant.clone(),
-            max_body_bytes: g.max_body_bytes,
-            max_batch_bytes: g.max_batch_bytes,
-            max_items_per_request: g.max_items_per_request,
-            max_batch_lines: g.max_batch_lines,
-            max_concurrent_uploads: g.max_concurrent_uploads,
-            upload_timeout: Duration::from_millis(g.upload_timeout_ms.max(1)),
-            max_in_flight: g.max_in_flight,
-            max_backlog: g.max_backlog,
-            backlog_poll: Duration::from_millis(g.backlog_poll_ms.max(50)),
-            max_wait: Duration::from_secs(g.max_wait_secs),
-            max_waiters: g.max_waiters,
-            max_waiters_per_tenant: g.max_waiters_per_tenant,
-            rate_per_second: g.rate_per_second,
-            rate_burst: g.rate_burst,
-            api_keys: g.api_keys.clone(),
-            max_query_bytes: self.sql.max_query_bytes,
-            max_concurrent_queries: self.sql.max_concurrent,
-            open_mode_sql_all_tenants: self.sql.open_mode_all_tenants,
-        }
-    }
-
-    pub fn sink(&self) -> SinkConfig {
-        let s = &self.sinks;
-        SinkConfig {
-            flush_rows: s.flush_rows.max(1),
-            flush_bytes: s.flush_bytes.max(1),
-            flush_interval: Duration::from_millis(s.flush_interval_ms.max(1)),
-            retry_initial: Duration::from_millis(s.retry_initial_ms.max(1)),
-            retry_max: Duration::from_millis(s.retry_max_ms.max(s.retry_initial_ms).max(1)),
-        }
-    }
-
-    /// The shard strategy, checked against the number of shards.
-    pub fn shard_strategy(&self) -> Result<ShardStrategy, String> {
-        let s = &self.sinks;
-        let strategy = match s.shard_strategy.as_str() {
-            "hash_mod" => ShardStrategy::HashMod,
-            "jump" => ShardStrategy::Jump,
-            "time_range" => ShardStrategy::TimeRange {
-                boundaries: s
-                    .time_boundaries
-                    .iter()
-                    .map(|b| {
-                        chrono::DateTime::parse_from_rfc3339(b)
-                            .map(|t| t.with_timezone(&chrono::Utc))
-                            .map_err(|e| format!("sinks.time_boundaries: {b:?}: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?,
-            },
-            other => return Err(format!("sinks.shard_strategy {other:?}: expected hash_mod, jump or time_range")),
-        };
-        if !s.shards.is_empty() {
-            strategy.validate(s.shards.len()).map_err(|e| e.to_string())?;
-        }
-        Ok(strategy)
-    }
-
-    /// `(session timeout, max poll interval)` of the sinks' consumer groups.
-    pub fn sink_group_timeouts(&self) -> (Duration, Duration) {
-        let s = &self.sinks;
-        (Duration::from_millis(s.session_timeout_ms.max(1000)), Duration::from_millis(s.max_poll_interval_ms.max(1000)))
-    }
-
-    /// `(session timeout, max poll interval)` of the workers' consumer groups.
-    pub fn worker_group_timeouts(&self) -> (Duration, Duration) {
-        let w = &self.worker;
-        (Duration::from_millis(w.session_timeout_ms.max(1000)), Duration::from_millis(w.max_poll_interval_ms.max(1000)))
-    }
-
-    /// The sinks' consumer-group prefix (`<group>.lake`, `<group>.shards`).
-    pub fn sink_group(&self) -> String {
-        match self.sinks.consumer_group.as_str() {
-            "" => format!("{}.sink", self.kafka.topic_prefix),
-            g => g.to_owned(),
-        }
-    }
-
     pub fn query_limits(&self) -> QueryLimits {
         QueryLimits {
             max_query_memory_bytes: self.sql.max_query_memory_bytes,
@@ -368,11 +283,6 @@ impl Config {
     pub fn produce_timeout(&self) -> Duration {
         Duration::from_millis(self.kafka.produce_timeout_ms)
     }
-}
-
-fn default_worker_id() -> String {
-    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
-    format!("{host}-{}", std::process::id())
 }
 
 /// `~/x` → `$HOME/x` (the default model repository lives under the home

@@ -23,6 +23,4 @@ pub mod sinks;
 pub mod telemetry;
 pub mod worker;
 
-pub use app::{Role, Sluice, StartError};
-pub use config::Config;
 pub use sluice_adapters::{kafka, retry, shutdown, store};

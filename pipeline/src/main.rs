@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value, json};
-use sluice_pipeline::{Config, Role, Sluice, shutdown, telemetry};
+use sluice_pipeline::app::{Role, Sluice};
+use sluice_pipeline::config::Config;
+use sluice_pipeline::{shutdown, telemetry};
 
 // Many small allocations on several threads (records, JSON, batches):
 // mimalloc's per-thread heaps instead of glibc's arenas.

@@ -11,7 +11,7 @@ static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn prometheus() -> PrometheusHandle {
     PROMETHEUS
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = builder().build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
@@ -20,6 +20,17 @@ pub fn prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The exporter, with each histogram's buckets from the catalog (so it is
+/// exported as a Prometheus histogram, not a per-process summary).
+fn builder() -> PrometheusBuilder {
+    use metrics_exporter_prometheus::Matcher;
+    use sluice_schemas::metrics::{ALL, buckets};
+    ALL.iter().filter(|m| !buckets(m).is_empty()).fold(PrometheusBuilder::new(), |b, m| {
+        b.set_buckets_for_metric(Matcher::Full(m.name.to_owned()), buckets(m))
+            .expect("the catalog's buckets are not empty. This is a bug.")
+    })
 }
 
 /// Describes every metric of [`sluice_schemas::metrics::ALL`] to the
@@ -45,19 +56,20 @@ fn describe() {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,ort=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: container logs and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 #[cfg(test)]
 mod tests {
-    use metrics_exporter_prometheus::PrometheusBuilder;
     use sluice_schemas::metrics::{ALL, Kind};
 
     /// Every metric of the catalog, emitted once with its labels, is
     /// rendered with its `# HELP` text and its `# TYPE`.
     #[test]
     fn every_metric_of_the_catalog_is_exported_with_its_help() {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = super::builder().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             super::describe();
@@ -75,7 +87,7 @@ mod tests {
             let kind = match m.kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
-                Kind::Histogram => "summary",
+                Kind::Histogram => "histogram",
             };
             let help = format!("# HELP {} {}", m.name, m.help);
             assert!(text.lines().any(|l| l == help), "{}: no or another HELP line in\n{text}", m.name);
@@ -119,6 +131,37 @@ mod tests {
                     "{id} is declared but never emitted"
                 );
             }
+        }
+    }
+
+    /// The alert rules and the dashboard read only metrics Sluice exports,
+    /// under the names Prometheus gives them (`_bucket`, `_sum`, `_count`
+    /// only of histograms).
+    #[test]
+    fn the_alert_rules_and_the_dashboard_read_only_exported_metrics() {
+        use sluice_schemas::metrics::{ALL, Kind};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for file in ["deploy/prometheus/rules.yml", "deploy/grafana/dashboards/sluice.json"] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            let mut seen = 0;
+            for (at, _) in text.match_indices("sluice_") {
+                // A name, not the tail of `sluice:…` or of another word.
+                if at > 0 && text.as_bytes()[at - 1].is_ascii_alphanumeric() {
+                    continue;
+                }
+                let name: String = text[at..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                let (base, histogram_part) = match ["_bucket", "_sum", "_count"].iter().find(|s| name.ends_with(*s)) {
+                    Some(suffix) => (name.trim_end_matches(suffix), true),
+                    None => (name.as_str(), false),
+                };
+                let m = ALL.iter().find(|m| m.name == base || m.name == name);
+                let m = m.unwrap_or_else(|| panic!("{file}: {name} is not an exported metric"));
+                if histogram_part && m.name != name {
+                    assert_eq!(m.kind, Kind::Histogram, "{file}: {name} of a {:?}", m.kind);
+                }
+                seen += 1;
+            }
+            assert!(seen > 10, "{file}: read {seen} metric names");
         }
     }
 

@@ -38,6 +38,7 @@ use sluice_workers::{BreakerState, EngineJob, ModelPool, WorkerError};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::config::Config;
 use crate::kafka::{Consumer, KafkaError, Producer, RebalanceHooks, Record};
 use crate::offsets::OffsetTracker;
 use crate::retry::{Backoff, GaveUp, Retryable, retry};
@@ -83,6 +84,37 @@ pub struct WorkerConfig {
     /// a hit (`batch_size` 0) then tells a tenant that another submitted the
     /// same input. Off by default: each tenant has its own entries.
     pub cache_shared: bool,
+}
+
+impl WorkerConfig {
+    pub fn from_config(cfg: &Config) -> WorkerConfig {
+        let w = &cfg.worker;
+        WorkerConfig {
+            worker_id: if w.id.is_empty() { default_worker_id() } else { w.id.clone() },
+            topic_prefix: cfg.kafka.topic_prefix.clone(),
+            max_in_flight: w.max_in_flight,
+            max_in_flight_bytes: w.max_in_flight_bytes,
+            resume_below: w.resume_below,
+            running_after: Duration::from_millis(w.running_status_after_ms),
+            max_attempts: w.max_attempts,
+            commit_interval: Duration::from_millis(w.commit_interval_ms),
+            drain_timeout: Duration::from_millis(w.drain_timeout_ms),
+            cache_shared: cfg.store.cache_shared,
+        }
+    }
+
+    /// `(session timeout, max poll interval)` of the workers' consumer
+    /// groups (`worker.session_timeout_ms`, `worker.max_poll_interval_ms`).
+    pub fn group_timeouts(cfg: &Config) -> (Duration, Duration) {
+        let w = &cfg.worker;
+        (Duration::from_millis(w.session_timeout_ms.max(1000)), Duration::from_millis(w.max_poll_interval_ms.max(1000)))
+    }
+}
+
+/// `<host>-<pid>`, the worker id when `worker.id` is empty.
+fn default_worker_id() -> String {
+    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// The offsets tracker, shared with the consumer's rebalance callback.

@@ -173,6 +173,22 @@ async fn the_rest_api_accepts_jobs_and_answers_every_bad_request_with_a_json_err
     {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
+    // Histograms have buckets (aggregatable across processes), and every
+    // answer above is counted by tenant (open mode here) and status code.
+    assert!(
+        metrics.lines().any(|l| l.starts_with("sluice_batch_size_bucket{") && l.contains("le=\"32\"")),
+        "{metrics}"
+    );
+    let answered = |code: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("sluice_gateway_responses_total{")
+                && l.contains("tenant=\"open\"")
+                && l.contains(&format!("code=\"{code}\""))
+        })
+    };
+    for code in ["202", "404", "422"] {
+        assert!(answered(code), "no {code} answers counted in\n{metrics}");
+    }
     h.stop().await;
 }
 

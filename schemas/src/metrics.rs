@@ -59,6 +59,7 @@ catalog! {
     RATE_LIMITED = Counter Count "sluice_rate_limited_total" [] "Requests answered 429 because their tenant's rate limit was exceeded.";
     CONSUMER_LAG = Gauge Count "sluice_consumer_lag" ["model"] "Jobs in a model's topic past its worker group's committed offsets, as the gateway last sampled it.";
     SQL_QUERY_SECONDS = Histogram Seconds "sluice_sql_query_seconds" [] "Time to answer one POST /v1/sql query.";
+    GATEWAY_RESPONSES = Counter Count "sluice_gateway_responses_total" ["tenant", "code"] "Answers of the REST API under /v1, by the caller's tenant (its API key's; open without keys; unknown for a missing or unknown key) and HTTP status code.";
     // Workers.
     JOBS_COMPLETED = Counter Count "sluice_jobs_completed_total" ["model", "status"] "Jobs that reached a terminal status and were published, by model and status.";
     DEAD_LETTERED = Counter Count "sluice_dead_lettered_total" ["code"] "Records sent to the dead-letter topic, by error code.";
@@ -97,6 +98,26 @@ catalog! {
     SHARD_UP = Gauge None "sluice_sink_shard_up" ["shard"] "Whether the last write to a shard succeeded (1) or failed (0).";
 }
 
+/// Bucket bounds (Prometheus `le`) of a histogram, so that quantiles can
+/// be aggregated across processes (`histogram_quantile` over
+/// `sum by (le)`); empty for counters and gauges.
+pub fn buckets(m: &Metric) -> &'static [f64] {
+    const SECONDS: &[f64] =
+        &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+    const JOBS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0];
+    const TOKENS: &[f64] = &[16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0];
+    const WRITES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+    const RATIO: &[f64] = &[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0];
+    match (m.kind, m.unit) {
+        (Kind::Counter | Kind::Gauge, _) => &[],
+        (Kind::Histogram, Unit::Seconds) => SECONDS,
+        (Kind::Histogram, Unit::None) => RATIO,
+        (Kind::Histogram, Unit::Count) if m.name == BATCH_TOKENS.name => TOKENS,
+        (Kind::Histogram, Unit::Count) if m.name == STORE_BATCH_WRITES.name => WRITES,
+        (Kind::Histogram, Unit::Count) => JOBS,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +144,17 @@ mod tests {
             }
             assert!(m.help.len() > 10 && m.help.ends_with('.'), "{}: help {:?}", m.name, m.help);
         }
+    }
+
+    /// Every histogram has increasing buckets; nothing else has any.
+    #[test]
+    fn histograms_and_only_histograms_have_increasing_buckets() {
+        for m in ALL {
+            let b = buckets(m);
+            assert_eq!(m.kind == Kind::Histogram, !b.is_empty(), "{}", m.name);
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{}: {b:?}", m.name);
+        }
+        assert_eq!(buckets(&BATCH_SIZE).last(), Some(&256.0));
+        assert_eq!(buckets(&BATCH_PADDING).last(), Some(&1.0));
     }
 }

@@ -8,26 +8,11 @@
 use std::collections::HashMap;
 
 use axum::http::{HeaderMap, header};
-use serde::{Deserialize, Serialize};
+
 use sha2::{Digest, Sha256};
 
 use super::ApiError;
-
-/// One configured API key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKey {
-    /// The tenant the key acts as.
-    pub tenant: String,
-    /// Hex SHA-256 of the key.
-    pub sha256: String,
-    /// Jobs per second this tenant may submit (the default when absent).
-    #[serde(default)]
-    pub rate_per_second: Option<u32>,
-    /// Jobs this tenant may submit at once above its rate.
-    #[serde(default)]
-    pub rate_burst: Option<u32>,
-}
+use crate::config::ApiKey;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +69,17 @@ impl ApiKeys {
         !self.by_hash.is_empty()
     }
 
+    /// The caller's tenant as a metric label: its key's tenant, `open`
+    /// without keys, `unknown` for a missing or unknown key. Bounded by the
+    /// configured tenants, whatever callers send.
+    pub fn tenant_label(&self, headers: &HeaderMap) -> String {
+        match self.authenticate(headers) {
+            Ok(Caller { tenant: Some(t) }) => t,
+            Ok(Caller { tenant: None }) => "open".to_owned(),
+            Err(_) => "unknown".to_owned(),
+        }
+    }
+
     /// The caller of a request: its key's tenant, or open mode.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         if !self.enabled() {
@@ -132,5 +128,23 @@ mod tests {
         assert_eq!(open.acting_for(None, "dflt").unwrap(), "dflt");
         assert_eq!(open.acting_for(Some("globex".into()), "dflt").unwrap(), "globex");
         assert!(matches!(open.acting_for(Some("a/b".into()), "dflt"), Err(ApiError::Invalid { .. })));
+    }
+
+    /// The metric label never carries what a caller made up.
+    #[test]
+    fn the_tenant_label_is_a_configured_tenant_open_or_unknown() {
+        let keys = ApiKeys::new(&[ApiKey {
+            tenant: "acme".into(),
+            sha256: hash_key("s3cret"),
+            rate_per_second: None,
+            rate_burst: None,
+        }]);
+        let mut h = HeaderMap::new();
+        assert_eq!(keys.tenant_label(&h), "unknown");
+        h.insert("x-api-key", "made-up".parse().unwrap());
+        assert_eq!(keys.tenant_label(&h), "unknown");
+        h.insert("x-api-key", "s3cret".parse().unwrap());
+        assert_eq!(keys.tenant_label(&h), "acme");
+        assert_eq!(ApiKeys::new(&[]).tenant_label(&h), "open");
     }
 }

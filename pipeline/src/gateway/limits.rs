@@ -11,7 +11,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::ApiError;
-use super::auth::ApiKey;
+use crate::config::ApiKey;
 use crate::kafka::LagProbe;
 use crate::shutdown::Shutdown;
 

@@ -31,9 +31,11 @@ use utoipa::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
+pub use crate::config::ApiKey;
+use crate::config::Config;
 pub use crate::http::ApiError;
 use crate::ops::Ops;
-pub use auth::{ApiKey, hash_key};
+pub use auth::hash_key;
 use jobs::Waiters;
 use limits::{Backlog, RateLimits};
 
@@ -166,6 +168,34 @@ pub struct Gateway {
     upload_slots: Arc<Semaphore>,
 }
 
+impl GatewayConfig {
+    pub fn from_config(cfg: &Config) -> GatewayConfig {
+        let g = &cfg.gateway;
+        GatewayConfig {
+            topic_prefix: cfg.kafka.topic_prefix.clone(),
+            default_tenant: g.default_tenant.clone(),
+            max_body_bytes: g.max_body_bytes,
+            max_batch_bytes: g.max_batch_bytes,
+            max_items_per_request: g.max_items_per_request,
+            max_batch_lines: g.max_batch_lines,
+            max_concurrent_uploads: g.max_concurrent_uploads,
+            upload_timeout: Duration::from_millis(g.upload_timeout_ms.max(1)),
+            max_in_flight: g.max_in_flight,
+            max_backlog: g.max_backlog,
+            backlog_poll: Duration::from_millis(g.backlog_poll_ms.max(50)),
+            max_wait: Duration::from_secs(g.max_wait_secs),
+            max_waiters: g.max_waiters,
+            max_waiters_per_tenant: g.max_waiters_per_tenant,
+            rate_per_second: g.rate_per_second,
+            rate_burst: g.rate_burst,
+            api_keys: g.api_keys.clone(),
+            max_query_bytes: cfg.sql.max_query_bytes,
+            max_concurrent_queries: cfg.sql.max_concurrent,
+            open_mode_sql_all_tenants: cfg.sql.open_mode_all_tenants,
+        }
+    }
+}
+
 impl Gateway {
     pub fn new(producer: Producer, store: Store, catalog: Arc<ModelCatalog>, cfg: GatewayConfig, ops: Ops) -> Gateway {
         if cfg.api_keys.is_empty() {
@@ -206,6 +236,7 @@ impl Gateway {
                 ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
             })
             .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), count_responses))
             .with_state(self)
     }
 
@@ -253,6 +284,25 @@ impl Gateway {
             ApiError::InvalidJson(e.body_text())
         }
     }
+}
+
+/// Counts every answer under `/v1` by the caller's tenant and status code
+/// (`sluice_gateway_responses_total`): what a dashboard shows as 202s, 429s
+/// and 503s per tenant. The tenant label has a bounded set of values
+/// ([`auth::ApiKeys::tenant_label`]).
+async fn count_responses(
+    State(gw): State<Gateway>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let tenant = gw.keys.tenant_label(req.headers());
+    let response = next.run(req).await;
+    let code = response.status().as_str().to_owned();
+    metrics::counter!(sluice_schemas::metrics::GATEWAY_RESPONSES.name, "tenant" => tenant, "code" => code).increment(1);
+    response
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ async fn serve_gateway_over(
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let store = Store::memory(&cfg.store());
     let ops = Ops::new(metrics, producer.clone()).with_store(store.clone());
-    let mut gateway = Gateway::new(producer, store, Arc::new(catalog), cfg.gateway(), ops);
+    let mut gateway = Gateway::new(producer, store, Arc::new(catalog), GatewayConfig::from_config(&cfg), ops);
     if let Some(lake) = lake {
         let sources = sluice_sql::Sources { lake: Some(lake.to_path_buf()), shards: vec![] };
         gateway = gateway.with_analytics(Arc::new(Analytics::new(sources, cfg.query_limits()).expect("analytics")));
@@ -365,7 +365,7 @@ async fn a_job_is_recorded_only_once_its_topic_holds_it() {
     let gateway = |producer: Producer| {
         let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
         let ops = Ops::new(metrics, producer.clone()).with_store(store.clone());
-        Gateway::new(producer, store.clone(), catalog.clone(), cfg.gateway(), ops)
+        Gateway::new(producer, store.clone(), catalog.clone(), GatewayConfig::from_config(&cfg), ops)
     };
     let job = |id: &str, tenant: &str| {
         let v = serde_json::json!({"job_id": id, "tenant": tenant, "model": "m", "input": {"text": "x"}});
@@ -385,7 +385,7 @@ async fn a_job_is_recorded_only_once_its_topic_holds_it() {
     assert!(store.get("acme", "j1").await.expect("the store answers").is_none(), "nothing recorded for j1");
 
     let broker = EmbeddedBroker::start().expect("the embedded broker starts");
-    let topic = sluice_schemas::topics::jobs(&cfg.gateway().topic_prefix, "m");
+    let topic = sluice_schemas::topics::jobs(&GatewayConfig::from_config(&cfg).topic_prefix, "m");
     broker.create_topic(&topic, 1).expect("topic");
     let working = gateway(Producer::new(broker.bootstrap(), "t", Duration::from_secs(10)).expect("a producer"));
     let (created, body) = working.accept(&job("j1", "acme"), &acme, None).await.expect("accepted");

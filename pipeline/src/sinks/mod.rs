@@ -10,9 +10,11 @@
 //! consumed (the records wait in Kafka); it is never skipped, and rows are
 //! never re-routed to another destination.
 //!
-//! Each destination is a directory of its own (`lake/`, `shards/`: the
-//! [`Destination`] and its tests); a new consumer of the results topic is
-//! one more such directory and one `run` call where the app starts sinks.
+//! Each destination is a directory of its own with the same files:
+//! `config.rs` (its settings, and how it is built from the configuration;
+//! `None` where it is not configured), `mod.rs` (the [`Destination`]) and
+//! `tests.rs`. A new consumer of the results topic is one more such
+//! directory and one line in [`start`].
 //!
 //! - [`LakeSink`]: one [`sluice_sql::Lake::commit`] per topic-partition per flush. The
 //!   lake is its own commit log ([`sluice_sql::Lake::recover`]), so records at offsets
@@ -26,20 +28,23 @@
 //!   Upserts are keyed by (`tenant`, `job_id`), so a replay writes nothing new.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sluice_schemas::results_table::ResultRow;
-use sluice_schemas::{JobResult, headers};
-use sluice_sql::{LakeError, ShardError};
+use sluice_schemas::{JobResult, headers, topics};
+use sluice_sql::{LakeError, ShardError, ShardSet};
+use tokio::task::JoinHandle;
 
 mod lake;
 mod shards;
 
 pub use lake::LakeSink;
-pub use shards::ShardSink;
+pub use shards::{ShardSink, open_shards};
 
+use crate::config::Config;
 use crate::kafka::{Consumer, KafkaError, RebalanceHooks, Record};
 use crate::retry::{Attempts, Backoff, GaveUp, Retryable};
 use crate::shutdown::Shutdown;
@@ -53,6 +58,73 @@ pub enum SinkError {
     Lake(#[from] LakeError),
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// What the results consumers of one process share.
+pub struct Context<'a> {
+    pub cfg: &'a Config,
+    pub bootstrap: &'a str,
+    pub shutdown: &'a Shutdown,
+    /// The lake (`sinks.lake`, or `sluice up`'s default).
+    pub lake: Option<&'a Path>,
+    /// The shards, opened (`sinks.shards`, or `sluice up`'s default).
+    pub shards: Option<Arc<ShardSet>>,
+    /// Names the embedded broker's runs apart in the lake's commit log (the
+    /// embedded broker starts every run at offset 0); `None` with a real
+    /// broker.
+    pub run_suffix: Option<String>,
+}
+
+/// Starts every consumer of the results topic that is configured, each in
+/// its own consumer group. A new consumer is a directory of this module and
+/// one line here.
+pub fn start(ctx: &Context<'_>, tasks: &mut Vec<JoinHandle<()>>) -> Result<(), SinkError> {
+    spawn(ctx, LakeSink::from_config(ctx)?, tasks)?;
+    spawn(ctx, ShardSink::from_config(ctx), tasks)?;
+    Ok(())
+}
+
+/// Runs `dest`, when configured, in the consumer group
+/// `<sinks.consumer_group>.<name>` until shutdown.
+fn spawn<D: Destination + 'static>(
+    ctx: &Context<'_>,
+    dest: Option<D>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<(), SinkError> {
+    let Some(dest) = dest else { return Ok(()) };
+    let (cfg, name) = (ctx.cfg, dest.name());
+    let hooks = Arc::new(SinkHooks::default());
+    let consumer = Consumer::with_timeouts(
+        ctx.bootstrap,
+        &format!("sluice-sink-{name}"),
+        &format!("{}.{name}", group_prefix(cfg)),
+        &[topics::results(&cfg.kafka.topic_prefix)],
+        hooks.clone(),
+        Some(group_timeouts(cfg)),
+    )?;
+    let (settings, sd) = (SinkConfig::from_config(cfg), ctx.shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = run(consumer, hooks, dest, settings, sd).await {
+            tracing::error!(sink = name, error = %e, "sink stopped");
+        }
+    }));
+    Ok(())
+}
+
+/// The sinks' consumer-group prefix (`<group>.lake`, `<group>.shards`).
+pub fn group_prefix(cfg: &Config) -> String {
+    match cfg.sinks.consumer_group.as_str() {
+        "" => format!("{}.sink", cfg.kafka.topic_prefix),
+        g => g.to_owned(),
+    }
+}
+
+/// `(session timeout, max poll interval)` of the sinks' consumer groups.
+fn group_timeouts(cfg: &Config) -> (Duration, Duration) {
+    let s = &cfg.sinks;
+    (Duration::from_millis(s.session_timeout_ms.max(1000)), Duration::from_millis(s.max_poll_interval_ms.max(1000)))
 }
 
 /// Buffering and retry settings of a sink (`[sinks]` in the config).
@@ -67,6 +139,19 @@ pub struct SinkConfig {
     /// First retry delay of a failed flush; doubles up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+}
+
+impl SinkConfig {
+    pub fn from_config(cfg: &Config) -> SinkConfig {
+        let s = &cfg.sinks;
+        SinkConfig {
+            flush_rows: s.flush_rows.max(1),
+            flush_bytes: s.flush_bytes.max(1),
+            flush_interval: Duration::from_millis(s.flush_interval_ms.max(1)),
+            retry_initial: Duration::from_millis(s.retry_initial_ms.max(1)),
+            retry_max: Duration::from_millis(s.retry_max_ms.max(s.retry_initial_ms).max(1)),
+        }
+    }
 }
 
 /// A place rows are flushed to.
@@ -316,6 +401,7 @@ impl Retryable for SinkError {
             SinkError::Lake(LakeError::Io { .. } | LakeError::Parquet { .. }) => true,
             SinkError::Lake(LakeError::Arrow(_) | LakeError::Corrupt(_)) => false,
             SinkError::Shard(e) => e.is_retryable(),
+            SinkError::Config(_) => false,
         }
     }
 }

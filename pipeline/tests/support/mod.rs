@@ -18,7 +18,8 @@
 #![allow(dead_code, unused_imports)] // A prelude and helpers: each binary uses part of them.
 
 pub use serde_json::{Value, json};
-pub use sluice_pipeline::{Config, Role, Sluice};
+pub use sluice_pipeline::app::{Role, Sluice};
+pub use sluice_pipeline::config::Config;
 pub use std::io::Write;
 pub use std::path::PathBuf;
 pub use std::process::{Command, Stdio};

@@ -2,6 +2,8 @@
 //! (the lake's manifests are its commit log; a result published again is
 //! checked against what the lake holds).
 
+mod config;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use sluice_schemas::results_table::ResultRow;

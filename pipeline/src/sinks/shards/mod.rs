@@ -2,6 +2,9 @@
 //! (upserts keyed by (`tenant`, `job_id`); a retried flush goes only to the
 //! shards that failed).
 
+mod config;
+pub use config::open_shards;
+
 use std::sync::Arc;
 
 use sluice_schemas::results_table::ResultRow;
