@@ -25,9 +25,12 @@ export SLUICE_TEST_PYTHON := $(PY)
 # Resolved when a recipe runs (the venv may not exist when make starts).
 ORT_ENV = export ORT_DYLIB_PATH="$$(ls $(VENV)/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)"
 
-APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates kcat chromium
+APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redis-server postgresql postgresql-client curl ca-certificates kcat chromium prometheus
+# `make image` and `make deploy-test` only: podman with runc, and debootstrap
+# for the locally built Debian base (no image registry is needed).
+IMAGE_APT_PACKAGES := podman buildah runc debootstrap binutils
 
-.PHONY: bench bench-e2e load help install setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
+.PHONY: image deploy-test image-deps bench bench-e2e load help install setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
 
 help:
 	@echo "make install install what is missing, build release sluice and sluice-load into $(PREFIX)/bin"
@@ -37,18 +40,25 @@ help:
 	@echo "make bench   batching benchmark: raw ONNX Runtime ceiling vs the engine"
 	@echo "make bench-e2e  end-to-end throughput (release): Kafka -> sluice -> Redis vs the raw ONNX Runtime ceiling"
 	@echo "make load    load scenarios (steady, capacity, spike, tenants) against sluice up; reports in $(LOAD_DIR)"
+	@echo "make image   container image localhost/sluice (release build, ONNX Runtime, no compiler) and its -minilm variant"
+	@echo "make deploy-test  the image as a deployment here (gateway, 2 workers, sink, Prometheus): kill a worker mid-load, check"
 	@echo "make lint    rustfmt check + clippy"
 
 ## --- installation (idempotent) ---------------------------------------------
 
-system-deps:
+# $(call apt_install,PACKAGES,APT-GET FLAGS): installs those not installed yet.
+define apt_install
 	@missing=""; \
-	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(2) $$missing >/dev/null; \
 	fi
+endef
+
+system-deps:
+	$(call apt_install,$(APT_PACKAGES))
 	@command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.92+ (rustup)" >&2; exit 1; }
 
 python-deps: system-deps
@@ -102,7 +112,7 @@ demo: install
 # fetches down). `make test TEST_ARGS=--nocapture` also prints what the tests measure
 # (SIGKILL duplicates, backlog RSS, hot reload, canary share, spike, ...).
 TEST_ARGS ?=
-test: setup tansu install
+test: setup tansu install image-deps
 	cargo build --workspace --bins --tests
 	@$(ORT_ENV); \
 	deploy/local/services.sh stop $(SERVICES_DIR); rm -rf $(SERVICES_DIR); \
@@ -114,10 +124,14 @@ test: setup tansu install
 	cargo test --workspace --no-fail-fast --exclude sluice-pipeline -- $(TEST_ARGS) || status=$$?; \
 	cargo test -p sluice-pipeline --no-fail-fast -- --test-threads=1 $(TEST_ARGS) || status=$$?; \
 	$(PY) deploy/k8s/check.py --sluice $(BIN)/sluice || status=$$?; \
+	promtool check config deploy/prometheus/prometheus.yml || status=$$?; \
+	promtool test rules deploy/prometheus/rules.test.yml || status=$$?; \
 	$(RELEASE)/sluice-load bench --quick --sluice $(RELEASE)/sluice --models $(MODELS) --python $(PY) \
 	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $(SERVICES_DIR) \
 	  --out $(SERVICES_DIR)/bench-smoke.json || status=$$?; \
 	env -u ORT_DYLIB_PATH -u SLUICE_MODEL_REPO $(PY) deploy/local/readme_quickstart.py README.md || status=$$?; \
+	{ deploy/image/build.sh $(RELEASE)/sluice "$$ORT_DYLIB_PATH" $(MODELS) && \
+	  $(PY) deploy/local/cluster.py test $(CACHE)/cluster; } || status=$$?; \
 	exit $$status
 
 ## --- development -----------------------------------------------------------
@@ -177,6 +191,27 @@ load: setup tansu
 	else status=1; fi; \
 	deploy/local/services.sh stop $$sdir >/dev/null; \
 	echo "reports: $$dir/*/report.html"; exit $$status
+
+## --- deployment ----------------------------------------------------------------
+
+image-deps:
+	$(call apt_install,$(IMAGE_APT_PACKAGES),--no-install-recommends)
+
+# localhost/sluice:<version> (and :latest) and localhost/sluice:<version>-minilm,
+# built with podman from deploy/image/Containerfile on a Debian 12 base made
+# here by debootstrap (deploy/image/build.sh).
+image: setup image-deps
+	cargo build --release --bin sluice
+	@$(ORT_ENV); deploy/image/build.sh $(RELEASE)/sluice "$$ORT_DYLIB_PATH" $(MODELS)
+
+# The image as a deployment on this machine (deploy/local/cluster.py): tansu,
+# Redis, two PostgreSQL shards, a gateway, two workers and a sink in
+# containers, Prometheus; a worker is SIGKILLed mid-load and another added;
+# every job must finish once and land once in the lake and the shards, and
+# every alert's metrics and dashboard panel must have data. About a minute
+# once the image is built; `make test` runs it too.
+deploy-test: image tansu
+	$(PY) deploy/local/cluster.py test $(CACHE)/cluster
 
 services-start: tansu
 	deploy/local/services.sh start $(SERVICES_DIR)

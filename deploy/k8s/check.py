@@ -11,6 +11,13 @@
    scrape annotations point at the port the process listens on, volumes are
    mounted where the configuration looks (models, lake), required settings
    are present for the role, and the grace period covers the drain.
+5. Autoscaling (autoscaling/): the KEDA ScaledObject and the HPA fallback
+   target the worker Deployment, scale on the lag of the worker group on
+   each served model's topic, keep lagThreshold >= worker.max_in_flight and
+   maxReplicaCount <= kafka.partitions.
+6. The GPU overlay (gpu/): the worker with gpu/worker.patch.yaml applied
+   passes 1, 3 and 4, asks for GPUs, and its configuration runs the CUDA
+   provider without CPU fallback, one inference thread per GPU.
 
 Usage: check.py --sluice PATH/TO/sluice
 """
@@ -95,6 +102,13 @@ def main():
     if roles_seen != ROLES:
         fail("manifests", f"roles deployed {sorted(roles_seen)}, expected {sorted(ROLES)}")
 
+    worker = next(d for _, d in deployments if d["metadata"]["name"] == "sluice-worker")
+    with tempfile.TemporaryDirectory() as tmp:
+        pod = worker["spec"]["template"]["spec"]
+        worker_cfg = effective_config("worker.yaml", pod["containers"][0], pod, toml_text, secret, args.sluice, tmp)
+        check_autoscaling(worker, worker_cfg)
+        check_gpu(worker, toml_text, secret, args.sluice, tmp)
+
     if failures:
         print("deploy/k8s: FAILED", file=sys.stderr)
         for f in failures:
@@ -103,6 +117,115 @@ def main():
     n = sum(len(ds) for ds in docs.values())
     print(f"deploy/k8s: {n} documents valid for Kubernetes {KUBERNETES_VERSION}; "
           f"{len(deployments)} Sluice deployments agree with their configuration")
+
+
+def check_kustomization(directory, expected):
+    k = documents(directory / "kustomization.yaml")[0]
+    listed = set(k.get("resources", [])) | {p["path"] for p in k.get("patches", [])}
+    if listed != expected:
+        fail(f"{directory.name}/kustomization.yaml", f"lists {sorted(listed)}, expected {sorted(expected)}")
+    for r in listed:
+        if not (directory / r).exists():
+            fail(f"{directory.name}/kustomization.yaml", f"{r} does not exist")
+
+
+def check_autoscaling(worker, cfg):
+    """KEDA's ScaledObject and the HPA fallback against the workers' configuration."""
+    d = HERE / "autoscaling"
+    check_kustomization(d, {"../", "keda.yaml"})
+    if cfg is None:
+        return
+    name = worker["metadata"]["name"]
+    partitions, in_flight = cfg["kafka"]["partitions"], cfg["worker"]["max_in_flight"]
+    prefix, models = cfg["kafka"]["topic_prefix"], cfg["models"]["serve"]
+
+    so = documents(d / "keda.yaml")[0]
+    where = "autoscaling/keda.yaml"
+    if (so.get("apiVersion"), so.get("kind")) != ("keda.sh/v1alpha1", "ScaledObject"):
+        fail(where, f"{so.get('apiVersion')} {so.get('kind')}: expected keda.sh/v1alpha1 ScaledObject")
+    spec = so.get("spec", {})
+    known = {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod",
+             "idleReplicaCount", "advanced", "triggers", "fallback"}
+    if set(spec) - known:
+        fail(where, f"unknown spec fields {sorted(set(spec) - known)}")
+    ref = spec.get("scaleTargetRef", {})
+    if (ref.get("kind", "Deployment"), ref.get("name")) != ("Deployment", name):
+        fail(where, f"scaleTargetRef {ref} is not the Deployment {name}")
+    lo, hi = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    if not 1 <= lo <= hi <= partitions:
+        fail(where, f"replicas {lo}..{hi}: need 1 <= min <= max <= kafka.partitions ({partitions})")
+    triggers = [t for t in spec.get("triggers", []) if t.get("type") == "kafka"]
+    topics = {t["metadata"].get("topic") for t in triggers}
+    if topics != {f"{prefix}.jobs.{m}" for m in models}:
+        fail(where, f"kafka triggers on {sorted(topics)}, but the workers serve {models}")
+    for t in triggers:
+        m = t["metadata"]
+        model = m.get("topic", "").removeprefix(f"{prefix}.jobs.")
+        if m.get("consumerGroup") != f"{prefix}.workers.{model}":
+            fail(where, f"consumerGroup {m.get('consumerGroup')}: the workers' group is {prefix}.workers.{model}")
+        if m.get("bootstrapServers") != cfg["kafka"]["brokers"]:
+            fail(where, f"bootstrapServers {m.get('bootstrapServers')} is not kafka.brokers")
+        if int(m.get("lagThreshold", 0)) < in_flight:
+            fail(where, f"lagThreshold {m.get('lagThreshold')} < worker.max_in_flight {in_flight}: "
+                        "one busy worker would look like a backlog")
+        if m.get("allowIdleConsumers", "false") != "false":
+            fail(where, "allowIdleConsumers: replicas beyond the partitions only idle")
+
+    hpa = documents(d / "hpa.yaml")[0]
+    where = "autoscaling/hpa.yaml"
+    try:
+        kubernetes_validate.validate(hpa, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        fail(where, f"schema: {e.message} at {'/'.join(map(str, e.path))}")
+    hs = hpa["spec"]
+    if hs["scaleTargetRef"]["name"] != name or not 1 <= hs.get("minReplicas", 1) <= hs["maxReplicas"] <= partitions:
+        fail(where, f"target {hs['scaleTargetRef']['name']}, replicas up to {hs['maxReplicas']} (partitions {partitions})")
+    for metric in hs["metrics"]:
+        ext = metric.get("external", {})
+        if ext.get("metric", {}).get("name") != "sluice_consumer_lag":
+            fail(where, f"scales on {ext.get('metric')}, not sluice_consumer_lag")
+        if int(ext.get("target", {}).get("averageValue", 0)) < in_flight:
+            fail(where, f"averageValue {ext.get('target')} < worker.max_in_flight {in_flight}")
+
+
+def strategic_merge(base, patch):
+    """Kubernetes' strategic merge, as far as the overlays here use it: maps
+    merge, lists of named items merge by name, other values are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    named = lambda xs: all(isinstance(x, dict) and "name" in x for x in xs)  # noqa: E731
+    if isinstance(base, list) and isinstance(patch, list) and named(base) and named(patch):
+        out = list(base)
+        for p in patch:
+            i = next((j for j, x in enumerate(out) if x["name"] == p["name"]), None)
+            out = out + [p] if i is None else out[:i] + [strategic_merge(out[i], p)] + out[i + 1:]
+        return out
+    return patch
+
+
+def check_gpu(worker, toml_text, secret, sluice, tmp):
+    d = HERE / "gpu"
+    check_kustomization(d, {"../autoscaling", "worker.patch.yaml"})
+    gpu = strategic_merge(worker, documents(d / "worker.patch.yaml")[0])
+    where = "gpu/worker.patch.yaml on worker.yaml"
+    try:
+        kubernetes_validate.validate(gpu, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        fail(where, f"schema: {e.message} at {'/'.join(map(str, e.path))}")
+    pod = gpu["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    cfg = effective_config(where, c, pod, toml_text, secret, sluice, tmp)
+    if cfg is None:
+        return
+    check_container(where, "worker", c, pod, gpu, cfg)
+    gpus = int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+    if gpus < 1:
+        fail(where, "no nvidia.com/gpu limit")
+    engine = cfg["engine"]
+    if (engine["provider"], engine["cuda_fallback"]) != ("cuda", "fail"):
+        fail(where, f"provider {engine['provider']}, fallback {engine['cuda_fallback']}: want cuda without fallback")
+    if engine["inference_threads"] != gpus:
+        fail(where, f"inference_threads {engine['inference_threads']} for {gpus} GPU(s): one session per GPU")
 
 
 def effective_config(where, container, pod, toml_text, secret, sluice, tmp):

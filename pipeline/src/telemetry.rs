@@ -17,6 +17,7 @@ pub fn prometheus() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
             describe();
+            zero_counters();
             handle
         })
         .clone()
@@ -49,6 +50,18 @@ fn describe() {
             Kind::Gauge => r.describe_gauge(key, unit, help),
             Kind::Histogram => r.describe_histogram(key, unit, help),
         });
+    }
+}
+
+/// Exports every counter without labels at 0 from the start, so that a rule
+/// like `increase(sluice_dead_letter_failures_total[10m]) > 0` has a series
+/// to read before the first increment (counters with labels appear with
+/// their first labelled increment).
+fn zero_counters() {
+    use sluice_schemas::metrics::{ALL, Kind};
+    let meta = metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+    for m in ALL.iter().filter(|m| m.kind == Kind::Counter && m.labels.is_empty()) {
+        metrics::with_recorder(|r| r.register_counter(&metrics::Key::from_static_name(m.name), &meta).absolute(0));
     }
 }
 
@@ -92,6 +105,18 @@ mod tests {
             let help = format!("# HELP {} {}", m.name, m.help);
             assert!(text.lines().any(|l| l == help), "{}: no or another HELP line in\n{text}", m.name);
             assert!(text.lines().any(|l| l == format!("# TYPE {} {kind}", m.name)), "{}: TYPE in\n{text}", m.name);
+        }
+    }
+
+    /// Counters without labels are exported at 0 before anything happens.
+    #[test]
+    fn counters_without_labels_are_exported_from_the_start() {
+        let recorder = super::builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, super::zero_counters);
+        let text = handle.render();
+        for name in ["sluice_dead_letter_failures_total", "sluice_consumer_offset_resets_total"] {
+            assert!(text.lines().any(|l| l == format!("{name} 0")), "{name} in\n{text}");
         }
     }
 
