@@ -118,7 +118,7 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
                         "tenant": "demo",
                         "model": MODEL,
                         "input": {"text": s.text},
-                        "metadata": {"topic": s.topic},
+                        "metadata": {"topic": s.topic, "text": s.text, "via": "kafka"},
                         "submitted_at": chrono::Utc::now().to_rfc3339(),
                     })
                     .to_string()
@@ -135,7 +135,14 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
         .into_iter()
         .collect::<Result<_, _>>()?;
     let rest_ids: Vec<String> = stream::iter(sentences.iter())
-        .map(|s| run.submit_rest(&s.text))
+        .map(|s| {
+            run.submit(json!({
+                "tenant": "demo",
+                "model": MODEL,
+                "input": {"text": s.text},
+                "metadata": {"topic": s.topic, "text": s.text, "via": "rest"},
+            }))
+        })
         .buffered(concurrency)
         .collect::<Vec<_>>()
         .await
@@ -231,6 +238,33 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
         shards = sql("SELECT count(*) AS n FROM shards").await?;
     }
     println!("   POST /v1/sql: {lake} jobs in the Parquet lake, {shards} in the SQL shards");
+
+    println!("\n== search: the stored jobs nearest a new question (POST /v1/search, exact cosine over the lake)");
+    for (query, topic) in
+        [("My tomato seedlings are wilting, what should I do?", "gardening"), ("Will it snow tomorrow?", "weather")]
+    {
+        // Every sentence went in twice (REST and Kafka): search one copy.
+        let body =
+            json!({"model": MODEL, "text": query, "k": 3, "tenant": "demo", "filter": {"metadata": {"via": "kafka"}}});
+        let r = client.post(format!("{http}/v1/search")).json(&body).send().await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        ensure!(status.is_success(), "POST /v1/search: {status} {v}");
+        println!("   \"{query}\" ({} ms)", v["elapsed_ms"]);
+        let hits = v["results"].as_array().context("no results")?;
+        for h in hits {
+            println!(
+                "     {:.3}  [{}] {}",
+                h["score"].as_f64().unwrap_or(f64::NAN),
+                h["metadata"]["topic"].as_str().unwrap_or("-"),
+                h["metadata"]["text"].as_str().unwrap_or_default()
+            );
+        }
+        ensure!(
+            hits.first().is_some_and(|h| h["metadata"]["topic"] == topic),
+            "the nearest job of \"{query}\" is not about {topic}: {v}"
+        );
+    }
 
     println!("\n== stopping sluice (SIGTERM: drain, flush the sinks, commit, leave the groups)");
     child.stop().await?;

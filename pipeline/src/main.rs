@@ -44,6 +44,8 @@ enum Command {
     Publish(PublishArgs),
     /// Wait for a job through the REST API and print its record.
     Poll(PollArgs),
+    /// The stored jobs nearest a text, through the REST API (POST /v1/search).
+    Search(SearchArgs),
     /// Print the REST API's OpenAPI 3.1 document (what `GET /openapi.json` serves).
     Openapi,
     /// Print the SHA-256 of an API key, as `gateway.api_keys` wants it.
@@ -111,6 +113,33 @@ struct PollArgs {
     /// a job published to Kafka has no record until a worker picks it up).
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+}
+
+#[derive(Args)]
+struct SearchArgs {
+    /// The text to search with (embedded by --model through the job path).
+    text: String,
+    /// The model whose embeddings are searched.
+    #[arg(long, default_value = "all-minilm-l6-v2")]
+    model: String,
+    /// How many neighbours.
+    #[arg(long, short, default_value_t = 10)]
+    k: usize,
+    /// Only jobs with this metadata entry (KEY=VALUE; repeat for several).
+    #[arg(long = "where", value_name = "KEY=VALUE")]
+    filters: Vec<String>,
+    /// Base URL of the REST API.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// API key (when the gateway requires one).
+    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Whose jobs: open mode only (the gateway's default tenant when absent).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Print the answer as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -199,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Publish(a) => return publish(cli.config.as_deref(), a).await,
         Command::Poll(a) => return poll(a).await,
+        Command::Search(a) => return search(a).await,
         Command::Openapi => {
             println!("{}", sluice_pipeline::gateway::openapi().to_pretty_json()?);
             return Ok(());
@@ -329,6 +359,49 @@ async fn sql(config: Option<&std::path::Path>, a: &SqlArgs) -> anyhow::Result<()
         if answer.truncated { " (truncated)" } else { "" },
         answer.elapsed.as_secs_f64() * 1000.0
     );
+    Ok(())
+}
+
+async fn search(a: &SearchArgs) -> anyhow::Result<()> {
+    let mut metadata = serde_json::Map::new();
+    for f in &a.filters {
+        let (k, v) = f.split_once('=').with_context(|| format!("--where {f:?}: expected KEY=VALUE"))?;
+        metadata.insert(k.to_owned(), Value::String(v.to_owned()));
+    }
+    let mut body = serde_json::json!({"model": a.model, "text": a.text, "k": a.k, "filter": {"metadata": metadata}});
+    if let Some(t) = &a.tenant {
+        body["tenant"] = Value::String(t.clone());
+    }
+    let mut req = reqwest::Client::new().post(format!("{}/v1/search", a.url.trim_end_matches('/'))).json(&body);
+    if let Some(k) = &a.api_key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.context("cannot reach the REST API")?;
+    let status = resp.status();
+    let answer: Value = resp.json().await.context("the REST API did not answer JSON")?;
+    if !status.is_success() {
+        eprintln!("{}", serde_json::to_string_pretty(&answer)?);
+        std::process::exit(2);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    println!("{} version {} ({} ms):", answer["model"], answer["model_version"], answer["elapsed_ms"]);
+    for n in answer["results"].as_array().into_iter().flatten() {
+        let meta: Vec<String> = n["metadata"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        println!(
+            "  {:.4}  {}  {}",
+            n["score"].as_f64().unwrap_or(f64::NAN),
+            n["job_id"].as_str().unwrap_or_default(),
+            meta.join(" ")
+        );
+    }
     Ok(())
 }
 

@@ -455,3 +455,79 @@ async fn sql_over_http_sees_only_the_callers_rows_and_refuses_writes() {
     }
     h.stop().await;
 }
+
+/// Issue 12: `POST /v1/search` finds a tenant's nearest stored jobs by
+/// their embeddings, with their metadata, and never another tenant's; a
+/// text query's own embedding job is never a result; bad searches get clear
+/// errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_finds_the_callers_nearest_jobs_with_their_metadata() {
+    use reqwest::Method;
+    let prefix = unique_prefix("search");
+    let mut extra = keys_config();
+    extra["sinks"] = json!({"lake": scratch(&prefix).join("lake"), "flush_interval_ms": 200});
+    let mut h = Harness::start_with(prefix, true, extra).await;
+    let docs = [
+        ("d-cat", "The cat sat on the warm windowsill all afternoon."),
+        ("d-rust", "Rust's borrow checker rejects data races at compile time."),
+        ("d-rain", "Heavy rain is expected across the north this weekend."),
+    ];
+    // acme stores three documents; globex stores the cat sentence too.
+    for (id, text) in docs {
+        let job =
+            json!({"job_id": id, "model": MODEL, "input": {"text": text}, "metadata": {"doc": id, "source": "kb"}});
+        let (code, _, body) = h.call(Method::POST, "/v1/jobs", Some("acme-key"), Some(job.to_string())).await;
+        assert_eq!(code, 202, "{body}");
+    }
+    let theirs = json!({"job_id": "g-cat", "model": MODEL, "input": {"text": docs[0].1}, "metadata": {"doc": "g-cat"}});
+    assert_eq!(h.call(Method::POST, "/v1/jobs", Some("globex-key"), Some(theirs.to_string())).await.0, 202);
+    let count = json!({"query": "SELECT count(*) AS n FROM results"}).to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (key, n) in [("acme-key", 3), ("globex-key", 1)] {
+        while h.call(Method::POST, "/v1/sql", Some(key), Some(count.clone())).await.2["rows"][0]["n"] != n {
+            assert!(Instant::now() < deadline, "{key}'s jobs never reached the lake");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    let search = |body: serde_json::Value| body.to_string();
+    let q = search(json!({"model": MODEL, "text": "a kitten dozing in the sun by the window", "k": 3}));
+    let (code, _, body) = h.call(Method::POST, "/v1/search", Some("acme-key"), Some(q.clone())).await;
+    assert_eq!(code, 200, "{body}");
+    let ids: Vec<&str> = body["results"].as_array().unwrap().iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+    assert_eq!(ids[0], "d-cat", "the nearest document first: {body}");
+    assert_eq!(ids.len(), 3, "only acme's three documents, not the query itself nor globex's: {body}");
+    assert_eq!(body["results"][0]["metadata"], json!({"doc": "d-cat", "source": "kb"}), "{body}");
+    assert_eq!(body["model_version"], "1");
+    let scores: Vec<f64> = body["results"].as_array().unwrap().iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "nearest first: {scores:?}");
+    // Searching again: the first query's embedding job is not a result.
+    let (_, _, again) = h.call(Method::POST, "/v1/search", Some("acme-key"), Some(q)).await;
+    assert_eq!(again["results"].as_array().unwrap().len(), 3, "{again}");
+
+    // globex finds only its own cat; a metadata filter narrows acme's.
+    let exact = search(json!({"model": MODEL, "text": docs[0].1, "k": 10}));
+    let (code, _, body) = h.call(Method::POST, "/v1/search", Some("globex-key"), Some(exact)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["results"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(body["results"][0]["job_id"], "g-cat");
+    assert!(body["results"][0]["score"].as_f64().unwrap() > 0.999, "the same text: {body}");
+    let filtered =
+        search(json!({"model": MODEL, "text": "weather", "k": 5, "filter": {"metadata": {"doc": "d-rust"}}}));
+    let (_, _, body) = h.call(Method::POST, "/v1/search", Some("acme-key"), Some(filtered)).await;
+    let ids: Vec<&str> = body["results"].as_array().unwrap().iter().map(|r| r["job_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["d-rust"], "{body}");
+
+    for (body, status, code) in [
+        (json!({"model": MODEL, "vector": [0.1, 0.2, 0.3]}), 422, "schema_violation"),
+        (json!({"model": MODEL, "text": "x", "k": 0}), 422, "schema_violation"),
+        (json!({"model": MODEL}), 422, "schema_violation"),
+        (json!({"model": "nope", "text": "x"}), 422, "unknown_model"),
+        (json!({"model": MODEL, "text": "x", "model_version": "2", "tenant": "globex"}), 403, "tenant_mismatch"),
+    ] {
+        let (got, _, answer) = h.call(Method::POST, "/v1/search", Some("acme-key"), Some(search(body.clone()))).await;
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{body}: {answer}");
+        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    }
+    h.stop().await;
+}

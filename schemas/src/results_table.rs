@@ -5,13 +5,17 @@
 //! [`PARTITION_COLUMNS`] are directory names, not file columns); the SQL
 //! shards store the [`SHARD_COLUMNS`] subset (no outputs: the shards are the
 //! operational index, the lake keeps the vectors), with timestamps as epoch
-//! milliseconds because SQLite has no timestamp type. The migrations under
+//! milliseconds because SQLite has no timestamp type. The lake also keeps
+//! each job's `metadata` (the caller's document id, source, …: what a search
+//! result needs next to the vector); lake files written before that column
+//! existed read it as NULL. The migrations under
 //! `sql/migrations/` create exactly these columns; a test in `sluice-sql`
 //! checks that they agree.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use chrono::{DateTime, Utc};
 
 use crate::{JobResult, Output};
@@ -43,6 +47,14 @@ fn utc_millis() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
+/// `metadata`'s type: a map of strings, laid out as Arrow's map builder
+/// writes it (`entries` of `keys` and `values`).
+pub fn metadata_type() -> DataType {
+    let entries =
+        Fields::from(vec![Field::new("keys", DataType::Utf8, false), Field::new("values", DataType::Utf8, true)]);
+    DataType::Map(Arc::new(Field::new("entries", DataType::Struct(entries), false)), false)
+}
+
 /// The Arrow schema of the lake's Parquet files (partition columns excluded).
 pub fn lake_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
@@ -62,6 +74,8 @@ pub fn lake_schema() -> Arc<Schema> {
         Field::new("embedding", DataType::List(Arc::new(Field::new("item", DataType::Float32, false))), true),
         // Outputs that are not an embedding (generic tensor models), as JSON.
         Field::new("output_json", DataType::Utf8, true),
+        // The request's metadata, a string map: `metadata['doc_id']` in SQL.
+        Field::new("metadata", metadata_type(), true),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
     ]))
@@ -103,6 +117,8 @@ pub struct ResultRow {
     pub finished_at: DateTime<Utc>,
     pub embedding: Option<Vec<f32>>,
     pub output_json: Option<String>,
+    /// The request's metadata.
+    pub metadata: BTreeMap<String, String>,
     pub kafka_partition: i32,
     pub kafka_offset: i64,
 }
@@ -134,6 +150,7 @@ impl ResultRow {
             finished_at: r.finished_at.unwrap_or(record_time),
             embedding,
             output_json,
+            metadata: r.metadata,
             kafka_partition: partition,
             kafka_offset: offset,
         }

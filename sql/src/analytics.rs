@@ -84,6 +84,7 @@ impl From<DataFusionError> for QueryError {
                 QueryError::Invalid(e.strip_backtrace())
             }
             DataFusionError::NotImplemented(_) => QueryError::Invalid(e.strip_backtrace()),
+            DataFusionError::Execution(m) if m.contains(crate::vectors::MISMATCH) => QueryError::Invalid(m.clone()),
             DataFusionError::ResourcesExhausted(m) if m.contains(crate::bounds::BUSY) => QueryError::Busy(m.clone()),
             // Our pool and functions name their setting; an operator that
             // fails otherwise (e.g. when it cannot spill) does not.
@@ -483,6 +484,10 @@ impl Engine {
             .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
             .build_arc()?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        // Exact vector search; bounded below like every function.
+        for f in crate::vectors::udfs() {
+            ctx.register_udf(f);
+        }
         let cap = self.limits.max_expression_bytes;
         // The map holds each function under its name and its aliases: wrap
         // each function once (registering it registers its aliases too).

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Float32Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    ArrayRef, Float32Builder, Int32Builder, Int64Builder, ListBuilder, MapBuilder, RecordBatch, StringBuilder,
     TimestampMillisecondBuilder,
 };
 use parquet::arrow::ArrowWriter;
@@ -338,6 +338,7 @@ pub fn to_batch(rows: &[&ResultRow]) -> Result<RecordBatch, LakeError> {
     let item = Arc::new(arrow_schema::Field::new("item", arrow_schema::DataType::Float32, false));
     let mut embedding = ListBuilder::new(Float32Builder::new()).with_field(item);
     let mut output_json = StringBuilder::new();
+    let mut metadata = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
     let mut kafka_partition = Int32Builder::with_capacity(n);
     let mut kafka_offset = Int64Builder::with_capacity(n);
     for r in rows {
@@ -362,6 +363,11 @@ pub fn to_batch(rows: &[&ResultRow]) -> Result<RecordBatch, LakeError> {
             None => embedding.append(false),
         }
         output_json.append_option(r.output_json.as_deref());
+        for (k, v) in &r.metadata {
+            metadata.keys().append_value(k);
+            metadata.values().append_value(v);
+        }
+        metadata.append(true)?;
         kafka_partition.append_value(r.kafka_partition);
         kafka_offset.append_value(r.kafka_offset);
     }
@@ -381,6 +387,7 @@ pub fn to_batch(rows: &[&ResultRow]) -> Result<RecordBatch, LakeError> {
         Arc::new(finished_at.finish()),
         Arc::new(embedding.finish()),
         Arc::new(output_json.finish()),
+        Arc::new(metadata.finish()),
         Arc::new(kafka_partition.finish()),
         Arc::new(kafka_offset.finish()),
     ];
@@ -394,6 +401,7 @@ pub fn estimated_bytes(row: &ResultRow) -> usize {
         + row.error_message.as_ref().map_or(0, String::len)
         + row.embedding.as_ref().map_or(0, |v| v.len() * 4)
         + row.output_json.as_ref().map_or(0, String::len)
+        + row.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
 #[cfg(test)]
@@ -419,6 +427,7 @@ mod tests {
             finished_at: Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap(),
             embedding: Some(vec![0.5, -0.5]),
             output_json: None,
+            metadata: [("doc".to_owned(), format!("d-{i}"))].into(),
             kafka_partition: 0,
             kafka_offset: i,
         }

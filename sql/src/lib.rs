@@ -6,7 +6,8 @@
 //!   the shard strategies, idempotent batched upserts and the migrations
 //!   under `sql/migrations/`.
 //! - [`analytics`]: DataFusion over both, read-only, bounded, tenant-scoped
-//!   (`scoped.rs`: the sealed per-tenant tables; `bounds.rs`: memory bounds).
+//!   (`scoped.rs`: the sealed per-tenant tables; `bounds.rs`: memory bounds),
+//!   with [`vectors`]' similarity functions for exact search over embeddings.
 //!
 //! Nothing here talks to Kafka: the sinks in `sluice-pipeline` consume the
 //! results topic and hand rows to [`Lake::commit`] and [`ShardSet::upsert`],
@@ -17,6 +18,7 @@ mod bounds;
 pub mod lake;
 mod scoped;
 pub mod shards;
+pub mod vectors;
 
 pub use analytics::{Analytics, Answer, QueryError, QueryLimits, Scope, Sources};
 pub use lake::{Lake, LakeError, Manifest};

@@ -458,6 +458,12 @@ impl ModelCatalog {
         self.listings.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
+    /// The version serving jobs of `model` that name none.
+    pub fn default_version(&self, model: &str) -> Option<String> {
+        let listings = self.listings.read().unwrap_or_else(|p| p.into_inner());
+        listings.get(model)?.default_version().map(|v| v.spec.version.clone())
+    }
+
     /// Checks `req` against the model it names, as far as `model.toml` tells.
     pub fn check(&self, req: &JobRequest) -> Result<(), (ErrorCode, String)> {
         let listings = self.listings.read().unwrap_or_else(|p| p.into_inner());

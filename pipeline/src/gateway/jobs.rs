@@ -324,54 +324,69 @@ pub(super) async fn read(
     if !valid_job_id(&id) {
         return Err(ApiError::NotFound(id));
     }
-    let key = topics::job_key(&tenant, &id);
-    // Register before reading, so a completion between the two is not
-    // missed. The slot is freed when `waiter` is dropped, on every way out
-    // (an answer, a store error, the client going away).
-    let waiter = if wait.is_zero() {
-        None
-    } else {
-        Some(Waiters::register(&gw.waiters, &key, caller.tenant.as_deref()).map_err(|full| match full {
-            Full::Total => ApiError::Overloaded {
-                why: "too many long-polls in progress".into(),
-                retry_after: Duration::from_secs(1),
-            },
-            Full::Tenant(tenant) => ApiError::RateLimited { tenant, retry_after: Duration::from_secs(1) },
-        })?)
-    };
-    let found = |r: Option<JobResult>| r.ok_or_else(|| ApiError::NotFound(id.clone()));
-    let record = found(gw.store.get(&tenant, &id).await?);
-    let Some(mut waiter) = waiter else { return record.map(Json) };
-    let rx = waiter.rx.take().expect("a new waiter holds its receiver");
-    let finished = |r: &Result<JobResult, ApiError>| matches!(r, Ok(r) if r.status.is_terminal());
-    let record = match record {
-        // A job published straight to Kafka has no record until a worker
-        // finishes it: an unknown id is waited for like an unfinished job
-        // (and is a 404 only when the wait ends).
-        r if !finished(&r) => {
-            // Woken by the job's completion notice; notices are best effort,
-            // so the store is also read again every RECHECK.
-            // Only this tenant's job wakes it: the notice names the job key.
-            let deadline = tokio::time::Instant::now() + wait;
-            tokio::pin!(rx);
-            let mut woken = false;
-            loop {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if woken {
-                    tokio::time::sleep(left.min(RECHECK)).await;
-                } else {
-                    woken = tokio::time::timeout(left.min(RECHECK), &mut rx).await.is_ok();
-                }
-                let now = found(gw.store.get(&tenant, &id).await?);
-                if finished(&now) || left <= RECHECK {
-                    break now;
+    gw.record_within(&tenant, &id, caller.tenant.as_deref(), wait).await.map(Json)
+}
+
+impl Gateway {
+    /// The record of `tenant`'s job `id`, waiting up to `wait` for it to
+    /// finish (no wait: as it is now). 404 when there is none at the end.
+    /// `caller_tenant` is the API key's, for the per-tenant long-poll bound.
+    pub(super) async fn record_within(
+        &self,
+        tenant: &str,
+        id: &str,
+        caller_tenant: Option<&str>,
+        wait: Duration,
+    ) -> Result<JobResult, ApiError> {
+        let key = topics::job_key(tenant, id);
+        // Register before reading, so a completion between the two is not
+        // missed. The slot is freed when `waiter` is dropped, on every way out
+        // (an answer, a store error, the client going away).
+        let waiter = if wait.is_zero() {
+            None
+        } else {
+            Some(Waiters::register(&self.waiters, &key, caller_tenant).map_err(|full| match full {
+                Full::Total => ApiError::Overloaded {
+                    why: "too many long-polls in progress".into(),
+                    retry_after: Duration::from_secs(1),
+                },
+                Full::Tenant(tenant) => ApiError::RateLimited { tenant, retry_after: Duration::from_secs(1) },
+            })?)
+        };
+        let found = |r: Option<JobResult>| r.ok_or_else(|| ApiError::NotFound(id.to_owned()));
+        let record = found(self.store.get(tenant, id).await?);
+        let Some(mut waiter) = waiter else { return record };
+        let rx = waiter.rx.take().expect("a new waiter holds its receiver");
+        let finished = |r: &Result<JobResult, ApiError>| matches!(r, Ok(r) if r.status.is_terminal());
+        let record = match record {
+            // A job published straight to Kafka has no record until a worker
+            // finishes it: an unknown id is waited for like an unfinished job
+            // (and is a 404 only when the wait ends).
+            r if !finished(&r) => {
+                // Woken by the job's completion notice; notices are best effort,
+                // so the store is also read again every RECHECK.
+                // Only this tenant's job wakes it: the notice names the job key.
+                let deadline = tokio::time::Instant::now() + wait;
+                tokio::pin!(rx);
+                let mut woken = false;
+                loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if woken {
+                        tokio::time::sleep(left.min(RECHECK)).await;
+                    } else {
+                        woken = tokio::time::timeout(left.min(RECHECK), &mut rx).await.is_ok();
+                    }
+                    let now = found(self.store.get(tenant, id).await?);
+                    if finished(&now) || left <= RECHECK {
+                        break now;
+                    }
                 }
             }
-        }
-        other => other,
-    };
-    drop(waiter);
-    record.map(Json)
+            other => other,
+        };
+        drop(waiter);
+        record
+    }
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a job that has not finished.

@@ -13,6 +13,7 @@ mod batches;
 mod jobs;
 mod limits;
 mod openapi;
+mod search;
 mod sql;
 
 use std::sync::{Arc, LazyLock};
@@ -60,6 +61,7 @@ fn routes(batch_limit: DefaultBodyLimit) -> OpenApiRouter<Gateway> {
         .routes(routes!(batches::status))
         .routes(routes!(batches::results))
         .routes(routes!(sql::query))
+        .routes(routes!(search::search))
         .routes(routes!(crate::ops::healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))

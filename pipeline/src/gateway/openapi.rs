@@ -37,6 +37,7 @@ use crate::http::ErrorBody;
         (name = "jobs", description = "Submit, read (long-poll) and cancel jobs"),
         (name = "batches", description = "JSONL files of jobs, their progress and results"),
         (name = "sql", description = "Read-only SQL over the results lake and shards"),
+        (name = "search", description = "Nearest stored jobs of a text or a vector, by their embeddings"),
         (name = "ops", description = "Probes, metrics and this document (no API key needed)")
     )
 )]

@@ -258,6 +258,7 @@ async fn open_mode_sql_sees_the_default_tenant_unless_every_tenant_is_configured
             finished_at: finished,
             embedding: None,
             output_json: None,
+            metadata: Default::default(),
             kafka_partition: 0,
             kafka_offset: i as i64,
         })
