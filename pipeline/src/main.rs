@@ -99,20 +99,27 @@ struct SqlArgs {
 struct PollArgs {
     /// The job id.
     id: String,
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Give up after this many seconds (an unknown id is looked for until then:
+    /// a job published to Kafka has no record until a worker picks it up).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// Where the REST API is, and who calls it.
+#[derive(Args)]
+struct ApiArgs {
     /// Base URL of the REST API.
     #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
     /// API key (when the gateway requires one).
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Whose job (job ids are per tenant): open mode only; the gateway's
+    /// Whose jobs (job ids are per tenant): open mode only; the gateway's
     /// default tenant when absent, the key's tenant with an API key.
     #[arg(long)]
     tenant: Option<String>,
-    /// Give up after this many seconds (an unknown id is looked for until then:
-    /// a job published to Kafka has no record until a worker picks it up).
-    #[arg(long, default_value_t = 300)]
-    timeout: u64,
 }
 
 #[derive(Args)]
@@ -128,15 +135,8 @@ struct SearchArgs {
     /// Only jobs with this metadata entry (KEY=VALUE; repeat for several).
     #[arg(long = "where", value_name = "KEY=VALUE")]
     filters: Vec<String>,
-    /// Base URL of the REST API.
-    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// API key (when the gateway requires one).
-    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// Whose jobs: open mode only (the gateway's default tenant when absent).
-    #[arg(long)]
-    tenant: Option<String>,
+    #[command(flatten)]
+    api: ApiArgs,
     /// Print the answer as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -369,11 +369,11 @@ async fn search(a: &SearchArgs) -> anyhow::Result<()> {
         metadata.insert(k.to_owned(), Value::String(v.to_owned()));
     }
     let mut body = serde_json::json!({"model": a.model, "text": a.text, "k": a.k, "filter": {"metadata": metadata}});
-    if let Some(t) = &a.tenant {
+    if let Some(t) = &a.api.tenant {
         body["tenant"] = Value::String(t.clone());
     }
-    let mut req = reqwest::Client::new().post(format!("{}/v1/search", a.url.trim_end_matches('/'))).json(&body);
-    if let Some(k) = &a.api_key {
+    let mut req = reqwest::Client::new().post(format!("{}/v1/search", a.api.url.trim_end_matches('/'))).json(&body);
+    if let Some(k) = &a.api.api_key {
         req = req.bearer_auth(k);
     }
     let resp = req.send().await.context("cannot reach the REST API")?;
@@ -411,13 +411,13 @@ async fn poll(a: &PollArgs) -> anyhow::Result<()> {
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now()).as_secs().min(60);
         let mut req = client
-            .get(format!("{}/v1/jobs/{}", a.url.trim_end_matches('/'), a.id))
+            .get(format!("{}/v1/jobs/{}", a.api.url.trim_end_matches('/'), a.id))
             .query(&[("wait", left)])
             .timeout(std::time::Duration::from_secs(left + 10));
-        if let Some(k) = &a.api_key {
+        if let Some(k) = &a.api.api_key {
             req = req.bearer_auth(k);
         }
-        if let Some(t) = &a.tenant {
+        if let Some(t) = &a.api.tenant {
             req = req.query(&[("tenant", t)]);
         }
         let resp = req.send().await.context("cannot reach the REST API")?;

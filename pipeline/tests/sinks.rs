@@ -484,8 +484,12 @@ async fn search_finds_the_callers_nearest_jobs_with_their_metadata() {
     let count = json!({"query": "SELECT count(*) AS n FROM results"}).to_string();
     let deadline = Instant::now() + Duration::from_secs(120);
     for (key, n) in [("acme-key", 3), ("globex-key", 1)] {
-        while h.call(Method::POST, "/v1/sql", Some(key), Some(count.clone())).await.2["rows"][0]["n"] != n {
-            assert!(Instant::now() < deadline, "{key}'s jobs never reached the lake");
+        loop {
+            let (_, _, body) = h.call(Method::POST, "/v1/sql", Some(key), Some(count.clone())).await;
+            if body["rows"][0]["n"] == n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{key}'s jobs never reached the lake: {body}");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
@@ -517,6 +521,17 @@ async fn search_finds_the_callers_nearest_jobs_with_their_metadata() {
     let (_, _, body) = h.call(Method::POST, "/v1/search", Some("acme-key"), Some(filtered)).await;
     let ids: Vec<&str> = body["results"].as_array().unwrap().iter().map(|r| r["job_id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["d-rust"], "{body}");
+
+    // The same from the command line.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["search", "a kitten dozing in the sun", "-k", "2", "--url", &h.http, "--api-key", "acme-key"])
+        .args(["--where", "source=kb", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["results"][0]["job_id"], "d-cat", "{answer}");
+    assert_eq!(answer["results"].as_array().unwrap().len(), 2, "{answer}");
 
     for (body, status, code) in [
         (json!({"model": MODEL, "vector": [0.1, 0.2, 0.3]}), 422, "schema_violation"),

@@ -100,14 +100,19 @@ impl ApiKeys {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_map_to_tenants_and_open_mode_sees_everything() {
-        let keys = ApiKeys::new(&[ApiKey {
+    /// acme's key is `s3cret`.
+    fn acme() -> ApiKeys {
+        ApiKeys::new(&[ApiKey {
             tenant: "acme".into(),
             sha256: hash_key("s3cret"),
             rate_per_second: None,
             rate_burst: None,
-        }]);
+        }])
+    }
+
+    #[test]
+    fn keys_map_to_tenants_and_open_mode_sees_everything() {
+        let keys = acme();
         let mut h = HeaderMap::new();
         assert!(matches!(keys.authenticate(&h), Err(ApiError::Unauthorized)));
         h.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
@@ -133,12 +138,7 @@ mod tests {
     /// The metric label never carries what a caller made up.
     #[test]
     fn the_tenant_label_is_a_configured_tenant_open_or_unknown() {
-        let keys = ApiKeys::new(&[ApiKey {
-            tenant: "acme".into(),
-            sha256: hash_key("s3cret"),
-            rate_per_second: None,
-            rate_burst: None,
-        }]);
+        let keys = acme();
         let mut h = HeaderMap::new();
         assert_eq!(keys.tenant_label(&h), "unknown");
         h.insert("x-api-key", "made-up".parse().unwrap());
