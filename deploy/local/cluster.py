@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -189,10 +190,15 @@ def run_container(d, st, name, role):
 
 
 def up(d):
+    """Starts a deployment from empty state: whatever an earlier run left
+    in DIR (its lake above all) is stopped and removed first."""
     d = os.path.abspath(d)
-    os.makedirs(d, exist_ok=True)
     if os.path.exists(os.path.join(d, "cluster.json")):
         down(d)
+    if os.path.isdir(os.path.join(d, "services")):
+        sh(os.path.join(HERE, "services.sh"), "stop", os.path.join(d, "services"), check=False)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
     st = {"tag": f"sluice-{os.getpid()}", "containers": {}}
     save_state(d, st)
     sh(os.path.join(HERE, "services.sh"), "start", os.path.join(d, "services"))
