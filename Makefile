@@ -30,7 +30,7 @@ APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-pip redi
 # for the locally built Debian base (no image registry is needed).
 IMAGE_APT_PACKAGES := podman buildah runc debootstrap binutils
 
-.PHONY: image deploy-test image-deps bench bench-e2e load help install setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
+.PHONY: image deploy-test image-deps bench bench-e2e bench-search load help install setup system-deps python-deps models tansu build demo test services-start services-stop lint fmt clean-cache
 
 help:
 	@echo "make install install what is missing, build release sluice and sluice-load into $(PREFIX)/bin"
@@ -39,6 +39,7 @@ help:
 	@echo "make models  export the MiniLM model into $(MODELS)"
 	@echo "make bench   batching benchmark: raw ONNX Runtime ceiling vs the engine"
 	@echo "make bench-e2e  end-to-end throughput (release): Kafka -> sluice -> Redis vs the raw ONNX Runtime ceiling"
+	@echo "make bench-search  recall@10 and latency of the approximate search index vs exact search (release)"
 	@echo "make load    load scenarios (steady, capacity, spike, tenants) against sluice up; reports in $(LOAD_DIR)"
 	@echo "make image   container image localhost/sluice (release build, ONNX Runtime, no compiler) and its -minilm variant"
 	@echo "make deploy-test  the image as a deployment here (gateway, 2 workers, sink, Prometheus): kill a worker mid-load, check"
@@ -129,6 +130,8 @@ test: setup tansu install image-deps
 	$(RELEASE)/sluice-load bench --quick --sluice $(RELEASE)/sluice --models $(MODELS) --python $(PY) \
 	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $(SERVICES_DIR) \
 	  --out $(SERVICES_DIR)/bench-smoke.json || status=$$?; \
+	$(RELEASE)/sluice-load search-bench --vectors 400 --queries 10 --min-recall 0.95 --sluice $(RELEASE)/sluice \
+	  --models $(MODELS) --out $(SERVICES_DIR)/search-smoke.json || status=$$?; \
 	env -u ORT_DYLIB_PATH -u SLUICE_MODEL_REPO $(PY) deploy/local/readme_quickstart.py README.md || status=$$?; \
 	{ deploy/image/build.sh $(RELEASE)/sluice "$$ORT_DYLIB_PATH" $(MODELS) && \
 	  $(PY) deploy/local/cluster.py test $(CACHE)/cluster; } || status=$$?; \
@@ -162,6 +165,17 @@ bench-e2e: setup tansu
 	$(RELEASE)/sluice-load bench --sluice $(RELEASE)/sluice --models $(MODELS) --python $(PY) \
 	  --redis $$SLUICE_TEST_REDIS --brokers $$SLUICE_TEST_BROKERS --services $$dir \
 	  --out $$out $${prev:+--baseline $$prev} $(BENCH_ARGS)
+
+# Search benchmark (release build): 50,000 texts embedded through `sluice
+# up`, then 100 query vectors searched exactly (a scan of the lake) and
+# through the approximate index: recall@10 and p50/p99 latency of both.
+# `make bench-search SEARCH_ARGS="--vectors 100000"` changes the sizes.
+SEARCH_ARGS ?=
+bench-search: setup
+	cargo build --release --bin sluice --bin sluice-load
+	@$(ORT_ENV); mkdir -p $(CACHE)/bench-search; \
+	$(RELEASE)/sluice-load search-bench --sluice $(RELEASE)/sluice --models $(MODELS) \
+	  --out $(CACHE)/bench-search/$$(date -u +%Y%m%dT%H%M%SZ).json $(SEARCH_ARGS)
 
 # Load scenarios (release build), each against a `sluice up` it starts, about
 # 8 minutes on 2 cores in all: capacity on short queries and on mixed

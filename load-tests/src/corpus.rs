@@ -82,6 +82,33 @@ pub fn short(sentences: &[String], n: usize) -> Vec<String> {
         .collect()
 }
 
+/// `n` distinct texts, each a window of 3 to 14 words of one sentence
+/// followed by a window of another: the search benchmark's documents.
+pub fn pairs(sentences: &[String], n: usize) -> Vec<String> {
+    let mut rng = Rng::new(0x5851_f42d_4c95_7f2d);
+    let window = |rng: &mut Rng, s: &str| {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        let len = (3 + rng.below(12)).min(words.len());
+        let start = rng.below(words.len() - len + 1);
+        words[start..start + len].join(" ")
+    };
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    // Enough tries for any n the corpus can give; fewer texts otherwise.
+    for _ in 0..n.saturating_mul(20) {
+        if out.len() == n || sentences.len() < 2 {
+            break;
+        }
+        let a = rng.below(sentences.len());
+        let b = (a + 1 + rng.below(sentences.len() - 1)) % sentences.len();
+        let text = format!("{} {}", window(&mut rng, &sentences[a]), window(&mut rng, &sentences[b]));
+        if seen.insert(text.clone()) {
+            out.push(text);
+        }
+    }
+    out
+}
+
 /// The `i`-th input of the `sigmoid` model: 60 values in [-4, 4].
 pub fn tensor_input(i: usize) -> Value {
     let mut rng = Rng::new(0x1234_5678 ^ (i as u64).wrapping_mul(0x9e37_79b9));

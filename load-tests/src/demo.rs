@@ -229,7 +229,7 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
             anyhow::Ok(v["rows"][0]["n"].as_i64().unwrap_or(0))
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let (mut lake, mut shards) = (0, 0);
     while lake < jobs || shards < jobs {
         ensure!(Instant::now() < deadline, "sinks landed only {lake} (lake) / {shards} (shards) of {jobs} jobs");
@@ -239,7 +239,21 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
     }
     println!("   POST /v1/sql: {lake} jobs in the Parquet lake, {shards} in the SQL shards");
 
-    println!("\n== search: the stored jobs nearest a new question (POST /v1/search, exact cosine over the lake)");
+    println!("\n== search: the stored jobs nearest a new question (POST /v1/search)");
+    // The approximate index follows the lake; wait for its next refresh.
+    let embedded =
+        sql(&format!("SELECT count(*) AS n FROM results WHERE model = '{MODEL}' AND status = 'succeeded'")).await?;
+    let mut probe = vec![0.0f32; 384];
+    probe[0] = 1.0;
+    let probe = json!({"model": MODEL, "vector": probe, "k": 1, "tenant": "demo"});
+    loop {
+        let v: Value = client.post(format!("{http}/v1/search")).json(&probe).send().await?.json().await?;
+        if v["indexed"].as_i64().unwrap_or(0) >= embedded {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the search index holds {} of {embedded} embeddings", v["indexed"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for (query, topic) in
         [("My tomato seedlings are wilting, what should I do?", "gardening"), ("Will it snow tomorrow?", "weather")]
     {
@@ -250,7 +264,11 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
         let status = r.status();
         let v: Value = r.json().await?;
         ensure!(status.is_success(), "POST /v1/search: {status} {v}");
-        println!("   \"{query}\" ({} ms)", v["elapsed_ms"]);
+        let how = match v["indexed"].as_u64() {
+            Some(n) => format!("approximate index of {n} embeddings"),
+            None => "exact scan".to_owned(),
+        };
+        println!("   \"{query}\" ({how}, {} ms)", v["elapsed_ms"]);
         let hits = v["results"].as_array().context("no results")?;
         for h in hits {
             println!(

@@ -7,6 +7,8 @@
 //!   back.
 //! - `bench` is `make bench-e2e`: Sluice end to end against the raw ONNX
 //!   Runtime ceiling, with the embedded and a real broker (see `bench.rs`).
+//! - `search-bench` is `make bench-search`: recall and latency of the
+//!   approximate search index against exact search (see `search_bench.rs`).
 //! - `steady`, `capacity`, `spike`, `tenants` are load scenarios against a
 //!   `sluice up` they start or an existing deployment, each writing a report
 //!   (see `load/mod.rs`).
@@ -17,6 +19,7 @@ mod corpus;
 mod demo;
 mod load;
 mod procstat;
+mod search_bench;
 mod stats;
 
 use std::path::PathBuf;
@@ -55,6 +58,9 @@ enum Cmd {
     /// the same model, with the CPU each process used. Also compares the
     /// text model's versions (fp32, int8) for speed and accuracy.
     Bench(bench::BenchArgs),
+    /// Recall@k and latency of `POST /v1/search`'s approximate index
+    /// against exact search, on embeddings made through the pipeline.
+    SearchBench(search_bench::SearchBenchArgs),
     #[command(flatten)]
     Load(load::Scenario),
 }
@@ -66,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
             demo::run(&sluice, &models, corpus.as_deref(), concurrency).await
         }
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::SearchBench(args) => search_bench::run(args).await,
         Cmd::Load(scenario) => {
             if !load::run(scenario).await? {
                 eprintln!("verdict: FAILED (see the report)");

@@ -2,7 +2,7 @@
 //! until stopped. `sluice up` is [`Role::Up`]: everything in one process.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use sluice_sql::shards::redact;
-use sluice_sql::{Analytics, QueryError, Sources};
+use sluice_sql::{Analytics, IndexConfig, IndexError, Lake, QueryError, Sources, VectorIndex};
 
 use crate::config::Config;
 use crate::gateway::{Gateway, GatewayConfig};
@@ -57,6 +57,10 @@ pub enum StartError {
     Analytics(#[from] QueryError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("the search index: {0}")]
+    Index(#[from] IndexError),
+    #[error("the lake: {0}")]
+    Lake(#[from] sluice_sql::LakeError),
 }
 
 /// A running Sluice; [`Sluice::stop`] shuts it down in order.
@@ -245,7 +249,14 @@ impl Sluice {
                         )
                     })
                     .transpose()?;
-                let gateway = Gateway::new(producer, store.clone(), catalog, GatewayConfig::from_config(&cfg), ops);
+                let mut gateway = Gateway::new(producer, store.clone(), catalog, GatewayConfig::from_config(&cfg), ops);
+                if let (Some(lake), Some(index_cfg)) = (&lake_dir, cfg.index_config()) {
+                    // The index speeds searches up; without it they are exact.
+                    match open_index(lake, index_cfg).await {
+                        Ok(index) => gateway = gateway.with_index(index),
+                        Err(e) => tracing::error!(error = %e, "no approximate search index: every search is exact"),
+                    }
+                }
                 Some(start_gateway(&shared, gateway, analytics, &mut tasks).await?)
             }
             _ if cfg.ops.listen.is_empty() => None,
@@ -383,6 +394,18 @@ fn start_workers(
         }));
     }
     Ok(producer)
+}
+
+/// The approximate search indexes over `lake`, from their snapshot (read on
+/// a blocking thread: it may be large).
+async fn open_index(lake: &Path, cfg: IndexConfig) -> Result<Arc<VectorIndex>, StartError> {
+    let lake = Lake::open(lake)?;
+    let index = tokio::task::spawn_blocking(move || VectorIndex::open(lake, cfg))
+        .await
+        .map_err(|e| IndexError::Native(format!("opening the search index: {e}")))??;
+    let stats = index.stats();
+    tracing::info!(vectors = stats.loaded, graphs = stats.graphs, "search index opened");
+    Ok(Arc::new(index))
 }
 
 /// The REST gateway (serving its `Ops`'s routes among its own) and its

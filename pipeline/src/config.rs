@@ -10,7 +10,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use sluice_workers::{BreakerConfig, EngineConfig, ExecutionProvider, ProviderFallback, SessionConfig};
 
-use sluice_sql::QueryLimits;
+use sluice_schemas::SEARCH_QUERY_MARK as QUERY_MARK;
+use sluice_sql::{IndexConfig, QueryLimits};
 
 use crate::store::StoreConfig;
 
@@ -35,6 +36,7 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub sinks: SinksSection,
     pub sql: SqlSection,
+    pub search: SearchSection,
     pub ops: OpsSection,
 }
 
@@ -77,6 +79,20 @@ pub struct SqlSection {
     pub max_total_memory_bytes: usize,
     pub max_expression_bytes: usize,
     pub open_mode_all_tenants: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSection {
+    pub index: bool,
+    pub index_dir: String,
+    pub refresh_interval_ms: u64,
+    pub max_vectors: usize,
+    pub connectivity: usize,
+    pub expansion_add: usize,
+    pub expansion_search: usize,
+    pub persist_every_vectors: usize,
+    pub persist_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,6 +284,25 @@ impl Config {
             max_expression_bytes: self.sql.max_expression_bytes,
             ..QueryLimits::new(self.sql.max_rows.max(1), Duration::from_millis(self.sql.timeout_ms.max(1)))
         }
+    }
+
+    /// The approximate search indexes' settings; `None` when they are off.
+    pub fn index_config(&self) -> Option<IndexConfig> {
+        let s = &self.search;
+        s.index.then(|| IndexConfig {
+            dir: (!s.index_dir.is_empty()).then(|| PathBuf::from(&s.index_dir)),
+            max_vectors: s.max_vectors,
+            connectivity: s.connectivity.clamp(2, 128),
+            expansion_add: s.expansion_add.max(1),
+            expansion_search: s.expansion_search.max(1),
+            persist_every_vectors: s.persist_every_vectors.max(1),
+            persist_every: Duration::from_millis(s.persist_interval_ms),
+            skip_marked: Some((QUERY_MARK.0.to_owned(), QUERY_MARK.1.to_owned())),
+        })
+    }
+
+    pub fn index_refresh_interval(&self) -> Duration {
+        Duration::from_millis(self.search.refresh_interval_ms.max(10))
     }
 
     pub fn poll_interval(&self) -> Duration {

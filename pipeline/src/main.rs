@@ -135,6 +135,9 @@ struct SearchArgs {
     /// Only jobs with this metadata entry (KEY=VALUE; repeat for several).
     #[arg(long = "where", value_name = "KEY=VALUE")]
     filters: Vec<String>,
+    /// Scan every stored vector instead of asking the approximate index.
+    #[arg(long)]
+    exact: bool,
     #[command(flatten)]
     api: ApiArgs,
     /// Print the answer as JSON instead of a table.
@@ -368,7 +371,9 @@ async fn search(a: &SearchArgs) -> anyhow::Result<()> {
         let (k, v) = f.split_once('=').with_context(|| format!("--where {f:?}: expected KEY=VALUE"))?;
         metadata.insert(k.to_owned(), Value::String(v.to_owned()));
     }
-    let mut body = serde_json::json!({"model": a.model, "text": a.text, "k": a.k, "filter": {"metadata": metadata}});
+    let mut body = serde_json::json!({
+        "model": a.model, "text": a.text, "k": a.k, "filter": {"metadata": metadata}, "exact": a.exact,
+    });
     if let Some(t) = &a.api.tenant {
         body["tenant"] = Value::String(t.clone());
     }
@@ -387,7 +392,11 @@ async fn search(a: &SearchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
-    println!("{} version {} ({} ms):", answer["model"], answer["model_version"], answer["elapsed_ms"]);
+    let how = match answer["indexed"].as_u64() {
+        Some(n) => format!("approximate, {n} indexed"),
+        None => "exact".to_owned(),
+    };
+    println!("{} version {} ({how}, {} ms):", answer["model"], answer["model_version"], answer["elapsed_ms"]);
     for n in answer["results"].as_array().into_iter().flatten() {
         let meta: Vec<String> = n["metadata"]
             .as_object()

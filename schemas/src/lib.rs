@@ -22,5 +22,7 @@ pub mod results_table;
 pub mod topics;
 
 pub use error_code::ErrorCode;
-pub use request::{DType, DecodeError, Input, JobRequest, Priority, Tensor, limits, valid_job_id, valid_tenant};
+pub use request::{
+    DType, DecodeError, Input, JobRequest, Priority, SEARCH_QUERY_MARK, Tensor, limits, valid_job_id, valid_tenant,
+};
 pub use result::{JobError, JobResult, JobStatus, Output, Timings};

@@ -59,6 +59,10 @@ catalog! {
     RATE_LIMITED = Counter Count "sluice_rate_limited_total" [] "Requests answered 429 because their tenant's rate limit was exceeded.";
     CONSUMER_LAG = Gauge Count "sluice_consumer_lag" ["model"] "Jobs in a model's topic past its worker group's committed offsets, as the gateway last sampled it.";
     SQL_QUERY_SECONDS = Histogram Seconds "sluice_sql_query_seconds" [] "Time to answer one POST /v1/sql query.";
+    SEARCHES = Counter Count "sluice_searches_total" ["mode"] "POST /v1/search answers, by mode (approximate through the index, exact through a scan of the lake).";
+    SEARCH_INDEX_VECTORS = Gauge Count "sluice_search_index_vectors" [] "Vectors in this process's approximate search indexes (all tenants, models and versions).";
+    SEARCH_INDEX_FULL = Gauge Count "sluice_search_index_full" [] "1 when the search index reached search.max_vectors and stopped taking newer results (exact search still sees them).";
+    SEARCH_INDEX_REFRESH_ERRORS = Counter Count "sluice_search_index_refresh_errors_total" [] "Failed refreshes or snapshots of the search index (each is logged; the next refresh retries).";
     GATEWAY_RESPONSES = Counter Count "sluice_gateway_responses_total" ["tenant", "code"] "Answers of the REST API under /v1, by the caller's tenant (its API key's; open without keys; unknown for a missing or unknown key) and HTTP status code.";
     // Workers.
     JOBS_COMPLETED = Counter Count "sluice_jobs_completed_total" ["model", "status"] "Jobs that reached a terminal status and were published, by model and status.";

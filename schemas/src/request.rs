@@ -7,6 +7,10 @@ use crate::ErrorCode;
 
 /// Size limits of JobRequest v1. `schemas/json/job-request.v1.schema.json`
 /// states the same numbers; the contract tests keep them equal.
+/// The metadata entry that marks a search's own query job (`POST
+/// /v1/search` with a `text`): such jobs are never results of a search.
+pub const SEARCH_QUERY_MARK: (&str, &str) = ("sluice.search", "query");
+
 pub mod limits {
     /// Longest `job_id`, in characters.
     pub const JOB_ID_CHARS: usize = 128;

@@ -24,6 +24,7 @@
 //! committed offset says. The lake is its own commit log, so a replay can
 //! neither duplicate nor lose rows; file names carry the offset range too.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -85,6 +86,11 @@ impl Lake {
         Ok(Lake { root })
     }
 
+    /// The lake's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The `results` table's directory (what analytics lists).
     pub fn results_dir(&self) -> PathBuf {
         self.root.join("results")
@@ -120,6 +126,45 @@ impl Lake {
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| LakeError::Corrupt(format!("manifest {} does not parse: {e}", path.display())))
+    }
+
+    /// The committed manifests newer than `after` (the last offset already
+    /// consumed of each `(topic, partition)`; absent: none), oldest first
+    /// within each topic-partition. Only the manifests' names are read for
+    /// the ones skipped, so following the commit log costs a directory
+    /// listing per poll, whatever its length.
+    pub fn manifests_after(&self, after: &BTreeMap<(String, i32), i64>) -> Result<Vec<Manifest>, LakeError> {
+        let root = self.root.join("_manifests");
+        let mut out = Vec::new();
+        for topic in list_dir(&root)? {
+            let Some(topic_name) = topic.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+            for part in list_dir(&topic)? {
+                let Some(partition) = part.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                let done = after.get(&(topic_name.clone(), partition)).copied().unwrap_or(-1);
+                let mut newer: Vec<(i64, PathBuf)> = list_dir(&part)?
+                    .into_iter()
+                    .filter_map(|p| {
+                        let name = p.file_name()?.to_str()?;
+                        let (first, last) = name.strip_suffix(".json")?.split_once('-')?;
+                        let (_, last) = (first.parse::<i64>().ok()?, last.parse::<i64>().ok()?);
+                        (last > done).then_some((last, p))
+                    })
+                    .collect();
+                newer.sort();
+                for (_, path) in newer {
+                    let bytes = fs::read(&path).map_err(io(&path))?;
+                    out.push(
+                        serde_json::from_slice(&bytes).map_err(|e| {
+                            LakeError::Corrupt(format!("manifest {} does not parse: {e}", path.display()))
+                        })?,
+                    );
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Makes a topic-partition consistent after a crash and says where to go
@@ -288,6 +333,15 @@ impl Lake {
             }
         }
         Ok(found)
+    }
+}
+
+/// The entries of `dir`, none if it does not exist.
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, LakeError> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.map(|e| e.path()).map_err(io(dir))).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(dir)(e)),
     }
 }
 

@@ -8,12 +8,16 @@
 //! - [`analytics`]: DataFusion over both, read-only, bounded, tenant-scoped
 //!   (`scoped.rs`: the sealed per-tenant tables; `bounds.rs`: memory bounds),
 //!   with [`vectors`]' similarity functions for exact search over embeddings.
+//! - [`ann`]: approximate nearest-neighbour indexes (HNSW, one per tenant,
+//!   model and version), built from the lake's commit log and persisted
+//!   next to it.
 //!
 //! Nothing here talks to Kafka: the sinks in `sluice-pipeline` consume the
 //! results topic and hand rows to [`Lake::commit`] and [`ShardSet::upsert`],
 //! committing offsets only after those return.
 
 pub mod analytics;
+pub mod ann;
 mod bounds;
 pub mod lake;
 mod scoped;
@@ -21,5 +25,6 @@ pub mod shards;
 pub mod vectors;
 
 pub use analytics::{Analytics, Answer, QueryError, QueryLimits, Scope, Sources};
+pub use ann::{Filter, IndexConfig, IndexError, IndexKey, VectorIndex};
 pub use lake::{Lake, LakeError, Manifest};
 pub use shards::{ShardError, ShardSet, ShardStrategy};

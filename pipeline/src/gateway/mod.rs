@@ -24,7 +24,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use sluice_sql::Analytics;
+use sluice_sql::{Analytics, VectorIndex};
 use sluice_workers::ModelCatalog;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -143,6 +143,8 @@ pub struct GatewayConfig {
     /// Open mode (no API keys): a query that names no tenant sees every
     /// tenant's rows only when this is set; otherwise `default_tenant`'s.
     pub open_mode_sql_all_tenants: bool,
+    /// How often the approximate search indexes apply new lake flushes.
+    pub index_refresh: Duration,
 }
 
 /// Shared state of the handlers (cheap to clone).
@@ -164,7 +166,10 @@ pub struct Gateway {
     ops: Ops,
     /// `POST /v1/sql`, when the lake or shards are configured.
     analytics: Option<Arc<Analytics>>,
-    /// Bound on SQL queries running at once; past it, 503.
+    /// The approximate indexes of `POST /v1/search`, when the lake is
+    /// configured and `search.index` is on.
+    index: Option<Arc<VectorIndex>>,
+    /// Bound on SQL queries and searches running at once; past it, 503.
     sql_slots: Arc<Semaphore>,
     /// `max_concurrent_uploads` slots.
     upload_slots: Arc<Semaphore>,
@@ -194,6 +199,7 @@ impl GatewayConfig {
             max_query_bytes: cfg.sql.max_query_bytes,
             max_concurrent_queries: cfg.sql.max_concurrent,
             open_mode_sql_all_tenants: cfg.sql.open_mode_all_tenants,
+            index_refresh: cfg.index_refresh_interval(),
         }
     }
 }
@@ -217,7 +223,15 @@ impl Gateway {
             upload_slots: Arc::new(Semaphore::new(cfg.max_concurrent_uploads.max(1))),
             cfg: Arc::new(cfg),
             analytics: None,
+            index: None,
         }
+    }
+
+    /// Answers `POST /v1/search` from `index` unless a search asks for
+    /// `exact`, and keeps `index` refreshed (see [`Gateway::spawn_background`]).
+    pub fn with_index(mut self, index: Arc<VectorIndex>) -> Gateway {
+        self.index = Some(index);
+        self
     }
 
     /// Serves `POST /v1/sql` with `analytics`.
@@ -243,7 +257,8 @@ impl Gateway {
     }
 
     /// Background work: backlog sampling per model, long-poll wake-ups,
-    /// pruning idle rate limiters. Ends at shutdown.
+    /// pruning idle rate limiters, refreshing the search index. Ends at
+    /// shutdown.
     pub fn spawn_background(&self, brokers: &str, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         let probes: Vec<(String, LagProbe)> = self
@@ -259,6 +274,9 @@ impl Gateway {
         tasks.push(tokio::spawn(self.backlog.clone().run(probes, self.cfg.backlog_poll, shutdown.clone())));
         let (waiters, notices, sd) = (self.waiters.clone(), self.store.completions(), shutdown.clone());
         tasks.push(tokio::spawn(async move { waiters.run(notices, sd).await }));
+        if let Some(index) = self.index.clone() {
+            tasks.push(tokio::spawn(search::keep_index(index, self.cfg.index_refresh, shutdown.clone())));
+        }
         let (limits, mut sd) = (self.limits.clone(), shutdown);
         tasks.push(tokio::spawn(async move {
             loop {

@@ -1,6 +1,10 @@
 //! `POST /v1/search`: the stored jobs nearest a query, by cosine similarity
-//! of their embeddings, exact (a scan of the lake with
-//! `cosine_similarity`; see `sluice_sql::vectors`).
+//! of their embeddings: approximate, from the caller's HNSW index
+//! (`sluice_sql::ann`, kept fresh by [`keep_index`]), or with `"exact":
+//! true` (or when `search.index` is off) from a scan of the lake with
+//! `cosine_similarity` (`sluice_sql::vectors`). The index follows the lake,
+//! so both see a result once its lake flush committed; the index after its
+//! next refresh too.
 //!
 //! The query is a `vector`, or a `text` that is embedded through the normal
 //! job path: a `high` priority job of the caller's tenant, batched with the
@@ -14,7 +18,8 @@
 //! length are a clear error, never a silent comparison.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
@@ -24,18 +29,19 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sluice_schemas::SEARCH_QUERY_MARK as QUERY_MARK;
 use sluice_schemas::{ErrorCode, Output};
 use sluice_sql::Scope;
+use sluice_sql::ann::{Filter, IndexError, IndexKey, VectorIndex};
 
 use super::openapi::{E400, E401, E403, E413, E422, E429, E500, E501, E503, E504};
 use super::{ApiError, Gateway};
+use crate::shutdown::Shutdown;
 
 /// Most neighbours one search returns.
 pub const MAX_K: usize = 1000;
 /// Longest query vector.
 pub const MAX_DIMENSIONS: usize = 8192;
-/// The metadata that marks a text query's own embedding job.
-pub const QUERY_MARK: (&str, &str) = ("sluice.search", "query");
 
 /// A search.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -58,6 +64,10 @@ pub struct SearchRequest {
     pub k: usize,
     #[serde(default)]
     pub filter: SearchFilter,
+    /// Scan every stored vector instead of asking the approximate index
+    /// (slower; sees results the index has not applied yet).
+    #[serde(default)]
+    pub exact: bool,
     /// Open mode only: whose jobs (default `gateway.default_tenant`).
     #[serde(default)]
     pub tenant: Option<String>,
@@ -88,6 +98,12 @@ pub struct SearchAnswer {
     pub model: String,
     pub model_version: String,
     pub results: Vec<Neighbour>,
+    /// Whether the answer is exact (a scan) or approximate (the index).
+    pub exact: bool,
+    /// Approximate answers: vectors in the caller's index of this model
+    /// version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub indexed: Option<usize>,
     /// The query's embedding job, for a text query.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub query_job_id: Option<String>,
@@ -111,7 +127,7 @@ pub struct Neighbour {
     path = "/v1/search",
     tag = "search",
     operation_id = "search",
-    summary = "The k stored jobs nearest a text or a vector (cosine similarity, exact), of the caller's tenant",
+    summary = "The k stored jobs nearest a text or a vector (cosine similarity; approximate, or exact on request), of the caller's tenant",
     request_body(content = SearchRequest, content_type = "application/json"),
     responses(
         (status = 200, body = SearchAnswer, description = "The neighbours, nearest first"),
@@ -182,11 +198,50 @@ pub(super) async fn search(
         )));
     }
 
-    let sql = neighbours_sql(&req.model, &version, &vector, req.k, &req.filter);
     let _slot = gw.sql_slots.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded {
-        why: format!("{} SQL queries are running", gw.cfg.max_concurrent_queries),
+        why: format!("{} SQL queries and searches are running", gw.cfg.max_concurrent_queries),
         retry_after: std::time::Duration::from_secs(1),
     })?;
+    if let (Some(index), false) = (gw.index.clone(), req.exact) {
+        let key = IndexKey { tenant, model: req.model.clone(), version: version.clone() };
+        let filter = Filter {
+            metadata: req.filter.metadata,
+            finished_after_ms: req.filter.finished_after.map(|t| t.timestamp_millis()),
+            finished_before_ms: req.filter.finished_before.map(|t| t.timestamp_millis()),
+        };
+        let k = req.k;
+        let found = tokio::task::spawn_blocking(move || index.search(&key, &vector, k, &filter))
+            .await
+            .map_err(|e| IndexError::Native(format!("the search task: {e}")))?
+            .map_err(|e| match e {
+                IndexError::Dimensions { .. } => invalid(format!("vector: {e}")),
+                e => ApiError::Search(e),
+            })?;
+        metrics::counter!(sluice_schemas::metrics::SEARCHES.name, "mode" => "approximate").increment(1);
+        let results = found
+            .hits
+            .into_iter()
+            .map(|h| Neighbour {
+                job_id: h.job_id,
+                score: f64::from(h.score),
+                metadata: h.metadata,
+                finished_at: h
+                    .finished_at_ms
+                    .and_then(DateTime::<Utc>::from_timestamp_millis)
+                    .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))),
+            })
+            .collect();
+        return Ok(Json(SearchAnswer {
+            model: req.model,
+            model_version: version,
+            results,
+            exact: false,
+            indexed: Some(found.indexed),
+            query_job_id,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        }));
+    }
+    let sql = neighbours_sql(&req.model, &version, &vector, req.k, &req.filter);
     let answer = analytics.query(&sql, &Scope::Tenant(tenant)).await.map_err(|e| match e {
         // The statement is ours; what can be wrong in it is the caller's vector.
         sluice_sql::QueryError::Invalid(m) => invalid(format!("vector: {m}")),
@@ -204,10 +259,13 @@ pub(super) async fn search(
             finished_at: r.get("finished_at").cloned(),
         })
         .collect();
+    metrics::counter!(sluice_schemas::metrics::SEARCHES.name, "mode" => "exact").increment(1);
     Ok(Json(SearchAnswer {
         model: req.model,
         model_version: version,
         results,
+        exact: true,
+        indexed: None,
         query_job_id,
         elapsed_ms: started.elapsed().as_millis() as u64,
     }))
@@ -242,14 +300,50 @@ async fn embed(
         (true, _, Some(e)) => {
             Err(ApiError::Invalid { code: e.code, message: format!("the query's embedding: {}", e.message) })
         }
+        // A model whose output is not an embedding (a tensor model): the
+        // request names a model that cannot be searched.
         (true, _, None) => Err(ApiError::Invalid {
-            code: ErrorCode::UnknownModel,
-            message: format!("{model} gives no embedding to search with"),
+            code: ErrorCode::SchemaViolation,
+            message: format!("model: {model} is not an embedding model (its output is not a vector to search with)"),
         }),
         (false, _, _) => Err(ApiError::Overloaded {
             why: format!("the query's embedding (job {}) did not finish within {:?}", job.job_id, gw.cfg.max_wait),
             retry_after: std::time::Duration::from_secs(1),
         }),
+    }
+}
+
+/// Keeps `index` following the lake: a refresh every `every` (on a
+/// blocking thread: inserting is CPU work), a last snapshot at shutdown.
+/// A failed refresh is logged, counted and retried at the next tick.
+pub(super) async fn keep_index(index: Arc<VectorIndex>, every: Duration, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => break,
+        }
+        let idx = index.clone();
+        match tokio::task::spawn_blocking(move || idx.refresh()).await {
+            Ok(Ok(done)) if done.vectors > 0 => {
+                tracing::debug!(manifests = done.manifests, vectors = done.vectors, "search index refreshed")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                metrics::counter!(sluice_schemas::metrics::SEARCH_INDEX_REFRESH_ERRORS.name).increment(1);
+                tracing::warn!(error = %e, "refreshing the search index failed; retrying");
+            }
+            Err(e) => tracing::error!(error = %e, "the search index refresh panicked"),
+        }
+        let stats = index.stats();
+        metrics::gauge!(sluice_schemas::metrics::SEARCH_INDEX_VECTORS.name).set(stats.vectors as f64);
+        metrics::gauge!(sluice_schemas::metrics::SEARCH_INDEX_FULL.name).set(if stats.full { 1.0 } else { 0.0 });
+    }
+    let idx = index.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || idx.persist()).await {
+        metrics::counter!(sluice_schemas::metrics::SEARCH_INDEX_REFRESH_ERRORS.name).increment(1);
+        tracing::warn!(error = %e, "the search index's last snapshot failed; the next start applies what it lacks");
     }
 }
 

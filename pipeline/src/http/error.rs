@@ -8,7 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use sluice_schemas::{ErrorCode, JobStatus};
-use sluice_sql::QueryError;
+use sluice_sql::{IndexError, QueryError};
 
 use crate::kafka::KafkaError;
 use crate::retry::Retryable;
@@ -62,6 +62,8 @@ pub enum ApiError {
     SqlNotConfigured,
     #[error(transparent)]
     Sql(#[from] QueryError),
+    #[error("the search index failed: {0}")]
+    Search(#[from] IndexError),
 }
 
 /// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
@@ -117,6 +119,9 @@ impl ApiError {
                 // Fits, once the queries running now are done.
                 QueryError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "resources_exhausted"),
             },
+            // A query vector of the wrong size is caught before the index
+            // is asked (search.rs); what remains is the index's own failure.
+            ApiError::Search(_) => (StatusCode::INTERNAL_SERVER_ERROR, "search_failed"),
         }
     }
 
@@ -164,6 +169,7 @@ impl ApiError {
             ApiError::Sql(QueryError::Setup("m".into())),
             ApiError::Sql(QueryError::TooBig("m".into())),
             ApiError::Sql(QueryError::Busy("m".into())),
+            ApiError::Search(IndexError::Native("m".into())),
         ];
         for e in &all {
             // No wildcard: a new variant does not compile until it is
@@ -188,7 +194,8 @@ impl ApiError {
                 | ApiError::Kafka(_)
                 | ApiError::Store(_)
                 | ApiError::SqlNotConfigured
-                | ApiError::Sql(_) => {}
+                | ApiError::Sql(_)
+                | ApiError::Search(_) => {}
             }
         }
         all

@@ -13,7 +13,7 @@
 //! the fault tests start (default `warn`).
 //!
 //! Shared by every end-to-end test binary (`worker`, `faults`, `gateway`,
-//! `sinks`); each uses part of it.
+//! `sinks`, `search`); each uses part of it.
 
 #![allow(dead_code, unused_imports)] // A prelude and helpers: each binary uses part of them.
 
