@@ -240,18 +240,26 @@ pub async fn run(sluice: &Path, models: &Path, corpus: Option<&Path>, concurrenc
     println!("   POST /v1/sql: {lake} jobs in the Parquet lake, {shards} in the SQL shards");
 
     println!("\n== search: the stored jobs nearest a new question (POST /v1/search)");
-    // The approximate index follows the lake; wait for its next refresh.
-    let embedded =
-        sql(&format!("SELECT count(*) AS n FROM results WHERE model = '{MODEL}' AND status = 'succeeded'")).await?;
+    // The approximate index follows the lake; wait for its next refresh. It
+    // searches one version (the default, here): count that version's jobs.
     let mut probe = vec![0.0f32; 384];
     probe[0] = 1.0;
     let probe = json!({"model": MODEL, "vector": probe, "k": 1, "tenant": "demo"});
     loop {
         let v: Value = client.post(format!("{http}/v1/search")).json(&probe).send().await?.json().await?;
+        let version = v["model_version"].as_str().context("a search answer names its version")?.replace('\'', "");
+        let embedded = sql(&format!(
+            "SELECT count(*) AS n FROM results WHERE model = '{MODEL}' AND model_version = '{version}' AND status = 'succeeded'"
+        ))
+        .await?;
         if v["indexed"].as_i64().unwrap_or(0) >= embedded {
             break;
         }
-        ensure!(Instant::now() < deadline, "the search index holds {} of {embedded} embeddings", v["indexed"]);
+        ensure!(
+            Instant::now() < deadline,
+            "the search index of version {version} holds {} of {embedded} embeddings",
+            v["indexed"]
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for (query, topic) in
