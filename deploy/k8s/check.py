@@ -35,7 +35,7 @@ import yaml
 
 KUBERNETES_VERSION = "1.30.0"
 HERE = Path(__file__).resolve().parent
-ROLES = {"gateway", "worker", "sink"}
+ROLES = {"gateway", "worker", "sink", "notifier"}
 CHECK_TIMEOUT_S = 2
 
 failures = []
@@ -306,6 +306,11 @@ def check_container(where, role, c, pod, d, cfg):
             fail(where, "a sink with neither sinks.lake nor sinks.shards")
         if d["spec"].get("replicas", 1) != 1 or d["spec"].get("strategy", {}).get("type") != "Recreate":
             fail(where, "the lake sink must run as one replica replaced with Recreate (no fencing)")
+    if role == "notifier":
+        if not cfg["callbacks"]["signing_key"]:
+            fail(where, "a notifier without callbacks.signing_key does not start")
+        if grace * 1000 <= cfg["callbacks"]["timeout_ms"]:
+            fail(where, f"grace period {grace} s does not cover callbacks.timeout_ms (attempts in flight)")
     if role in ("gateway", "sink") and cfg["sinks"]["lake"] and not mounted(cfg["sinks"]["lake"]):
         fail(where, f"sinks.lake {cfg['sinks']['lake']} is not on a mounted volume")
 

@@ -17,6 +17,7 @@ use sluice_sql::{Analytics, IndexConfig, IndexError, Lake, QueryError, Sources, 
 use crate::config::Config;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::kafka::{self, Consumer, EmbeddedBroker, KafkaError, Producer};
+use crate::notifier::{self, NotifierError};
 use crate::ops::Ops;
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::sinks::{self, SinkError};
@@ -36,6 +37,8 @@ pub enum Role {
     Gateway,
     /// The results sinks only (lake and/or shards).
     Sink,
+    /// The notifier only: completion callbacks.
+    Notifier,
 }
 
 /// Why Sluice could not start.
@@ -57,6 +60,8 @@ pub enum StartError {
     Analytics(#[from] QueryError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("the notifier: {0}")]
+    Notifier(#[from] NotifierError),
     #[error("the search index: {0}")]
     Index(#[from] IndexError),
     #[error("the lake: {0}")]
@@ -95,16 +100,19 @@ struct Stages {
     workers: bool,
     gateway: bool,
     sinks: bool,
+    notifier: bool,
 }
 
 impl Role {
     fn stages(self) -> Stages {
-        let none = Stages { workers: false, gateway: false, sinks: false };
+        let none = Stages { workers: false, gateway: false, sinks: false, notifier: false };
         match self {
-            Role::Up => Stages { workers: true, gateway: true, sinks: true },
+            // The notifier too, when callbacks are on (see `Sluice::start`).
+            Role::Up => Stages { workers: true, gateway: true, sinks: true, notifier: true },
             Role::Worker => Stages { workers: true, ..none },
             Role::Gateway => Stages { gateway: true, ..none },
             Role::Sink => Stages { sinks: true, ..none },
+            Role::Notifier => Stages { notifier: true, ..none },
         }
     }
 }
@@ -121,7 +129,14 @@ impl Sluice {
     /// this only decides which run and builds what they share once (the
     /// broker, the topics, the results store, the readiness checks).
     pub async fn start(cfg: Config, role: Role) -> Result<Sluice, StartError> {
-        let stages = role.stages();
+        let mut stages = role.stages();
+        if role == Role::Up && cfg.callbacks.signing_key.is_empty() {
+            // No key, no signed deliveries: the gateway refuses callbacks.
+            stages.notifier = false;
+        }
+        if role == Role::Notifier && cfg.callbacks.signing_key.is_empty() {
+            return Err(StartError::Missing("callbacks.signing_key (SLUICE__CALLBACKS__SIGNING_KEY)"));
+        }
         let metrics = telemetry::prometheus();
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = Vec::new();
@@ -168,7 +183,7 @@ impl Sluice {
         // Topics.
         let prefix = &cfg.kafka.topic_prefix;
         let mut topic_names: Vec<String> = names.iter().map(|m| topics::jobs(prefix, m)).collect();
-        topic_names.extend([topics::results(prefix), topics::dlq(prefix)]);
+        topic_names.extend([topics::results(prefix), topics::dlq(prefix), topics::callbacks_dlq(prefix)]);
         match &broker {
             Some(b) => {
                 for t in &topic_names {
@@ -212,6 +227,11 @@ impl Sluice {
             None
         };
 
+        let notifier = match stages.notifier {
+            true => Some(notifier::start(&cfg, &bootstrap, &shutdown, &mut tasks)?),
+            false => None,
+        };
+
         // Readiness: one `Ops` over everything this process depends on.
         let gateway_producer = match stages.gateway {
             true => Some(Producer::with_max_message_bytes(
@@ -235,6 +255,9 @@ impl Sluice {
         }
         if stages.sinks {
             ops = ops.with_sinks(lake_dir.clone(), shard_set.clone());
+        }
+        if let Some(health) = notifier {
+            ops = ops.with_notifier(health);
         }
 
         // HTTP: the REST API (with the ops routes among its own), or the ops
@@ -280,7 +303,7 @@ impl Sluice {
             bootstrap,
             kafka_clients,
             embedded_broker: broker.is_some(),
-            store_kind: store.as_ref().map_or("none (sinks read the results topic)", |s| s.describe()),
+            store_kind: store.as_ref().map_or("none (this role reads the results topic)", |s| s.describe()),
             models: match &pool {
                 Some(p) => p
                     .versions()

@@ -37,7 +37,33 @@ pub struct Config {
     pub sinks: SinksSection,
     pub sql: SqlSection,
     pub search: SearchSection,
+    pub callbacks: CallbacksSection,
     pub ops: OpsSection,
+}
+
+/// Completion callbacks (the notifier, and the gateway's check at
+/// submission). Documented in `config/default.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbacksSection {
+    pub signing_key: String,
+    pub allow_hosts: Vec<String>,
+    pub allow_networks: Vec<String>,
+    pub consumer_group: String,
+    pub max_attempts: u32,
+    pub max_elapsed_ms: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+    pub max_response_bytes: usize,
+    pub per_host_concurrency: usize,
+    pub per_host_pending: usize,
+    pub slow_after_ms: u64,
+    pub max_pending: usize,
+    pub max_pending_bytes: usize,
+    pub session_timeout_ms: u64,
+    pub max_poll_interval_ms: u64,
 }
 
 /// The health and metrics listener of `sluice worker` and `sluice sink`.

@@ -7,6 +7,8 @@
 //! - [`gateway`]: the REST API (including `POST /v1/sql`).
 //! - [`sinks`]: results topic → Parquet lake and SQL shards, offsets
 //!   committed only after a flush is durable.
+//! - [`notifier`]: results topic → completion callbacks (signed webhooks),
+//!   offsets committed only after delivery or dead-lettering.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics` of every process (the
 //!   gateway among its routes, workers and sinks on their own listener).
 //! - [`app`]: builds the stages for a role (`sluice up`, `worker`, `gateway`,
@@ -16,6 +18,7 @@ pub mod app;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod notifier;
 mod offsets;
 pub mod ops;
 pub mod publish;

@@ -36,6 +36,9 @@ enum Command {
     Gateway(RunArgs),
     /// The results sinks only: results topic → Parquet lake and/or SQL shards.
     Sink(RunArgs),
+    /// The notifier only: completion callbacks (signed webhooks) for the
+    /// jobs that ask for them.
+    Notifier(RunArgs),
     /// Run a read-only SQL query over the lake (`results`) and the shards (`shards`).
     Sql(SqlArgs),
     /// Print the effective configuration (all layers merged) as JSON.
@@ -223,9 +226,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker(a) => (Role::Worker, a),
         Command::Gateway(a) => (Role::Gateway, a),
         Command::Sink(a) => (Role::Sink, a),
+        Command::Notifier(a) => (Role::Notifier, a),
         Command::Sql(a) => return sql(cli.config.as_deref(), a).await,
         Command::Config(a) => {
-            let cfg = Config::load(cli.config.as_deref(), a.overrides()).context("invalid configuration")?;
+            let mut cfg = Config::load(cli.config.as_deref(), a.overrides()).context("invalid configuration")?;
+            if !cfg.callbacks.signing_key.is_empty() {
+                cfg.callbacks.signing_key = "(set; not shown)".into();
+            }
             println!("{}", serde_json::to_string_pretty(&cfg)?);
             return Ok(());
         }
@@ -273,7 +280,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = sluice.http_addr {
         match role {
             Role::Up | Role::Gateway => eprintln!("REST API on http://{addr}"),
-            Role::Worker | Role::Sink => eprintln!("health and metrics on http://{addr} (/healthz, /readyz, /metrics)"),
+            Role::Worker | Role::Sink | Role::Notifier => {
+                eprintln!("health and metrics on http://{addr} (/healthz, /readyz, /metrics)")
+            }
         }
     }
     if let Some(path) = &args.ready_file {

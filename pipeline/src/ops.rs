@@ -29,6 +29,7 @@ use sluice_workers::{BreakerState, ModelPool};
 
 use crate::http::ApiError;
 use crate::kafka::Producer;
+use crate::notifier;
 use crate::store::Store;
 
 /// Longest one readiness check may take before it counts as failed.
@@ -44,11 +45,12 @@ pub struct Ops {
     pool: Option<ModelPool>,
     lake: Option<PathBuf>,
     shards: Option<Arc<ShardSet>>,
+    notifier: Option<Arc<notifier::Health>>,
 }
 
 impl Ops {
     pub fn new(metrics: PrometheusHandle, kafka: Producer) -> Ops {
-        Ops { metrics, kafka, store: None, pool: None, lake: None, shards: None }
+        Ops { metrics, kafka, store: None, pool: None, lake: None, shards: None, notifier: None }
     }
 
     /// The results store counts too (gateway, worker).
@@ -71,6 +73,12 @@ impl Ops {
     }
 
     /// The three routes, and `no_route` for anything else.
+    /// Reports the notifier (not ready once its consumer loop has stopped).
+    pub fn with_notifier(mut self, health: Arc<notifier::Health>) -> Ops {
+        self.notifier = Some(health);
+        self
+    }
+
     pub fn router(self) -> Router {
         Router::new()
             .route("/healthz", get(healthz))
@@ -131,6 +139,11 @@ impl Ops {
                 .map(|(i, (url, r))| json!({"shard": i, "url": url, "status": word(r)}))
                 .collect();
             report.insert("shards".into(), Value::Array(each));
+        }
+        if let Some(health) = &self.notifier {
+            let (running, report_) = health.report();
+            ok &= running;
+            report.insert("notifier".into(), report_);
         }
         if let Some(pool) = &self.pool {
             let mut models = Map::new();

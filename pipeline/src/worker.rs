@@ -843,6 +843,7 @@ impl Ctx {
         failed.submitted_at = req.and_then(|r| r.submitted_at).or(rec.timestamp);
         if let Some(r) = req {
             failed.metadata = r.metadata.clone();
+            failed.callback = r.callback.clone();
         }
         // A job of this id made for another request is not failed by this
         // record, which is dead-lettered already.

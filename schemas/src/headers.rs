@@ -28,3 +28,13 @@ pub const SOURCE_PARTITION: &str = "sluice.source.partition";
 pub const SOURCE_OFFSET: &str = "sluice.source.offset";
 /// Worker that rejected the record.
 pub const WORKER_ID: &str = "sluice.worker.id";
+
+/// On a callbacks dead-letter record: the URL that was not delivered to
+/// (the code and message are in [`ERROR_CODE`] and [`ERROR_MESSAGE`]:
+/// `callback_refused`, `callback_rejected`, `callback_exhausted`,
+/// `callback_saturated`).
+pub const CALLBACK_URL: &str = "sluice.callback.url";
+/// On a callbacks dead-letter record: the delivery's id (`dlv_...`).
+pub const CALLBACK_DELIVERY_ID: &str = "sluice.callback.delivery-id";
+/// On a callbacks dead-letter record: attempts made (decimal; 0 when none was).
+pub const CALLBACK_ATTEMPTS: &str = "sluice.callback.attempts";

@@ -100,6 +100,13 @@ catalog! {
     SINK_FLUSHES = Counter Count "sluice_sink_flushes_total" ["sink"] "Successful flushes, by sink.";
     SINK_FLUSH_FAILURES = Counter Count "sluice_sink_flush_failures_total" ["sink", "retryable"] "Failed flush attempts, by sink and whether retrying can fix them (the batch is kept and tried again either way).";
     SHARD_UP = Gauge None "sluice_sink_shard_up" ["shard"] "Whether the last write to a shard succeeded (1) or failed (0).";
+    // Notifier (completion callbacks).
+    CALLBACK_DELIVERIES = Counter Count "sluice_callback_deliveries_total" ["outcome"] "Callbacks finished, by outcome: delivered (a 2xx) or dead_lettered (on <prefix>.callbacks.dlq, see sluice_callback_dead_letters_total).";
+    CALLBACK_ATTEMPTS = Counter Count "sluice_callback_attempts_total" ["result"] "HTTP attempts, by result: 2xx, retryable (5xx, 408, 429, timeout, connection error) or final (another 4xx, a redirect).";
+    CALLBACK_RETRIES = Counter Count "sluice_callback_retries_total" [] "Attempts made again after a retryable failure.";
+    CALLBACK_DEAD_LETTERS = Counter Count "sluice_callback_dead_letters_total" ["reason"] "Callbacks dead-lettered, by reason: refused (destination not allowed), rejected (a final answer), exhausted (attempts or time window used up), saturated (too many pending for one destination).";
+    CALLBACK_DELIVERY_SECONDS = Histogram Seconds "sluice_callback_delivery_seconds" [] "From a result's arrival at the notifier to its delivery (retries included).";
+    CALLBACK_PENDING = Gauge Count "sluice_callback_pending" [] "Callbacks being delivered or waiting to retry (bounded by callbacks.max_pending).";
 }
 
 /// Bucket bounds (Prometheus `le`) of a histogram, so that quantiles can

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ErrorCode;
+use crate::{Callback, ErrorCode};
 
 /// Size limits of JobRequest v1. `schemas/json/job-request.v1.schema.json`
 /// states the same numbers; the contract tests keep them equal.
@@ -72,6 +72,9 @@ pub struct JobRequest {
     /// When the producer submitted the job; queue time is measured from here.
     #[serde(default, with = "rfc3339_opt", skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<DateTime<Utc>>,
+    /// Where to POST the result when the job finishes ([`crate::callback`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
 }
 
 /// The model input: exactly one of `text` or `tensors`.
@@ -304,10 +307,13 @@ impl JobRequest {
                 return Err(format!("metadata.{k}: value longer than {} characters", limits::METADATA_VALUE_CHARS));
             }
         }
+        if let Some(c) = &self.callback {
+            c.validate()?;
+        }
         Ok(())
     }
 
-    /// What the job asks for, as a hex SHA-256: every field but who
+    /// What the job asks for, as a hex SHA-256: every field (the callback too) but who
     /// (`tenant`, `job_id`) and when (`submitted_at`, which the gateway
     /// stamps on every submission). A retried submission of the same job
     /// has the same digest; another request under a used job id has
@@ -323,7 +329,12 @@ impl JobRequest {
             self.ttl_ms,
             &self.metadata,
         );
-        let bytes = serde_json::to_vec(&asked).expect("a JobRequest serialises. This is a bug.");
+        let mut bytes = serde_json::to_vec(&asked).expect("a JobRequest serialises. This is a bug.");
+        // Appended only when present: digests of jobs without a callback
+        // stay what they were before callbacks existed.
+        if let Some(c) = &self.callback {
+            bytes.extend(serde_json::to_vec(c).expect("a Callback serialises. This is a bug."));
+        }
         Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
     }
 

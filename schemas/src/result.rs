@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::request::{check_ident, limits, rfc3339_opt};
-use crate::{ErrorCode, JobRequest, Tensor};
+use crate::{Callback, ErrorCode, JobRequest, Tensor};
 
 /// Lifecycle of a job (OpenAI Batch semantics):
 /// `queued → running → succeeded | failed | expired | cancelled`.
@@ -150,6 +150,10 @@ pub struct JobResult {
     /// The request's metadata, echoed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The request's callback, echoed: where the notifier delivers this
+    /// record when it is terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
 }
 
 impl JobResult {
@@ -169,6 +173,7 @@ impl JobResult {
             started_at: None,
             finished_at: None,
             metadata: req.metadata.clone(),
+            callback: req.callback.clone(),
         }
     }
 
@@ -196,6 +201,7 @@ impl JobResult {
             started_at: None,
             finished_at: Some(now),
             metadata: BTreeMap::new(),
+            callback: None,
         }
     }
 
@@ -227,6 +233,9 @@ impl JobResult {
         }
         if s.is_terminal() && self.finished_at.is_none() {
             return Err(format!("status {s}: `finished_at` is required"));
+        }
+        if let Some(c) = &self.callback {
+            c.validate()?;
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
 //! Topic naming: `<prefix>.jobs.<model>`, `<prefix>.results`, `<prefix>.dlq`,
+//! `<prefix>.callbacks.dlq`,
 //! and the key that names a job on the results topic ([`job_key`]).
 //!
 //! Model names are restricted by [`crate::JobRequest`] validation to
@@ -34,6 +35,13 @@ pub fn dlq(prefix: &str) -> String {
     format!("{prefix}.dlq")
 }
 
+/// Dead-letter topic of completion callbacks that could not be delivered:
+/// the JobResult that was to be sent, with why in the headers
+/// ([`crate::headers::ERROR_CODE`], [`crate::headers::CALLBACK_URL`], ...).
+pub fn callbacks_dlq(prefix: &str) -> String {
+    format!("{prefix}.callbacks.dlq")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -41,6 +49,7 @@ mod tests {
         assert_eq!(super::jobs("sluice", "all-minilm-l6-v2"), "sluice.jobs.all-minilm-l6-v2");
         assert_eq!(super::results("acme"), "acme.results");
         assert_eq!(super::dlq("acme"), "acme.dlq");
+        assert_eq!(super::callbacks_dlq("acme"), "acme.callbacks.dlq");
         assert_eq!(super::job_key("acme", "doc:1"), "acme/doc:1");
         assert_eq!(super::split_job_key("acme/doc:1"), Some(("acme", "doc:1")));
         for bad in ["acme", "/doc", "acme/", "a/b/c"] {

@@ -104,6 +104,7 @@ fn request(id: &str, model: &str, input: Input) -> JobRequest {
         ttl_ms: None,
         metadata: Default::default(),
         submitted_at: None,
+        callback: None,
     }
 }
 

@@ -173,6 +173,7 @@ pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Resul
         jobs.push(job);
     }
     gw.check_flow(&jobs)?;
+    gw.check_callbacks(&jobs).await?;
     let tenant = jobs[0].tenant.clone();
     if jobs.iter().any(|j| j.tenant != tenant) {
         return Err(ApiError::Invalid {

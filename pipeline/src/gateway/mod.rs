@@ -10,6 +10,7 @@
 
 mod auth;
 mod batches;
+mod callbacks;
 mod jobs;
 mod limits;
 mod openapi;
@@ -41,6 +42,7 @@ use jobs::Waiters;
 use limits::{Backlog, RateLimits};
 
 use crate::kafka::{LagProbe, Producer};
+use crate::notifier::{Policy, Refusal};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 
@@ -62,6 +64,7 @@ fn routes(batch_limit: DefaultBodyLimit) -> OpenApiRouter<Gateway> {
         .routes(routes!(batches::results))
         .routes(routes!(sql::query))
         .routes(routes!(search::search))
+        .routes(routes!(callbacks::secret))
         .routes(routes!(crate::ops::healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
@@ -145,6 +148,11 @@ pub struct GatewayConfig {
     pub open_mode_sql_all_tenants: bool,
     /// How often the approximate search indexes apply new lake flushes.
     pub index_refresh: Duration,
+    /// Where callbacks may go; why none may (callbacks off, or an invalid
+    /// `callbacks.allow_networks`).
+    pub callbacks: Result<Arc<Policy>, Refusal>,
+    /// `callbacks.signing_key`: tenants' secrets are derived from it.
+    pub callback_signing_key: String,
 }
 
 /// Shared state of the handlers (cheap to clone).
@@ -200,6 +208,11 @@ impl GatewayConfig {
             max_concurrent_queries: cfg.sql.max_concurrent,
             open_mode_sql_all_tenants: cfg.sql.open_mode_all_tenants,
             index_refresh: cfg.index_refresh_interval(),
+            callbacks: match cfg.callbacks.signing_key.as_str() {
+                "" => Err(Refusal::Off),
+                _ => Policy::from_config(&cfg.callbacks).map(Arc::new).map_err(Refusal::Invalid),
+            },
+            callback_signing_key: cfg.callbacks.signing_key.clone(),
         }
     }
 }

@@ -38,6 +38,7 @@ use crate::http::ErrorBody;
         (name = "batches", description = "JSONL files of jobs, their progress and results"),
         (name = "sql", description = "Read-only SQL over the results lake and shards"),
         (name = "search", description = "Nearest stored jobs of a text or a vector, by their embeddings"),
+        (name = "callbacks", description = "Completion callbacks: the secret your deliveries are signed with"),
         (name = "ops", description = "Probes, metrics and this document (no API key needed)")
     )
 )]
@@ -93,10 +94,10 @@ error_responses! {
     E408 = "body_timeout: the body did not arrive within gateway.upload_timeout_ms";
     E409 = "job_finished: cancelling a job that has finished; job_id_in_use: a job id already used by another request of this tenant";
     E413 = "payload_too_large or too_many_items";
-    E422 = "schema_violation, unknown_model, input_too_long, invalid_input, or invalid_json (a batch line); resources_exhausted: the query needs more memory than one query may use";
+    E422 = "schema_violation, unknown_model, input_too_long, invalid_input, or invalid_json (a batch line); callback_refused: the callback's destination is not allowed (a private, loopback or link-local address not in callbacks.allow_networks, a host not in callbacks.allow_hosts, a name that does not resolve) or callbacks are off; resources_exhausted: the query needs more memory than one query may use";
     E429 = "rate_limited; see Retry-After", retry;
     E500 = "internal (Kafka or the store refused for good, a corrupt record) or query_failed";
-    E501 = "sql_not_configured: no lake or shards configured";
+    E501 = "sql_not_configured: no lake or shards configured; callbacks_not_configured: no callbacks.signing_key";
     E503 = "overloaded (backlog, in-flight or long-poll bound), unavailable (Kafka, the store or a shard) or resources_exhausted (the running queries hold all SQL memory); see Retry-After", retry;
     E504 = "query_timeout: the query ran past sql.timeout_ms";
 }

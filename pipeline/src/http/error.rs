@@ -64,6 +64,10 @@ pub enum ApiError {
     Sql(#[from] QueryError),
     #[error("the search index failed: {0}")]
     Search(#[from] IndexError),
+    #[error("callback {url:?} refused: {why}")]
+    CallbackRefused { url: String, why: String },
+    #[error("callbacks are not configured on this deployment (callbacks.signing_key)")]
+    CallbacksNotConfigured,
 }
 
 /// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
@@ -122,6 +126,8 @@ impl ApiError {
             // A query vector of the wrong size is caught before the index
             // is asked (search.rs); what remains is the index's own failure.
             ApiError::Search(_) => (StatusCode::INTERNAL_SERVER_ERROR, "search_failed"),
+            ApiError::CallbackRefused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "callback_refused"),
+            ApiError::CallbacksNotConfigured => (StatusCode::NOT_IMPLEMENTED, "callbacks_not_configured"),
         }
     }
 
@@ -170,6 +176,8 @@ impl ApiError {
             ApiError::Sql(QueryError::TooBig("m".into())),
             ApiError::Sql(QueryError::Busy("m".into())),
             ApiError::Search(IndexError::Native("m".into())),
+            ApiError::CallbackRefused { url: "u".into(), why: "m".into() },
+            ApiError::CallbacksNotConfigured,
         ];
         for e in &all {
             // No wildcard: a new variant does not compile until it is
@@ -195,7 +203,9 @@ impl ApiError {
                 | ApiError::Store(_)
                 | ApiError::SqlNotConfigured
                 | ApiError::Sql(_)
-                | ApiError::Search(_) => {}
+                | ApiError::Search(_)
+                | ApiError::CallbackRefused { .. }
+                | ApiError::CallbacksNotConfigured => {}
             }
         }
         all

@@ -13,8 +13,10 @@
   produce-jobs --brokers B --topic T --tag TAG --count N [--create]
            N text jobs `TAG-i` of tenant `t` for all-minilm-l6-v2, fast (batched)
   produce-results --brokers B --topic T --tag TAG --lo A --hi B [--create]
-           synthetic JobResults `TAG-A..B` (5 tenants, 2 models, 1 in 10
-           failed), fast (batched), keyed <tenant>/<job_id> like Sluice's
+                  [--tenant T] [--callback URL]
+           synthetic JobResults `TAG-A..B` (5 tenants, or T; 2 models, 1 in
+           10 failed; with a callback to URL), fast (batched), keyed
+           <tenant>/<job_id> like Sluice's
   --create makes the topic (4 partitions) first, and with produce-jobs also
   <prefix>.results and <prefix>.dlq, where the prefix is the topic's up to
   ".jobs.".
@@ -174,6 +176,10 @@ def produce_results(args):
             r["output"] = {"embedding": [0.25, -0.5, i % 7 / 7.0]}
         else:
             r["error"] = {"code": "input_too_long", "message": "synthetic failure"}
+        if args.tenant:
+            r["tenant"] = args.tenant
+        if args.callback:
+            r["callback"] = {"url": args.callback}
         return f"{r['tenant']}/{r['job_id']}", json.dumps(r)
 
     bulk(args.brokers, args.topic, (result(i) for i in range(args.lo, args.hi)))
@@ -193,6 +199,8 @@ def main():
     ap.add_argument("--lo", type=int, default=0)
     ap.add_argument("--hi", type=int, default=0)
     ap.add_argument("--create", action="store_true")
+    ap.add_argument("--tenant")
+    ap.add_argument("--callback")
     args = ap.parse_args()
     {"produce": produce, "consume": consume, "committed": committed, "commit": commit,
      "produce-jobs": produce_jobs, "produce-results": produce_results}[args.command](args)
