@@ -399,6 +399,14 @@ async fn callbacks_are_checked_at_submission_and_delivered_signed() {
         let (status, _) = h.get(&format!("/v1/jobs/refused-{why}")).await;
         assert_eq!(status, 404, "{url}: a refused job is not queued");
     }
+    // A batch line's callback is checked like a job's: the whole batch is refused.
+    let lines = [
+        json!({"custom_id": "a", "model": MODEL, "input": {"text": "x"}}),
+        json!({"custom_id": "b", "model": MODEL, "input": {"text": "y"}, "callback": {"url": "http://10.1.2.3/hooks"}}),
+    ];
+    let jsonl: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let (status, _, answer) = h.call(reqwest::Method::POST, "/v1/batches", None, Some(jsonl)).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("callback_refused")), "{answer}");
     let (status, _, answer) = h
         .post(json!({"model": MODEL, "input": {"text": "x"}, "callback": {"url": "gopher://127.0.0.2/"}}).to_string())
         .await;
