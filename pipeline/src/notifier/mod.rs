@@ -177,6 +177,8 @@ struct Waiting {
 
 impl Stage {
     async fn run(mut self, mut shutdown: Shutdown) -> Result<(), KafkaError> {
+        // Unbounded in type, bounded in fact: one report per callback held,
+        // and at most `max_pending` (plus what one fetch brings past it) are.
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut paused = false;
