@@ -183,7 +183,10 @@ impl Sluice {
         // Topics.
         let prefix = &cfg.kafka.topic_prefix;
         let mut topic_names: Vec<String> = names.iter().map(|m| topics::jobs(prefix, m)).collect();
-        topic_names.extend([topics::results(prefix), topics::dlq(prefix), topics::callbacks_dlq(prefix)]);
+        topic_names.extend([topics::results(prefix), topics::dlq(prefix)]);
+        if stages.notifier {
+            topic_names.push(topics::callbacks_dlq(prefix));
+        }
         match &broker {
             Some(b) => {
                 for t in &topic_names {

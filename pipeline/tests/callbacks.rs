@@ -123,8 +123,8 @@ impl Receiver {
 /// An embedded broker with the results and callbacks dead-letter topics.
 fn broker(prefix: &str) -> sluice_pipeline::kafka::EmbeddedBroker {
     let broker = sluice_pipeline::kafka::EmbeddedBroker::start().unwrap();
-    // Every topic `sluice notifier` would make: the mock cluster has no
-    // admin API to make them with.
+    // Every topic `sluice notifier` would make (the mock cluster has no
+    // admin API to make them with; `sluice up` makes them through it).
     for topic in [format!("{prefix}.results"), format!("{prefix}.dlq"), format!("{prefix}.callbacks.dlq")] {
         broker.create_topic(&topic, 4).unwrap();
     }
