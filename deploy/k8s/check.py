@@ -290,7 +290,7 @@ def check_container(where, role, c, pod, d, cfg):
         return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
 
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    if role in ("gateway", "worker") and not cfg["store"]["redis"]:
+    if role in ("gateway", "worker", "notifier") and not cfg["store"]["redis"]:
         fail(where, "store.redis is empty")
     if role == "worker":
         if not mounted(cfg["models"]["repository"]):

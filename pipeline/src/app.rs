@@ -196,9 +196,10 @@ impl Sluice {
             None => kafka::ensure_topics(&bootstrap, &topic_names, cfg.kafka.partitions, cfg.kafka.replication).await?,
         }
 
-        // Results store: the workers write it, the gateway reads it; the
-        // sinks read the results topic instead.
-        let store = if !(stages.workers || stages.gateway) {
+        // Results store: the workers write it, the gateway reads it, the
+        // notifier counts batches' lines in it; the sinks read the results
+        // topic instead.
+        let store = if !(stages.workers || stages.gateway || stages.notifier) {
             None
         } else if cfg.store.redis.is_empty() {
             if role != Role::Up {
@@ -231,7 +232,13 @@ impl Sluice {
         };
 
         let notifier = match stages.notifier {
-            true => Some(notifier::start(&cfg, &bootstrap, &shutdown, &mut tasks)?),
+            true => Some(notifier::start(
+                &cfg,
+                &bootstrap,
+                store.clone().expect("the notifier has a store"),
+                &shutdown,
+                &mut tasks,
+            )?),
             false => None,
         };
 

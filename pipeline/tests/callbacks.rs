@@ -25,8 +25,10 @@ const SIGNING_KEY: &str = "test-signing-key";
 struct Seen {
     /// Delivery id → times received.
     by_id: HashMap<String, usize>,
-    /// Delivery id → (job id, event header, body status).
+    /// Delivery id → (job id, event header, body status), of jobs.
     jobs: HashMap<String, (String, String, String)>,
+    /// Delivery id → (`Sluice-Batch-Id`, body), of `batch.completed`.
+    batches: HashMap<String, (String, Value)>,
     /// Deliveries whose signature did not verify.
     bad_signatures: usize,
     /// One delivery as received: (signature header, tenant, body).
@@ -85,12 +87,16 @@ impl Receiver {
                 if *n == 1 {
                     s.arrivals.push(now);
                 }
-                let job = (
-                    record["job_id"].as_str().unwrap_or("").to_owned(),
-                    h(cb::EVENT_HEADER),
-                    record["status"].as_str().unwrap_or("").to_owned(),
-                );
-                s.jobs.insert(id, job);
+                if h(cb::EVENT_HEADER) == sluice_schemas::batch::COMPLETED_EVENT {
+                    s.batches.insert(id, (h(cb::BATCH_ID_HEADER), record));
+                } else {
+                    let job = (
+                        record["job_id"].as_str().unwrap_or("").to_owned(),
+                        h(cb::EVENT_HEADER),
+                        record["status"].as_str().unwrap_or("").to_owned(),
+                    );
+                    s.jobs.insert(id, job);
+                }
                 if s.sample.is_none() {
                     s.sample = Some((signature, tenant, body.to_vec()));
                 }
@@ -158,6 +164,39 @@ fn results_with_callback(
     kafka_client(&args, "");
 }
 
+/// Results `<tag>-<range>` as lines `range` of `tenant`'s batch `id` of
+/// `total` lines, whose completion goes to `url`; each line with a job
+/// callback to `url` too when `job_callbacks`.
+#[allow(clippy::too_many_arguments)]
+fn batch_lines(
+    brokers: &str,
+    prefix: &str,
+    tenant: &str,
+    id: &str,
+    total: usize,
+    range: std::ops::Range<usize>,
+    url: &str,
+    job_callbacks: bool,
+) {
+    let mut args: Vec<String> =
+        ["produce-results", "--brokers", brokers, "--topic", &format!("{prefix}.results")].map(String::from).into();
+    for (flag, value) in [
+        ("--tag", id.to_owned()),
+        ("--tenant", tenant.to_owned()),
+        ("--lo", range.start.to_string()),
+        ("--hi", range.end.to_string()),
+        ("--batch-id", id.to_owned()),
+        ("--batch-total", total.to_string()),
+        ("--batch-callback", url.to_owned()),
+    ] {
+        args.extend([flag.to_owned(), value]);
+    }
+    if job_callbacks {
+        args.extend(["--callback".into(), url.into()]);
+    }
+    kafka_client(&args, "");
+}
+
 /// Up to `n` records of `<prefix>.callbacks.dlq` (waiting a few seconds
 /// for them).
 async fn dead_letters(brokers: &str, prefix: &str, n: usize) -> Vec<Value> {
@@ -170,9 +209,11 @@ async fn dead_letters(brokers: &str, prefix: &str, n: usize) -> Vec<Value> {
 /// A `sluice notifier` process in group `<prefix>.notifier`.
 fn start_notifier(brokers: &str, prefix: &str, run: usize, extra: &str) -> KillOnDrop {
     let config = scratch(prefix).join(format!("notifier-{run}.toml"));
+    let redis = env("SLUICE_TEST_REDIS");
     let toml = format!(
         "[kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\n\
          [ops]\nlisten = \"127.0.0.1:0\"\n\
+         [store]\nredis = \"{redis}\"\nkey_prefix = \"{prefix}:\"\n\
          [callbacks]\nsigning_key = \"{SIGNING_KEY}\"\nallow_networks = [\"127.0.0.2/32\"]\n\
          session_timeout_ms = 6000\nmax_poll_interval_ms = 20000\n{extra}\n"
     );
@@ -281,6 +322,103 @@ async fn every_callback_arrives_through_a_sigkill_and_dedupes_by_delivery_id() {
         Err(SignatureError::Mismatch),
         "another tenant's secret does not verify it"
     );
+}
+
+/// Waits until `group` has committed all of `<prefix>.results`.
+async fn drained(brokers: &str, prefix: &str, group: &str) {
+    let probe = sluice_pipeline::kafka::LagProbe::new(brokers, group, &format!("{prefix}.results")).unwrap();
+    let started = Instant::now();
+    while probe.lag().await.unwrap_or(i64::MAX) != 0 {
+        assert!(started.elapsed() < Duration::from_secs(120), "{group} never committed everything");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two batches of 1,500 lines (two tenants) finishing in two waves, the
+/// notifier SIGKILLed during the second and replaced: no batch is
+/// announced before its last line is counted; each is announced once
+/// complete, under its own delivery id, with its lines counted by status
+/// (each once, whatever the replays); the lines' own callbacks, which
+/// share their offsets with the counts, all arrive; and a new consumer
+/// group that replays the whole topic announces neither batch again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_announced_once_it_is_complete_through_a_sigkill_and_a_replay() {
+    let prefix = unique_prefix("cbbatch");
+    let broker = broker(&prefix);
+    let brokers = broker.bootstrap().to_owned();
+    let receiver = Receiver::start(Mode::Ok).await;
+    let (total, half) = (1500, 750);
+    let group = format!("{prefix}.notifier");
+    let batches = [("acme", "batch_a", true), ("globex", "batch_b", false)];
+
+    // The first half of each: counted, and neither batch announced.
+    let mut notifier = start_notifier(&brokers, &prefix, 0, "per_host_concurrency = 2");
+    for (tenant, id, job_callbacks) in batches {
+        batch_lines(&brokers, &prefix, tenant, id, total, 0..half, &receiver.url, job_callbacks);
+    }
+    drained(&brokers, &prefix, &group).await;
+    receiver.wait_unique(half, Duration::from_secs(60)).await;
+    assert!(receiver.seen.lock().unwrap().batches.is_empty(), "announced before its last line was counted");
+
+    // The second half, with the notifier killed once the group has
+    // committed past a quarter of it.
+    for (tenant, id, job_callbacks) in batches {
+        batch_lines(&brokers, &prefix, tenant, id, total, half..total, &receiver.url, job_callbacks);
+    }
+    let probe = sluice_pipeline::kafka::LagProbe::new(&brokers, &group, &format!("{prefix}.results")).unwrap();
+    let kill_at = (2 * half + half / 2) as i64;
+    let started = Instant::now();
+    while probe.progress().await.map(|p| p.committed).unwrap_or(0) < kill_at {
+        assert!(started.elapsed() < Duration::from_secs(120), "the notifier never committed {kill_at} offsets");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    notifier.0.kill().unwrap();
+    notifier.0.wait().unwrap();
+    let announced_at_kill = receiver.seen.lock().unwrap().batches.len();
+    let _notifier = start_notifier(&brokers, &prefix, 1, "");
+    receiver.wait_unique(total + 2, Duration::from_secs(120)).await;
+    drained(&brokers, &prefix, &group).await;
+
+    let deliveries_of = |seen: &Seen| -> Vec<usize> {
+        let mut ids: Vec<&String> = seen.batches.keys().collect();
+        ids.sort();
+        ids.iter().map(|id| seen.by_id[*id]).collect()
+    };
+    let before_replay = {
+        let seen = receiver.seen.lock().unwrap();
+        println!(
+            "batch callbacks: {announced_at_kill} of 2 batches announced at the SIGKILL; deliveries of each {:?}; {} requests in all",
+            deliveries_of(&seen),
+            seen.requests
+        );
+        assert_eq!(seen.batches.len(), 2, "each batch under one delivery id");
+        for (tenant, id, _) in batches {
+            let delivery = sluice_schemas::batch::completed_delivery_id(tenant, id);
+            let (header, body) = &seen.batches.get(&delivery).unwrap_or_else(|| panic!("{id} announced as {delivery}"));
+            assert_eq!(header, id);
+            assert_eq!(body["object"], "batch");
+            assert_eq!((body["id"].as_str(), body["tenant"].as_str()), (Some(id), Some(tenant)));
+            assert_eq!(body["status"], "completed");
+            assert_eq!(body["total"], total);
+            // kafka_client.py fails one result in ten.
+            assert_eq!(body["counts"], json!({"failed": total / 10, "succeeded": total - total / 10}), "{id}");
+            assert_eq!(body["results_url"], format!("/v1/batches/{id}/results"));
+        }
+        let jobs: std::collections::HashSet<&str> = seen.jobs.values().map(|(j, _, _)| j.as_str()).collect();
+        assert_eq!(jobs.len(), total, "every line's own callback, beside the counts");
+        assert!(jobs.iter().all(|j| j.starts_with("batch_a-")));
+        assert_eq!(seen.bad_signatures, 0);
+        deliveries_of(&seen)
+    };
+
+    // Another group reads the whole topic again: every line is counted
+    // again (and ignored), and neither batch is announced a second time.
+    let replay = format!("{prefix}.replay");
+    let _replayer = start_notifier(&brokers, &prefix, 2, &format!("consumer_group = \"{replay}\""));
+    drained(&brokers, &prefix, &replay).await;
+    let seen = receiver.seen.lock().unwrap();
+    assert_eq!(deliveries_of(&seen), before_replay, "a replayed line does not announce its batch again");
+    assert!(seen.jobs.len() == total && seen.by_id.len() == total + 2, "a replay repeats ids, makes none");
 }
 
 /// A receiver that answers 500 for its first 10 s gets every callback
@@ -453,5 +591,66 @@ async fn callbacks_are_checked_at_submission_and_delivered_signed() {
     assert_eq!(ready["notifier"]["status"], "ok", "{ready}");
     // In order: the notifier commits while the embedded broker still runs.
     let mut h = h;
+    h.stop().await;
+}
+
+/// Through a whole `sluice up`: a batch's `callback` is checked at
+/// submission like a job's; a caller cannot say which batch a job belongs
+/// to; and a batch of real jobs (two expired on arrival, one with a job
+/// callback of its own) is announced once every line has run, signed, with
+/// its lines counted by status, while `GET /v1/batches/{id}` says
+/// `completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_callback_is_checked_at_submission_and_announced_when_every_line_has_run() {
+    let receiver = Receiver::start(Mode::Ok).await;
+    let extra = json!({"callbacks": {"signing_key": SIGNING_KEY, "allow_networks": ["127.0.0.2/32"]}});
+    let mut h = Harness::start_with(unique_prefix("cbbatchup"), false, extra).await;
+    let line = |i: usize| json!({"custom_id": format!("c{i}"), "model": MODEL, "input": {"text": format!("Sentence number {i}.")}});
+    let jsonl = |lines: &[Value]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let post_batch = |query: String, body: String| {
+        let h = &h;
+        async move { h.call(reqwest::Method::POST, &format!("/v1/batches{query}"), None, Some(body)).await }
+    };
+
+    for (query, code) in [
+        ("?callback=http://10.1.2.3/hooks".to_owned(), "callback_refused"),
+        ("?callback=http://127.0.0.1:9/hooks".to_owned(), "callback_refused"),
+        ("?callback=gopher://127.0.0.2/".to_owned(), "schema_violation"),
+        ("?callbak=x".to_owned(), "schema_violation"),
+    ] {
+        let (status, _, answer) = post_batch(query.clone(), jsonl(&[line(0)])).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (422, Some(code)), "{query}: {answer}");
+    }
+    let forged = json!({"model": MODEL, "input": {"text": "x"}, "batch": {"id": "batch_x", "index": 0, "total": 1}});
+    let (status, _, answer) = h.post(forged.to_string()).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("schema_violation")), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("set by the gateway"), "{answer}");
+
+    let mut lines: Vec<Value> = (0..10).map(line).collect();
+    for l in &mut lines[3..5] {
+        l["deadline"] = json!("2020-01-01T00:00:00Z");
+    }
+    lines[7]["callback"] = json!({"url": receiver.url});
+    let query = format!("?callback={}", receiver.url);
+    let (status, _, accepted) = post_batch(query, jsonl(&lines)).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["callback"], receiver.url);
+    let id = accepted["id"].as_str().unwrap().to_owned();
+
+    receiver.wait_unique(2, Duration::from_secs(120)).await;
+    let (status, batch) = h.get(&format!("/v1/batches/{id}")).await;
+    assert_eq!((status, batch["status"].as_str()), (200, Some("completed")), "{batch}");
+    {
+        let seen = receiver.seen.lock().unwrap();
+        assert_eq!(seen.bad_signatures, 0);
+        let delivery = sluice_schemas::batch::completed_delivery_id("acme", &id);
+        let (header, body) = seen.batches.get(&delivery).unwrap_or_else(|| panic!("{id} announced as {delivery}"));
+        assert_eq!(header, &id);
+        assert_eq!(body["counts"], json!({"expired": 2, "succeeded": 8}), "{body}");
+        assert_eq!(body["total"], 10);
+        assert_eq!(body["tenant"], "acme");
+        let jobs: Vec<&(String, String, String)> = seen.jobs.values().collect();
+        assert_eq!(jobs, vec![&(format!("{id}-8"), "job.succeeded".to_owned(), "succeeded".to_owned())]);
+    }
     h.stop().await;
 }

@@ -217,3 +217,62 @@ async fn a_job_id_names_one_request_of_its_tenant() {
         assert_eq!(store.get_meta("t", "r-2").await.unwrap().unwrap().digest.as_deref(), Some("cccc"));
     }
 }
+
+/// A batch's lines, counted concurrently, each once and then again (a
+/// replay, with another status): exactly one count sees the batch
+/// complete, replays change nothing, another tenant's batch of the same id
+/// is another batch, and the announcement sticks. Redis and the in-process
+/// store alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_lines_count_once_and_exactly_one_count_completes_the_batch() {
+    let prefix = unique_prefix("batch");
+    let memory = Store::memory(&StoreConfig {
+        ttl: Duration::from_secs(600),
+        memory_capacity: 10,
+        key_prefix: prefix.clone(),
+        cache_ttl: Duration::ZERO,
+        cache_capacity: 1,
+    });
+    for store in [store(&prefix).await, memory] {
+        let total = 300u32;
+        let status = |i: u32| if i.is_multiple_of(3) { JobStatus::Failed } else { JobStatus::Succeeded };
+        let count = |replay: bool| {
+            let store = store.clone();
+            async move {
+                let tasks: Vec<_> = (0..8u32)
+                    .map(|t| {
+                        let store = store.clone();
+                        tokio::spawn(async move {
+                            let mut complete = 0;
+                            for i in (t..total).step_by(8) {
+                                let s = if replay { JobStatus::Cancelled } else { status(i) };
+                                let p = store.batch_line_done("acme", "batch_1", i, s).await.unwrap();
+                                assert!(p.done <= total);
+                                complete += usize::from(p.done == total);
+                            }
+                            complete
+                        })
+                    })
+                    .collect();
+                let mut complete = 0;
+                for t in tasks {
+                    complete += t.await.unwrap();
+                }
+                complete
+            }
+        };
+        assert_eq!(count(false).await, 1, "{}: exactly one count completes the batch", store.describe());
+        assert_eq!(count(true).await, total as usize, "{}: every replay sees it complete", store.describe());
+        let p = store.batch_line_done("acme", "batch_1", 7, JobStatus::Expired).await.unwrap();
+        assert_eq!(p.done, total);
+        assert_eq!(p.counts.get("failed"), Some(&100));
+        assert_eq!(p.counts.get("succeeded"), Some(&200));
+        assert_eq!(p.counts.get("cancelled"), None, "a replay's status is not counted");
+        assert!(!p.announced);
+        store.batch_announced("acme", "batch_1").await.unwrap();
+        assert!(store.batch_line_done("acme", "batch_1", 0, JobStatus::Succeeded).await.unwrap().announced);
+
+        let other = store.batch_line_done("other", "batch_1", 0, JobStatus::Succeeded).await.unwrap();
+        assert_eq!((other.done, other.announced), (1, false), "{}: another tenant's batch", store.describe());
+    }
+}

@@ -3,13 +3,14 @@
 //! retries and replays, so a receiver dedupes by it) and its signature
 //! ([`sign`], [`verify`]).
 //!
-//! A delivery is `POST <url>` with the JobResult as its JSON body and:
+//! A delivery is `POST <url>` with the JobResult as its JSON body (a
+//! [`crate::batch::BatchCompleted`] for a batch) and:
 //!
 //! | header | value |
 //! |---|---|
-//! | `Sluice-Event` | `job.succeeded`, `job.failed`, `job.expired` or `job.cancelled` |
+//! | `Sluice-Event` | `job.succeeded`, `job.failed`, `job.expired` or `job.cancelled`; `batch.completed` for a batch |
 //! | `Sluice-Delivery-Id` | `dlv_` + 32 hex digits, the same for every attempt and replay |
-//! | `Sluice-Job-Id`, `Sluice-Tenant` | whose job |
+//! | `Sluice-Job-Id` (`Sluice-Batch-Id` for a batch), `Sluice-Tenant` | whose job |
 //! | `Sluice-Attempt` | 1 for the first attempt |
 //! | `Sluice-Signature` | `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` |
 //!
@@ -35,6 +36,9 @@ pub const EVENT_HEADER: &str = "Sluice-Event";
 pub const DELIVERY_ID_HEADER: &str = "Sluice-Delivery-Id";
 /// `Sluice-Job-Id`: the job's id.
 pub const JOB_ID_HEADER: &str = "Sluice-Job-Id";
+/// `Sluice-Batch-Id`: the batch's id (a `batch.completed` delivery has it
+/// instead of `Sluice-Job-Id`).
+pub const BATCH_ID_HEADER: &str = "Sluice-Batch-Id";
 /// `Sluice-Tenant`: the job's tenant.
 pub const TENANT_HEADER: &str = "Sluice-Tenant";
 /// `Sluice-Attempt`: 1, 2, ... (a replay after a crash starts again at 1).
@@ -102,20 +106,7 @@ impl Callback {
     /// Whether the destination is allowed is the operator's to decide, at
     /// submission and again at delivery.
     pub fn validate(&self) -> Result<(), String> {
-        let n = self.url.chars().count();
-        if n > URL_CHARS {
-            return Err(format!("callback.url: {n} characters, at most {URL_CHARS} allowed"));
-        }
-        let url = url::Url::parse(&self.url).map_err(|e| format!("callback.url: {:?} is not a URL ({e})", self.url))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("callback.url: scheme {:?} is not http or https", url.scheme()));
-        }
-        if url.host().is_none() {
-            return Err("callback.url: has no host".into());
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err("callback.url: must not carry a user or password (deliveries are signed instead)".into());
-        }
+        validate_url("callback.url", &self.url)?;
         if self.events.is_empty() {
             return Err("callback.events: must name at least one of succeeded, failed, expired, cancelled".into());
         }
@@ -126,6 +117,26 @@ impl Callback {
     pub fn wants(&self, status: JobStatus) -> bool {
         CallbackEvent::of(status).is_some_and(|e| self.events.contains(&e))
     }
+}
+
+/// A callback URL's own rules: a well-formed http(s) URL with a host and no
+/// credentials, at most [`URL_CHARS`]. `field` names it in the message.
+pub(crate) fn validate_url(field: &str, url: &str) -> Result<(), String> {
+    let n = url.chars().count();
+    if n > URL_CHARS {
+        return Err(format!("{field}: {n} characters, at most {URL_CHARS} allowed"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("{field}: {url:?} is not a URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{field}: scheme {:?} is not http or https", parsed.scheme()));
+    }
+    if parsed.host().is_none() {
+        return Err(format!("{field}: has no host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!("{field}: must not carry a user or password (deliveries are signed instead)"));
+    }
+    Ok(())
 }
 
 /// The id of the delivery of `event` for one finished job: `dlv_` and 32 hex

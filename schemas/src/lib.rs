@@ -3,7 +3,8 @@
 //! Everything that crosses a process boundary is defined here and nowhere
 //! else: the job a producer puts on Kafka ([`JobRequest`] v1), the record a
 //! worker writes back ([`JobResult`] with its [`JobStatus`]), the completion
-//! [`callback`] a job may ask for and how its deliveries are signed, the stable error
+//! [`callback`] a job may ask for and how its deliveries are signed, a
+//! job's place in a [`batch`], the stable error
 //! [`ErrorCode`]s, the Kafka header names, the topic naming scheme, and the
 //! layout of finished jobs at rest ([`results_table`]: Arrow and SQL).
 //!
@@ -14,6 +15,7 @@
 //!
 //! This crate depends on nothing else of Sluice's.
 
+pub mod batch;
 pub mod callback;
 mod error_code;
 pub mod headers;
@@ -23,6 +25,7 @@ mod result;
 pub mod results_table;
 pub mod topics;
 
+pub use batch::{BatchCompleted, BatchLine};
 pub use callback::{Callback, CallbackEvent};
 pub use error_code::ErrorCode;
 pub use request::{

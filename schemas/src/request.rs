@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{Callback, ErrorCode};
+use crate::{BatchLine, Callback, ErrorCode};
 
 /// Size limits of JobRequest v1. `schemas/json/job-request.v1.schema.json`
 /// states the same numbers; the contract tests keep them equal.
@@ -75,6 +75,9 @@ pub struct JobRequest {
     /// Where to POST the result when the job finishes ([`crate::callback`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
+    /// The batch this job is a line of (set by the gateway, [`crate::batch`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchLine>,
 }
 
 /// The model input: exactly one of `text` or `tensors`.
@@ -310,6 +313,9 @@ impl JobRequest {
         if let Some(c) = &self.callback {
             c.validate()?;
         }
+        if let Some(b) = &self.batch {
+            b.validate()?;
+        }
         Ok(())
     }
 
@@ -334,6 +340,9 @@ impl JobRequest {
         // stay what they were before callbacks existed.
         if let Some(c) = &self.callback {
             bytes.extend(serde_json::to_vec(c).expect("a Callback serialises. This is a bug."));
+        }
+        if let Some(b) = &self.batch {
+            bytes.extend(serde_json::to_vec(b).expect("a BatchLine serialises. This is a bug."));
         }
         Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::request::{check_ident, limits, rfc3339_opt};
-use crate::{Callback, ErrorCode, JobRequest, Tensor};
+use crate::{BatchLine, Callback, ErrorCode, JobRequest, Tensor};
 
 /// Lifecycle of a job (OpenAI Batch semantics):
 /// `queued → running → succeeded | failed | expired | cancelled`.
@@ -154,6 +154,10 @@ pub struct JobResult {
     /// record when it is terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
+    /// The request's batch line, echoed: the notifier counts a batch's
+    /// finished lines by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchLine>,
 }
 
 impl JobResult {
@@ -174,6 +178,7 @@ impl JobResult {
             finished_at: None,
             metadata: req.metadata.clone(),
             callback: req.callback.clone(),
+            batch: req.batch.clone(),
         }
     }
 
@@ -202,6 +207,7 @@ impl JobResult {
             finished_at: Some(now),
             metadata: BTreeMap::new(),
             callback: None,
+            batch: None,
         }
     }
 

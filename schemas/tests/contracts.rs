@@ -136,6 +136,10 @@ fn schema_limits_match_rust_limits() {
     assert!(pat(&p["tenant"]).ends_with(&format!("{{1,{}}}$", limits::TENANT_CHARS)));
     assert!(pat(&p["model"]).ends_with(&format!("{{1,{}}}$", limits::MODEL_CHARS)));
     assert!(pat(&p["model_version"]).ends_with(&format!("{{1,{}}}$", limits::MODEL_VERSION_CHARS)));
+    let batch = &s["$defs"]["batch"]["properties"];
+    assert_eq!(batch["total"]["maximum"], sluice_schemas::batch::MAX_LINES);
+    assert!(pat(&batch["id"]).ends_with(&format!("{{1,{}}}$", sluice_schemas::batch::ID_CHARS)));
+    assert_eq!(batch["callback_url"]["maxLength"], sluice_schemas::callback::URL_CHARS);
 }
 
 /// Limits are enforced at the edge, one past the limit, by both sides.

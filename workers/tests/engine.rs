@@ -105,6 +105,7 @@ fn request(id: &str, model: &str, input: Input) -> JobRequest {
         metadata: Default::default(),
         submitted_at: None,
         callback: None,
+        batch: None,
     }
 }
 

@@ -8,7 +8,7 @@ use sluice_schemas::topics::job_key;
 use sluice_schemas::{JobResult, Output};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig, Stored};
+use super::{BatchProgress, Channel, Create, NOTICE_BUFFER, Put, StoreConfig, Stored};
 
 /// In-process store for `sluice up`: a map with per-record expiry and a
 /// capacity bound (the oldest-written records are evicted first).
@@ -22,6 +22,8 @@ pub struct MemoryStore {
     done: broadcast::Sender<String>,
     /// Documents (batches), bounded like the records.
     docs: Arc<Mutex<Bounded<String>>>,
+    /// Batches' finished lines ([`MEMORY_BATCHES`] batches at most).
+    batches: Arc<Mutex<Bounded<BatchLines>>>,
     ttl: Duration,
     pub(super) cache_ttl: Duration,
     capacity: usize,
@@ -54,6 +56,7 @@ impl MemoryStore {
             cancels: broadcast::channel(NOTICE_BUFFER).0,
             done: broadcast::channel(NOTICE_BUFFER).0,
             docs: Arc::new(Mutex::new(Bounded::new(cfg.memory_capacity.max(1)))),
+            batches: Arc::new(Mutex::new(Bounded::new(MEMORY_BATCHES))),
             ttl: cfg.ttl,
             cache_ttl: cfg.cache_ttl,
             capacity: cfg.memory_capacity.max(1),
@@ -168,6 +171,33 @@ impl MemoryStore {
         self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(&format!("{kind}:{id}"))
     }
 
+    pub(super) fn batch_line_done(&self, key: &str, index: u32, status: &str) -> BatchProgress {
+        let now = Instant::now();
+        let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
+        if batches.map.get(key).is_none_or(|(_, exp)| *exp <= now) {
+            batches.put(key.to_owned(), BatchLines::default(), now);
+        }
+        let (entry, expires) = batches.map.get_mut(key).expect("put just above");
+        *expires = now + self.ttl;
+        let (word, bit) = (index as usize / 64, 1u64 << (index % 64));
+        if entry.lines.len() <= word {
+            entry.lines.resize(word + 1, 0);
+        }
+        if entry.lines[word] & bit == 0 {
+            entry.lines[word] |= bit;
+            entry.progress.done += 1;
+            *entry.progress.counts.entry(status.to_owned()).or_default() += 1;
+        }
+        entry.progress.clone()
+    }
+
+    pub(super) fn batch_announced(&self, key: &str) {
+        let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((entry, _)) = batches.map.get_mut(key) {
+            entry.progress.announced = true;
+        }
+    }
+
     pub(super) fn subscribe(&self, channel: Channel) -> mpsc::Receiver<String> {
         let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
         let mut sub = self.sender(channel).subscribe();
@@ -198,6 +228,18 @@ impl MemoryStore {
 }
 
 /// A map with expiry and a size bound (oldest insertions evicted first).
+/// Most batches whose finished lines the in-process store counts at once
+/// (the oldest go first): each is a bit per line, so at most 1024 × 125 KB
+/// for batches of the largest size.
+const MEMORY_BATCHES: usize = 1024;
+
+/// One batch's lines: a bit each, and the counts.
+#[derive(Clone, Default)]
+struct BatchLines {
+    lines: Vec<u64>,
+    progress: BatchProgress,
+}
+
 struct Bounded<V> {
     map: HashMap<String, (V, Instant)>,
     order: VecDeque<String>,

@@ -17,12 +17,17 @@
 //! published to the results topic, so a replay publishes what a crash left
 //! unpublished and nothing twice.
 //!
+//! It also counts each batch's finished lines ([`Store::batch_line_done`]),
+//! once per line whatever the replays, for the notifier's
+//! `batch.completed` callback.
+//!
 //! Architecture invariant: this is the only module of Sluice that imports
 //! `redis`.
 
 mod memory;
 mod redis;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sluice_schemas::topics::job_key;
@@ -118,6 +123,18 @@ pub enum Cancel {
     Finished(JobResult),
     /// No such job.
     NotFound,
+}
+
+/// A batch's finished lines, as [`Store::batch_line_done`] left them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchProgress {
+    /// Distinct lines finished.
+    pub done: u32,
+    /// Those lines by status (`succeeded`, `failed`, ...).
+    pub counts: BTreeMap<String, u32>,
+    /// Whether the batch's completion was delivered (or dead-lettered):
+    /// [`Store::batch_announced`].
+    pub announced: bool,
 }
 
 /// Settings of the results store.
@@ -265,6 +282,38 @@ impl Store {
         match self {
             Store::Redis(r) => r.subscribe(channel),
             Store::Memory(m) => m.subscribe(channel),
+        }
+    }
+
+    /// Counts line `index` of `tenant`'s batch `batch_id` as finished in
+    /// `status` (once: a line counted already changes nothing) and returns
+    /// the batch's progress, atomically, so that exactly the state after
+    /// the last line's count shows every line done. The count lives as long
+    /// as the records (`store.ttl_secs`), from its last change.
+    pub async fn batch_line_done(
+        &self,
+        tenant: &str,
+        batch_id: &str,
+        index: u32,
+        status: JobStatus,
+    ) -> Result<BatchProgress, StoreError> {
+        let key = job_key(tenant, batch_id);
+        match self {
+            Store::Redis(r) => r.batch_line_done(&key, index, status.as_str()).await,
+            Store::Memory(m) => Ok(m.batch_line_done(&key, index, status.as_str())),
+        }
+    }
+
+    /// Records that the batch's completion was delivered or dead-lettered:
+    /// a line replayed after it does not announce the batch again.
+    pub async fn batch_announced(&self, tenant: &str, batch_id: &str) -> Result<(), StoreError> {
+        let key = job_key(tenant, batch_id);
+        match self {
+            Store::Redis(r) => r.batch_announced(&key).await,
+            Store::Memory(m) => {
+                m.batch_announced(&key);
+                Ok(())
+            }
         }
     }
 

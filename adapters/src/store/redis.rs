@@ -9,7 +9,7 @@ use sluice_schemas::topics::job_key;
 use sluice_schemas::{JobResult, JobStatus, Output};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Channel, Create, NOTICE_BUFFER, Put, StoreConfig, StoreError, Stored, forbidden_pairs};
+use super::{BatchProgress, Channel, Create, NOTICE_BUFFER, Put, StoreConfig, StoreError, Stored, forbidden_pairs};
 
 /// Applies a batch of record writes in order, one reply per key. KEYS:
 /// the records' keys. ARGV[1]: the lifecycle pairs that may not follow each
@@ -460,11 +460,65 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
+    fn batch_keys(&self, key: &str) -> (String, String) {
+        (format!("{}batch:{key}:lines", self.prefix), format!("{}batch:{key}:counts", self.prefix))
+    }
+
+    pub(super) async fn batch_line_done(
+        &self,
+        key: &str,
+        index: u32,
+        status: &str,
+    ) -> Result<BatchProgress, StoreError> {
+        let (lines, counts) = self.batch_keys(key);
+        let mut conn = self.conn.clone();
+        let fields: Vec<(String, u64)> = redis::Script::new(BATCH_LINE_SCRIPT)
+            .key(&lines)
+            .key(&counts)
+            .arg(index)
+            .arg(status)
+            .arg(self.ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut progress = BatchProgress::default();
+        for (field, n) in fields {
+            match field.as_str() {
+                "_done" => progress.done = n as u32,
+                "_announced" => progress.announced = n > 0,
+                _ => {
+                    progress.counts.insert(field, n as u32);
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    pub(super) async fn batch_announced(&self, key: &str) -> Result<(), StoreError> {
+        let (_, counts) = self.batch_keys(key);
+        let mut conn = self.conn.clone();
+        redis::cmd("HSET").arg(&counts).arg("_announced").arg(1).query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(unavailable)
     }
 }
+
+/// Counts a batch line once: a bit per line (`KEYS[1]`, at most 125 KB
+/// for the largest batch) says whether it was counted; the hash
+/// (`KEYS[2]`) holds the counts by status, `_done` and `_announced`.
+/// ARGV: line index, status, TTL in ms. Returns the hash.
+const BATCH_LINE_SCRIPT: &str = r"
+if redis.call('SETBIT', KEYS[1], ARGV[1], 1) == 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  redis.call('HINCRBY', KEYS[2], '_done', 1)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return redis.call('HGETALL', KEYS[2])
+";
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())

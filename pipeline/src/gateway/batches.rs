@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sluice_schemas::{ErrorCode, JobRequest, JobResult, JobStatus};
+use sluice_schemas::{BatchLine, ErrorCode, JobRequest, JobResult, JobStatus};
 
 use super::openapi::{E400, E401, E403, E404, E408, E413, E422, E429, E500, E503};
 use super::{ApiError, Gateway};
@@ -50,6 +51,21 @@ pub(super) struct BatchAccepted {
     not_queued: usize,
     poll_url: String,
     results_url: String,
+    /// The `callback` asked for: where `batch.completed` is delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callback: Option<String>,
+}
+
+/// The query of `POST /v1/batches`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateQuery {
+    /// Where to POST `batch.completed` (the batch's lines counted by
+    /// status, signed like a job's callback) once every line has finished.
+    /// Same rules as a job's `callback.url`; needs `callbacks.signing_key`.
+    #[param(max_length = 2048)]
+    callback: Option<String>,
 }
 
 /// `in_progress` until every line is finished, then `completed`.
@@ -94,6 +110,7 @@ pub(super) struct BatchId {
     tag = "batches",
     operation_id = "createBatch",
     summary = "Submit a JSONL file of jobs, each line with a custom_id",
+    params(CreateQuery),
     request_body(
         content = String,
         content_type = "application/x-ndjson",
@@ -113,11 +130,19 @@ pub(super) struct BatchId {
         (status = 503, response = E503),
     ),
 )]
-pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Result<Response, ApiError> {
+pub(super) async fn create(
+    State(gw): State<Gateway>,
+    query: Result<Query<CreateQuery>, QueryRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
     // Who is asking, and whether there is room, before a byte of the body
     // (up to `max_batch_bytes`) is read: an unauthenticated or refused
     // caller makes the gateway buffer nothing.
     let caller = gw.keys.authenticate(request.headers())?;
+    let Query(CreateQuery { callback }) = query.map_err(|e| ApiError::Invalid {
+        code: ErrorCode::SchemaViolation,
+        message: format!("query: {}", e.body_text()),
+    })?;
     let _slot = gw.admit()?;
     let upload = gw.upload_slots.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded {
         why: format!("{} batch uploads are being read", gw.cfg.max_concurrent_uploads),
@@ -172,6 +197,13 @@ pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Resul
         doc_lines.push(Line { custom_id, job_id });
         jobs.push(job);
     }
+    // Every line knows its batch: the notifier counts them by it.
+    let total = jobs.len() as u32;
+    for (index, job) in jobs.iter_mut().enumerate() {
+        let line = BatchLine { id: id.clone(), index: index as u32, total, callback_url: callback.clone() };
+        line.validate().map_err(|message| ApiError::Invalid { code: ErrorCode::SchemaViolation, message })?;
+        job.batch = Some(line);
+    }
     gw.check_flow(&jobs)?;
     gw.check_callbacks(&jobs).await?;
     let tenant = jobs[0].tenant.clone();
@@ -188,6 +220,7 @@ pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Resul
     // line instead of failing lines already accepted.
     let traceparent = headers_in.get(sluice_schemas::headers::TRACEPARENT).map(|v| v.as_bytes().to_vec());
     let total = jobs.len();
+    let callback = jobs[0].batch.as_ref().and_then(|b| b.callback_url.clone());
     let outcomes: Vec<(JobRequest, Accepted)> = {
         let (gw, caller) = (gw.clone(), caller.clone());
         stream::iter(jobs)
@@ -215,8 +248,21 @@ pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Resul
             Utc::now(),
         );
         failed.metadata = job.metadata.clone();
+        failed.callback = job.callback.clone();
+        failed.batch = job.batch.clone();
         if let Err(e) = gw.store.put(&failed).await {
             tracing::warn!(job_id = %job.job_id, error = %e, "batch line neither queued nor failed");
+        }
+        // On the results topic too, as a worker's failure would be: the
+        // lake lands it, and the notifier counts the line (and delivers its
+        // callback). Kafka may refuse this as it refused the job: then the
+        // batch's completion waits for a line that never finishes.
+        let json = serde_json::to_vec(&failed).expect("JobResult serialises. This is a bug.");
+        let key = sluice_schemas::topics::job_key(&failed.tenant, &failed.job_id);
+        let topic = sluice_schemas::topics::results(&gw.cfg.topic_prefix);
+        let hdrs = [(sluice_schemas::headers::TENANT, failed.tenant.as_bytes())];
+        if let Err(e) = gw.producer.send(&topic, Some(key.as_bytes()), &json, &hdrs).await {
+            tracing::error!(job_id = %job.job_id, error = %e, "a batch line that could not be queued could not be published as failed either: its batch will not be announced complete");
         }
     }
     metrics::counter!(sluice_schemas::metrics::BATCHES_SUBMITTED.name).increment(1);
@@ -227,6 +273,7 @@ pub(super) async fn create(State(gw): State<Gateway>, request: Request) -> Resul
         status: BatchState::InProgress,
         total,
         not_queued: unqueued,
+        callback,
     };
     let location = body.poll_url.clone();
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(body)).into_response())

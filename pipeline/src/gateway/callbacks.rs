@@ -16,10 +16,16 @@ use super::openapi::{E401, E403, E422, E501};
 use super::{ApiError, Gateway};
 
 impl Gateway {
-    /// Every distinct callback URL of `jobs`, checked (resolved, for a
-    /// name) against `callbacks.allow_hosts` and `callbacks.allow_networks`.
+    /// Every distinct callback URL of `jobs` (their batch's too), checked
+    /// (resolved, for a name) against `callbacks.allow_hosts` and
+    /// `callbacks.allow_networks`.
     pub(super) async fn check_callbacks(&self, jobs: &[JobRequest]) -> Result<(), ApiError> {
-        let urls: BTreeSet<&str> = jobs.iter().filter_map(|j| j.callback.as_ref()).map(|c| c.url.as_str()).collect();
+        let urls: BTreeSet<&str> = jobs
+            .iter()
+            .filter_map(|j| j.callback.as_ref())
+            .map(|c| c.url.as_str())
+            .chain(jobs.iter().filter_map(|j| j.batch.as_ref()?.callback_url.as_deref()))
+            .collect();
         if urls.is_empty() {
             return Ok(());
         }

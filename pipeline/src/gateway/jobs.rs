@@ -149,6 +149,14 @@ impl Gateway {
                 message: "expected a JSON object".into(),
             });
         };
+        if obj.contains_key("batch") {
+            // A batch's lines are counted by it: only the gateway says
+            // which batch a job is a line of.
+            return Err(ApiError::Invalid {
+                code: ErrorCode::SchemaViolation,
+                message: "`batch` is set by the gateway on the lines of POST /v1/batches".into(),
+            });
+        }
         match (&caller.tenant, obj.get("tenant")) {
             (Some(t), Some(Value::String(given))) if given != t => {
                 return Err(ApiError::TenantMismatch { given: given.clone() });

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use chrono::Utc;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, LOCATION, RETRY_AFTER};
-use sluice_schemas::CallbackEvent;
 use sluice_schemas::callback::{self as cb};
 use tokio::sync::Semaphore;
 
@@ -100,15 +99,41 @@ impl Destination {
     }
 }
 
+/// What a delivery is about: one job, or a whole batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    Job(String),
+    Batch(String),
+}
+
+impl Subject {
+    /// The job's or the batch's id.
+    pub fn id(&self) -> &str {
+        match self {
+            Subject::Job(id) | Subject::Batch(id) => id,
+        }
+    }
+
+    /// The header that names it: `Sluice-Job-Id` or `Sluice-Batch-Id`.
+    fn header(&self) -> &'static str {
+        match self {
+            Subject::Job(_) => cb::JOB_ID_HEADER,
+            Subject::Batch(_) => cb::BATCH_ID_HEADER,
+        }
+    }
+}
+
 /// A callback to deliver.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub url: String,
-    /// The JobResult, as it was on the results topic.
+    /// The JobResult, as it was on the results topic (a batch's
+    /// [`sluice_schemas::BatchCompleted`] for a batch).
     pub body: Bytes,
     pub tenant: String,
-    pub job_id: String,
-    pub event: CallbackEvent,
+    pub subject: Subject,
+    /// The `Sluice-Event` value (`job.succeeded`, ..., `batch.completed`).
+    pub event: &'static str,
     pub id: String,
     /// When the notifier read the result: the time window counts from here.
     pub arrived: Instant,
@@ -217,9 +242,9 @@ impl Sender {
             .client
             .post(&d.url)
             .header(CONTENT_TYPE, "application/json")
-            .header(cb::EVENT_HEADER, d.event.header_value())
+            .header(cb::EVENT_HEADER, d.event)
             .header(cb::DELIVERY_ID_HEADER, &d.id)
-            .header(cb::JOB_ID_HEADER, &d.job_id)
+            .header(d.subject.header(), d.subject.id())
             .header(cb::TENANT_HEADER, &d.tenant)
             .header(cb::ATTEMPT_HEADER, n.to_string())
             .header(cb::SIGNATURE_HEADER, signature)

@@ -16,6 +16,18 @@
 //! `max_pending` callbacks and never the consumer. At `max_pending` (or
 //! `max_pending_bytes`) the consumer pauses until callbacks finish.
 //!
+//! Batches: a result that is a line of a batch with a `callback_url`
+//! ([`sluice_schemas::BatchLine`]) is counted in the results store
+//! ([`Store::batch_line_done`], once per line whatever the replays). The
+//! count that completes the batch delivers one `batch.completed`
+//! ([`sluice_schemas::BatchCompleted`]) with a delivery id of the batch's
+//! own; once it is delivered or dead-lettered the store remembers it, so a
+//! replayed line does not announce the batch again. The line's offset is
+//! held until its count (and a completion it makes) is done, like a
+//! callback's, so a crash before the count recounts the line, which the
+//! store ignores, and a crash before the completion was announced
+//! announces it again, under the same id.
+//!
 //! - [`policy`]: where callbacks may go (allowlist, SSRF protection); also
 //!   the gateway's check at submission.
 //! - [`deliver`]: one callback's attempts, retries and outcome.
@@ -24,7 +36,7 @@ mod config;
 mod deliver;
 pub mod policy;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,17 +44,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use sluice_schemas::callback::delivery_id;
-use sluice_schemas::{CallbackEvent, JobResult, headers, topics};
+use sluice_schemas::{BatchCompleted, BatchLine, CallbackEvent, JobResult, JobStatus, batch, headers, topics};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use config::NotifierConfig;
-pub use deliver::{Delivery, Destination, Outcome, Reason, Sender};
+pub use deliver::{Delivery, Destination, Outcome, Reason, Sender, Subject};
 pub use policy::{Policy, Refusal};
 
 use crate::config::Config;
 use crate::kafka::{Consumer, KafkaError, Producer, RebalanceHooks, Record};
 use crate::shutdown::Shutdown;
+use crate::store::Store;
 
 /// What stops the notifier from starting.
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +99,12 @@ impl Health {
     }
 }
 
-/// Starts the notifier in its consumer group until `shutdown`.
+/// Starts the notifier in its consumer group until `shutdown`; `store`
+/// counts batches' finished lines.
 pub fn start(
     cfg: &Config,
     bootstrap: &str,
+    store: Store,
     shutdown: &Shutdown,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Arc<Health>, NotifierError> {
@@ -123,6 +138,7 @@ pub fn start(
         consumer,
         producer,
         sender: Arc::new(Sender::new(policy, settings.clone())?),
+        store,
         cfg: settings,
         dlq: topics::callbacks_dlq(prefix),
         tracker,
@@ -158,6 +174,7 @@ struct Stage {
     consumer: Consumer,
     producer: Producer,
     sender: Arc<Sender>,
+    store: Store,
     cfg: NotifierConfig,
     dlq: String,
     tracker: Arc<Mutex<Tracker>>,
@@ -258,10 +275,16 @@ impl Stage {
         }
     }
 
-    /// A results-topic record: a callback to deliver, or nothing to do.
+    /// A results-topic record: a batch line to count, a callback to
+    /// deliver, both, or nothing to do.
     fn take(&mut self, mut rec: Record, done_tx: &mpsc::UnboundedSender<Done>, shutdown: &Shutdown) {
         let generation = self.tracker().seen(&rec.topic, rec.partition, rec.offset);
-        let Some(delivery) = self.delivery(&mut rec) else { return };
+        let Some(result) = decode(&rec) else { return };
+        let source = (rec.topic.clone(), rec.partition, rec.offset);
+        if let Some(line) = BatchStep::of(&result) {
+            self.count_line(line, source.clone(), generation, done_tx, shutdown);
+        }
+        let Some(delivery) = delivery(result, &mut rec) else { return };
         let concurrency = self.cfg.per_host_concurrency;
         let dest = self
             .destinations
@@ -271,8 +294,37 @@ impl Stage {
         // Held from here: its offset is not committed past until it is
         // delivered or dead-lettered, waiting included.
         self.tracker().hold(&rec.topic, rec.partition, rec.offset, delivery.body.len());
-        let w = Waiting { source: (rec.topic, rec.partition, rec.offset), generation, delivery, dest };
+        let w = Waiting { source, generation, delivery, dest };
         self.dispatch(w, done_tx, shutdown);
+    }
+
+    /// Counts a finished batch line, and when it completes the batch,
+    /// delivers the batch's completion (through the destination's slots,
+    /// like any callback). The offset is held meanwhile.
+    fn count_line(
+        &mut self,
+        step: BatchStep,
+        source: (String, i32, i64),
+        generation: u64,
+        done_tx: &mpsc::UnboundedSender<Done>,
+        shutdown: &Shutdown,
+    ) {
+        let concurrency = self.cfg.per_host_concurrency;
+        let dest = self
+            .destinations
+            .entry(destination_key(&step.url))
+            .or_insert_with(|| Arc::new(Destination::new(concurrency)))
+            .clone();
+        let bytes = step.url.len() + step.id.len();
+        self.tracker().hold(&source.0, source.1, source.2, bytes);
+        let (sender, producer, dlq, store) =
+            (self.sender.clone(), self.producer.clone(), self.dlq.clone(), self.store.clone());
+        let (done_tx, shutdown) = (done_tx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let finished = step.run(&store, &sender, &dest, &producer, &dlq, &source, &shutdown).await;
+            let (topic, partition, offset) = source;
+            let _ = done_tx.send(Done { topic, partition, offset, generation, bytes, finished });
+        });
     }
 
     /// Starts the delivery of `w`, or dead-letters it at once when its
@@ -312,33 +364,116 @@ impl Stage {
             let _ = done_tx.send(Done { topic, partition, offset, generation, bytes, finished });
         });
     }
+}
 
-    /// The callback a record asks for, if any: a valid terminal result
-    /// whose callback wants its status.
-    fn delivery(&self, rec: &mut Record) -> Option<Delivery> {
-        // Most results ask for no callback: only a record that names the
-        // key is decoded (a value that merely holds the word costs a
-        // decode, never a missed callback).
-        memchr::memmem::find(&rec.payload, b"\"callback\"")?;
-        let result = match JobResult::decode(&rec.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                metrics::counter!(sluice_schemas::metrics::SINK_UNDECODABLE.name).increment(1);
-                tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e, "notifier: undecodable result record; skipped");
-                return None;
-            }
-        };
-        let callback = result.callback.as_ref().filter(|c| c.wants(result.status))?;
-        let event = CallbackEvent::of(result.status)?;
-        Some(Delivery {
-            url: callback.url.clone(),
-            body: Bytes::from(std::mem::take(&mut rec.payload)),
-            id: delivery_id(&result.tenant, &result.job_id, event, result.finished_at),
-            tenant: result.tenant,
-            job_id: result.job_id,
-            event,
-            arrived: Instant::now(),
+/// A result worth a look: one whose record names a callback or a batch
+/// (most name neither, and are not decoded; a value that merely holds the
+/// word costs a decode, never a missed callback).
+fn decode(rec: &Record) -> Option<JobResult> {
+    let finder = |key: &[u8]| memchr::memmem::find(&rec.payload, key).is_some();
+    if !finder(b"\"callback\"") && !finder(b"\"batch\"") {
+        return None;
+    }
+    match JobResult::decode(&rec.payload) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            metrics::counter!(sluice_schemas::metrics::SINK_UNDECODABLE.name).increment(1);
+            tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e, "notifier: undecodable result record; skipped");
+            None
+        }
+    }
+}
+
+/// The callback a result asks for, if any: a terminal result whose
+/// callback wants its status. The body is the record's bytes, moved.
+fn delivery(result: JobResult, rec: &mut Record) -> Option<Delivery> {
+    let callback = result.callback.as_ref().filter(|c| c.wants(result.status))?;
+    let event = CallbackEvent::of(result.status)?;
+    Some(Delivery {
+        url: callback.url.clone(),
+        body: Bytes::from(std::mem::take(&mut rec.payload)),
+        id: delivery_id(&result.tenant, &result.job_id, event, result.finished_at),
+        tenant: result.tenant,
+        subject: Subject::Job(result.job_id),
+        event: event.header_value(),
+        arrived: Instant::now(),
+    })
+}
+
+/// A finished line of a batch that asked for a `batch.completed` callback.
+struct BatchStep {
+    tenant: String,
+    id: String,
+    index: u32,
+    total: u32,
+    status: JobStatus,
+    url: String,
+}
+
+impl BatchStep {
+    fn of(result: &JobResult) -> Option<BatchStep> {
+        let BatchLine { id, index, total, callback_url } = result.batch.as_ref()?;
+        if !result.status.is_terminal() || index >= total {
+            return None;
+        }
+        Some(BatchStep {
+            tenant: result.tenant.clone(),
+            id: id.clone(),
+            index: *index,
+            total: *total,
+            status: result.status,
+            url: callback_url.clone()?,
         })
+    }
+
+    /// Counts the line (retrying while the store is unavailable) and, when
+    /// the batch is complete and not yet announced, delivers its completion
+    /// and then marks it announced. `false`: stopped before all of that was
+    /// done (the offset stays pending).
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        self,
+        store: &Store,
+        sender: &Sender,
+        dest: &Destination,
+        producer: &Producer,
+        dlq: &str,
+        source: &(String, i32, i64),
+        shutdown: &Shutdown,
+    ) -> bool {
+        let backoff = crate::retry::Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(5) };
+        let counted = crate::retry::retry("batch line count", backoff, shutdown, || {
+            store.batch_line_done(&self.tenant, &self.id, self.index, self.status)
+        })
+        .await;
+        let Ok(progress) = counted else { return false };
+        if progress.done < self.total || progress.announced {
+            return true;
+        }
+        let summary = BatchCompleted::new(&self.id, &self.tenant, self.total, progress.counts, chrono::Utc::now());
+        let delivery = Delivery {
+            url: self.url,
+            body: Bytes::from(serde_json::to_vec(&summary).expect("a BatchCompleted serialises. This is a bug.")),
+            id: batch::completed_delivery_id(&self.tenant, &self.id),
+            tenant: self.tenant,
+            subject: Subject::Batch(self.id),
+            event: batch::COMPLETED_EVENT,
+            arrived: Instant::now(),
+        };
+        dest.hold();
+        let outcome = sender.deliver(&delivery, dest, shutdown).await;
+        let recorded = match outcome {
+            Some(outcome) => record(producer, dlq, &delivery, &outcome, source, shutdown).await,
+            None => false,
+        };
+        dest.release();
+        if !recorded {
+            return false;
+        }
+        let Subject::Batch(id) = &delivery.subject else { unreachable!("a batch delivery is about a batch") };
+        crate::retry::retry("batch announced", backoff, shutdown, || store.batch_announced(&delivery.tenant, id))
+            .await
+            .is_ok()
     }
 }
 
@@ -362,7 +497,7 @@ async fn record(
         }
         Outcome::DeadLetter { reason, message, attempts } => (reason, message, attempts),
     };
-    tracing::warn!(delivery_id = %d.id, job_id = %d.job_id, tenant = %d.tenant, code = reason.code(), %message, "callback dead-lettered");
+    tracing::warn!(delivery_id = %d.id, about = d.subject.id(), tenant = %d.tenant, code = reason.code(), %message, "callback dead-lettered");
     let (partition, offset, attempts) = (partition.to_string(), offset.to_string(), attempts.to_string());
     let hdrs: [(&str, &[u8]); 8] = [
         (headers::ERROR_CODE, reason.code().as_bytes()),
@@ -374,7 +509,7 @@ async fn record(
         (headers::SOURCE_PARTITION, partition.as_bytes()),
         (headers::SOURCE_OFFSET, offset.as_bytes()),
     ];
-    let key = topics::job_key(&d.tenant, &d.job_id);
+    let key = topics::job_key(&d.tenant, d.subject.id());
     let backoff = crate::retry::Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(5) };
     let sent = crate::retry::retry("callback dead letter", backoff, shutdown, || {
         producer.send(dlq, Some(key.as_bytes()), &d.body, &hdrs)
@@ -388,7 +523,7 @@ async fn record(
         // partition for ever.
         Err(crate::retry::GaveUp::Permanent(e)) => {
             metrics::counter!(sluice_schemas::metrics::DEAD_LETTER_FAILURES.name).increment(1);
-            tracing::error!(delivery_id = %d.id, job_id = %d.job_id, error = %e, "callback dead letter refused by its topic; dropped");
+            tracing::error!(delivery_id = %d.id, about = d.subject.id(), error = %e, "callback dead letter refused by its topic; dropped");
             return true;
         }
     }
@@ -424,7 +559,9 @@ struct Part {
     /// Names this holding of the partition apart from an earlier one (a
     /// revoke and a re-assign): a late report from before is ignored.
     generation: u64,
-    pending: BTreeSet<i64>,
+    /// Offsets with work in flight, and how much (a record may hold a
+    /// callback and a batch line's count at once).
+    pending: BTreeMap<i64, usize>,
     /// Past the last record seen.
     next: i64,
     committed: i64,
@@ -436,7 +573,7 @@ impl Tracker {
         let generation = &mut self.next_generation;
         let part = self.parts.entry((topic.to_owned(), partition)).or_insert_with(|| {
             *generation += 1;
-            Part { generation: *generation, pending: BTreeSet::new(), next: offset, committed: -1 }
+            Part { generation: *generation, pending: BTreeMap::new(), next: offset, committed: -1 }
         });
         part.next = part.next.max(offset + 1);
         part.generation
@@ -445,7 +582,7 @@ impl Tracker {
     /// The record at `offset` has a callback in flight.
     pub(crate) fn hold(&mut self, topic: &str, partition: i32, offset: i64, bytes: usize) {
         if let Some(part) = self.parts.get_mut(&(topic.to_owned(), partition)) {
-            part.pending.insert(offset);
+            *part.pending.entry(offset).or_default() += 1;
         }
         self.pending += 1;
         self.bytes += bytes;
@@ -459,8 +596,12 @@ impl Tracker {
         }
         if let Some(part) = self.parts.get_mut(&(done.topic.clone(), done.partition))
             && part.generation == done.generation
+            && let Some(n) = part.pending.get_mut(&done.offset)
         {
-            part.pending.remove(&done.offset);
+            *n -= 1;
+            if *n == 0 {
+                part.pending.remove(&done.offset);
+            }
         }
     }
 
@@ -472,7 +613,7 @@ impl Tracker {
     pub(crate) fn committable(&self) -> Vec<(String, i32, i64)> {
         self.parts
             .iter()
-            .map(|((t, p), part)| (t.clone(), *p, part.pending.first().copied().unwrap_or(part.next)))
+            .map(|((t, p), part)| (t.clone(), *p, part.pending.keys().next().copied().unwrap_or(part.next)))
             .filter(|(t, p, o)| self.parts[&(t.clone(), *p)].committed < *o)
             .collect()
     }
@@ -491,7 +632,7 @@ impl Tracker {
             .iter()
             .filter_map(|key| {
                 let part = self.parts.remove(key)?;
-                let next = part.pending.first().copied().unwrap_or(part.next);
+                let next = part.pending.keys().next().copied().unwrap_or(part.next);
                 (next > part.committed).then(|| (key.0.clone(), key.1, next))
             })
             .collect()

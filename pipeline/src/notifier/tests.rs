@@ -109,6 +109,20 @@ fn offsets_commit_up_to_the_oldest_pending_callback() {
 }
 
 #[test]
+fn a_record_holding_a_callback_and_a_batch_count_commits_when_both_are_done() {
+    let mut t = Tracker::default();
+    let g = t.seen("r", 0, 4);
+    t.hold("r", 0, 4, 3); // its batch line's count
+    t.hold("r", 0, 4, 9); // its own callback
+    let done = |bytes| Done { topic: "r".into(), partition: 0, offset: 4, generation: g, bytes, finished: true };
+    t.finish(&done(3));
+    assert_eq!(t.committable(), vec![("r".to_owned(), 0, 4)], "one of two done: still held");
+    t.finish(&done(9));
+    assert_eq!(t.committable(), vec![("r".to_owned(), 0, 5)]);
+    assert_eq!(t.held(), (0, 0));
+}
+
+#[test]
 fn a_late_report_from_an_earlier_holding_of_a_partition_is_ignored() {
     let mut t = Tracker::default();
     let old = t.seen("r", 1, 5);
@@ -194,8 +208,8 @@ fn delivery(url: &str) -> Delivery {
         url: url.into(),
         body: Bytes::from_static(b"{}"),
         tenant: "acme".into(),
-        job_id: "j1".into(),
-        event: CallbackEvent::Succeeded,
+        subject: Subject::Job("j1".into()),
+        event: CallbackEvent::Succeeded.header_value(),
         id: "dlv_1".into(),
         arrived: Instant::now(),
     }

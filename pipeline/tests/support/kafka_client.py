@@ -14,9 +14,11 @@
            N text jobs `TAG-i` of tenant `t` for all-minilm-l6-v2, fast (batched)
   produce-results --brokers B --topic T --tag TAG --lo A --hi B [--create]
                   [--tenant T] [--callback URL]
+                  [--batch-id ID --batch-total N --batch-callback URL]
            synthetic JobResults `TAG-A..B` (5 tenants, or T; 2 models, 1 in
-           10 failed; with a callback to URL), fast (batched), keyed
-           <tenant>/<job_id> like Sluice's
+           10 failed; with a callback to URL; result i as line i of batch
+           ID of N lines), fast (batched), keyed <tenant>/<job_id> like
+           Sluice's
   --create makes the topic (4 partitions) first, and with produce-jobs also
   <prefix>.results and <prefix>.dlq, where the prefix is the topic's up to
   ".jobs.".
@@ -180,6 +182,9 @@ def produce_results(args):
             r["tenant"] = args.tenant
         if args.callback:
             r["callback"] = {"url": args.callback}
+        if args.batch_id:
+            r["batch"] = {"id": args.batch_id, "index": i, "total": args.batch_total,
+                          "callback_url": args.batch_callback}
         return f"{r['tenant']}/{r['job_id']}", json.dumps(r)
 
     bulk(args.brokers, args.topic, (result(i) for i in range(args.lo, args.hi)))
@@ -201,6 +206,9 @@ def main():
     ap.add_argument("--create", action="store_true")
     ap.add_argument("--tenant")
     ap.add_argument("--callback")
+    ap.add_argument("--batch-id")
+    ap.add_argument("--batch-total", type=int)
+    ap.add_argument("--batch-callback")
     args = ap.parse_args()
     {"produce": produce, "consume": consume, "committed": committed, "commit": commit,
      "produce-jobs": produce_jobs, "produce-results": produce_results}[args.command](args)
