@@ -42,7 +42,7 @@ help:
 	@echo "make bench-search  recall@10 and latency of the approximate search index vs exact search (release)"
 	@echo "make load    load scenarios (steady, capacity, spike, tenants) against sluice up; reports in $(LOAD_DIR)"
 	@echo "make image   container image localhost/sluice (release build, ONNX Runtime, no compiler) and its -minilm variant"
-	@echo "make deploy-test  the image as a deployment here (gateway, 2 workers, sink, Prometheus): kill a worker mid-load, check"
+	@echo "make deploy-test  the image as a deployment here (gateway, 2 workers, sink, notifier, Prometheus): kill a worker mid-load, check"
 	@echo "make lint    rustfmt check + clippy"
 
 ## --- installation (idempotent) ---------------------------------------------
@@ -219,10 +219,11 @@ image: setup image-deps
 	@$(ORT_ENV); deploy/image/build.sh $(RELEASE)/sluice "$$ORT_DYLIB_PATH" $(MODELS)
 
 # The image as a deployment on this machine (deploy/local/cluster.py): tansu,
-# Redis, two PostgreSQL shards, a gateway, two workers and a sink in
-# containers, Prometheus; a worker is SIGKILLed mid-load and another added;
-# every job must finish once and land once in the lake and the shards, and
-# every alert's metrics and dashboard panel must have data. About a minute
+# Redis, two PostgreSQL shards, a gateway, two workers, a sink and a
+# notifier in containers, Prometheus; a worker is SIGKILLed mid-load and
+# another added; every job must finish once and land once in the lake and
+# the shards, jobs' and a batch's callbacks must arrive signed, and every
+# alert's metrics and dashboard panel must have data. About a minute
 # once the image is built; `make test` runs it too.
 deploy-test: image tansu
 	$(PY) deploy/local/cluster.py test $(CACHE)/cluster

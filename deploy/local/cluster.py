@@ -9,7 +9,8 @@ What runs:
   - tansu (Kafka protocol), Redis and two PostgreSQL shards: host processes
     from services.sh, because no image registry is reachable here to pull
     theirs (where one is, run their official images instead);
-  - `sluice gateway`, two `sluice worker`s and one `sluice sink`: podman
+  - `sluice gateway`, two `sluice worker`s, one `sluice sink` and one
+    `sluice notifier`: podman
     containers of localhost/sluice (`make image`), network host, one config
     file mounted like a Kubernetes ConfigMap, the models mounted read-only,
     the lake a shared volume;
@@ -19,7 +20,10 @@ What runs:
 The test: two tenants submit jobs through the gateway while one worker
 container is SIGKILLed mid-load and another is added; every job must finish
 (store), and land exactly once in the lake and in the shards (SQL through the
-gateway, per tenant). Then Prometheus must have scraped every process, every
+gateway, per tenant). Jobs with callbacks and a batch with a completion
+callback must be delivered to a receiver on the host, each signature
+verified with its tenant's secret (schemas/examples/callback/verify.py).
+Then Prometheus must have scraped every process, every
 metric an alert rule reads must have a series, and every panel query of
 deploy/grafana/dashboards/sluice.json must return a series.
 
@@ -29,6 +33,7 @@ poison record), JOBS (3000).
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -37,10 +42,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEPLOY = os.path.dirname(HERE)
@@ -49,6 +56,9 @@ MODELS = os.environ.get("SLUICE_MODEL_REPO", os.path.expanduser("~/.cache/sluice
 PYTHON = os.environ.get("SLUICE_TEST_PYTHON", sys.executable)
 MODEL = "all-minilm-l6-v2"
 TENANTS = {"acme": "acme-key-1", "globex": "globex-key-1"}
+SIGNING_KEY = "deploy-test-signing-key"
+# Jobs per tenant with a callback, and lines of the batch with one.
+CALLBACK_JOBS, BATCH_LINES = 100, 200
 UID = "10001"
 PODMAN_ENV = dict(os.environ, CONTAINERS_CONF=os.path.join(DEPLOY, "image", "containers.conf"))
 
@@ -145,6 +155,11 @@ redis = "{env['SLUICE_TEST_REDIS']}"
 # A killed worker's partitions move after 10 s, not Kafka's 45 s.
 session_timeout_ms = 10000
 
+[callbacks]
+signing_key = "{SIGNING_KEY}"
+# The test's receiver listens on the host's loopback.
+allow_networks = ["127.0.0.1/32"]
+
 [sinks]
 lake = "/var/lib/sluice/lake"
 shards = [{shards}]
@@ -161,7 +176,7 @@ session_timeout_ms = 10000
 def write_targets(d, st):
     tdir = os.path.join(d, "prometheus", "targets")
     os.makedirs(tdir, exist_ok=True)
-    for role in ("gateway", "worker", "sink"):
+    for role in ("gateway", "worker", "sink", "notifier"):
         targets = [f"127.0.0.1:{c['port']}" for c in st["containers"].values() if c["role"] == role]
         tmp = os.path.join(tdir, f".{role}.json")
         with open(tmp, "w") as f:
@@ -232,6 +247,7 @@ def up(d):
     for name in ("worker-1", "worker-2"):
         run_container(d, st, name, "worker")
     run_container(d, st, "sink-1", "sink")
+    run_container(d, st, "notifier-1", "notifier")
     return st
 
 
@@ -262,12 +278,14 @@ def gateway(st):
     return f"http://127.0.0.1:{st['containers']['gateway-1']['port']}"
 
 
-def submit(st, tenant, ids, ttl_ms=None):
+def submit(st, tenant, ids, ttl_ms=None, callback=None):
     body = [{"job_id": i, "model": MODEL, "input": {"text": f"document {i} about {tenant}'s catalogue"},
              "metadata": {"source": "deploy-test"}} for i in ids]
-    if ttl_ms is not None:
-        for b in body:
+    for b in body:
+        if ttl_ms is not None:
             b["ttl_ms"] = ttl_ms
+        if callback is not None:
+            b["callback"] = {"url": callback}
     for attempt in range(60):
         code, resp = http("POST", f"{gateway(st)}/v1/jobs", body, TENANTS[tenant])
         if code == 202:
@@ -277,6 +295,77 @@ def submit(st, tenant, ids, ttl_ms=None):
             continue
         raise SystemExit(f"cluster: submit answered {code}: {resp}")
     raise SystemExit("cluster: the gateway kept refusing submissions")
+
+
+class Receiver:
+    """A callback receiver on the host: every delivery's headers, body and
+    whether its signature verified with its tenant's secret."""
+
+    def __init__(self, secrets):
+        spec = importlib.util.spec_from_file_location(
+            "verify", os.path.join(os.path.dirname(DEPLOY), "schemas", "examples", "callback", "verify.py"))
+        verify = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(verify)
+        self.seen, self.lock = [], threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                h = {k.lower(): v for k, v in self.headers.items()}
+                secret = secrets.get(h.get("sluice-tenant", ""), "")
+                ok = verify.verify(secret, h.get("sluice-signature", ""), body)
+                with outer.lock:
+                    outer.seen.append((h, json.loads(body), ok))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def deliveries(self):
+        """Delivery id -> (headers, body, signature verified), deduped."""
+        with self.lock:
+            return {h.get("sluice-delivery-id"): (h, b, ok) for h, b, ok in self.seen}
+
+
+def submit_batch(st, tenant, n, callback):
+    lines = "".join(json.dumps({"custom_id": f"line-{i}", "model": MODEL,
+                                "input": {"text": f"batch line {i} of {tenant}"}}) + "\n" for i in range(n))
+    q = urllib.parse.urlencode({"callback": callback})
+    req = urllib.request.Request(f"{gateway(st)}/v1/batches?{q}", data=lines.encode(), method="POST")
+    req.add_header("content-type", "application/x-ndjson")
+    req.add_header("x-api-key", TENANTS[tenant])
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["id"]
+
+
+def check_callbacks(st, receiver, job_ids, batch_id):
+    """What the notifier delivered: every job's callback and the batch's
+    completion, signed with the tenant's secret. Returns failures."""
+    want = len(job_ids) + 1
+    try:
+        wait("every callback delivered", 180, lambda: len(receiver.deliveries()) >= want)
+    except SystemExit as e:
+        return [str(e) + f": {len(receiver.deliveries())} of {want}"]
+    failures = []
+    got = receiver.deliveries().values()
+    jobs = {b.get("job_id") for h, b, _ in got if h.get("sluice-event") == "job.succeeded"}
+    batches = [b for h, b, _ in got if h.get("sluice-event") == "batch.completed"]
+    if jobs != set(job_ids):
+        failures.append(f"job callbacks: {len(jobs)} distinct, {len(set(job_ids) - jobs)} missing")
+    if len(batches) != 1 or batches[0]["id"] != batch_id or batches[0]["counts"] != {"succeeded": BATCH_LINES}:
+        failures.append(f"batch.completed deliveries: {batches}")
+    unverified = sum(1 for _, _, ok in got if not ok)
+    if unverified:
+        failures.append(f"{unverified} deliveries whose signature did not verify")
+    log(f"callbacks: {len(jobs)} jobs and {len(batches)} batch completion delivered, "
+        f"{len(receiver.seen)} requests, {unverified} unverified")
+    return failures
 
 
 def sql(st, tenant, query):
@@ -321,14 +410,29 @@ def test(d):
     try:
         st = up(d)
         env = services_env(d)
+        secrets = {}
+        for t, k in TENANTS.items():
+            code, body = http("GET", f"{gateway(st)}/v1/callbacks/secret", key=k)
+            if code != 200:
+                raise SystemExit(f"cluster: GET /v1/callbacks/secret answered {code}: {body}")
+            secrets[t] = body["secret"]
+        receiver = Receiver(secrets)
         started = time.time()
         ids = {t: [] for t in TENANTS}
+        callback_ids = []
         chunk, chunks = 100, jobs // 100
         for n in range(chunks):
             tenant = list(TENANTS)[n % 2]
             batch = [f"{tenant}-{n}-{i}" for i in range(chunk)]
-            submit(st, tenant, batch)
+            # Each tenant's first CALLBACK_JOBS jobs ask for a callback.
+            wants = len(ids[tenant]) < CALLBACK_JOBS
+            submit(st, tenant, batch, callback=receiver.url if wants else None)
             ids[tenant] += batch
+            if wants:
+                callback_ids += batch
+            if n == 1:
+                batch_id = submit_batch(st, "globex", BATCH_LINES, receiver.url)
+                ids["globex"] += [f"{batch_id}-{i}" for i in range(1, BATCH_LINES + 1)]
             if n == chunks // 3:
                 log(f"SIGKILL worker-1 after {sum(map(len, ids.values()))} submitted")
                 podman("kill", "--signal", "KILL", f"{st['tag']}-worker-1")
@@ -374,6 +478,7 @@ def test(d):
                     failures.append(f"{table} of {t}: {row} for {len(group)} jobs")
         if unfinished:
             failures.append(f"{len(unfinished)} jobs not succeeded, e.g. {unfinished[:3]}")
+        failures += check_callbacks(st, receiver, callback_ids, batch_id)
         # The kill and the addition happened under load: the killed worker
         # had finished jobs before it, the added one finished jobs after.
         by_worker = {}

@@ -42,6 +42,9 @@ impl Reason {
         }
     }
 
+    /// Every reason, for metrics' zero series.
+    pub const ALL: [Reason; 4] = [Reason::Refused, Reason::Rejected, Reason::Exhausted, Reason::Saturated];
+
     pub fn label(self) -> &'static str {
         match self {
             Reason::Refused => "refused",

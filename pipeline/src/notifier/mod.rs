@@ -112,6 +112,14 @@ pub fn start(
         return Err(NotifierError::Config("callbacks.signing_key is not set: deliveries could not be signed".into()));
     }
     let policy = Arc::new(Policy::from_config(&cfg.callbacks).map_err(NotifierError::Config)?);
+    // Every outcome's series from the start, at 0: rates and alerts over
+    // them see a notifier that never dead-lettered anything.
+    for reason in Reason::ALL {
+        metrics::counter!(sluice_schemas::metrics::CALLBACK_DEAD_LETTERS.name, "reason" => reason.label()).absolute(0);
+    }
+    for outcome in ["delivered", "dead_lettered"] {
+        metrics::counter!(sluice_schemas::metrics::CALLBACK_DELIVERIES.name, "outcome" => outcome).absolute(0);
+    }
     let settings = NotifierConfig::from_config(cfg);
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     let c = &cfg.callbacks;
