@@ -11,6 +11,6 @@ impl LakeSink {
     /// The lake sink of this process, when it has a lake.
     pub fn from_config(ctx: &Context<'_>) -> Result<Option<LakeSink>, SinkError> {
         let Some(dir) = ctx.lake else { return Ok(None) };
-        Ok(Some(LakeSink { lake: Lake::open(dir)?, run_suffix: ctx.run_suffix.clone() }))
+        Ok(Some(LakeSink { lake: Lake::open(dir)?, run_suffix: ctx.run_suffix.clone(), flagged: Default::default() }))
     }
 }
