@@ -597,13 +597,16 @@ async fn callbacks_are_checked_at_submission_and_delivered_signed() {
 /// Through a whole `sluice up`: a batch's `callback` is checked at
 /// submission like a job's; a caller cannot say which batch a job belongs
 /// to; and a batch of real jobs (two expired on arrival, one with a job
-/// callback of its own) is announced once every line has run, signed, with
-/// its lines counted by status, while `GET /v1/batches/{id}` says
-/// `completed`.
+/// callback of its own, one too large for its topic, so never queued) is
+/// announced once every line has finished, signed, with its lines counted
+/// by status, while `GET /v1/batches/{id}` says `completed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_callback_is_checked_at_submission_and_announced_when_every_line_has_run() {
     let receiver = Receiver::start(Mode::Ok).await;
-    let extra = json!({"callbacks": {"signing_key": SIGNING_KEY, "allow_networks": ["127.0.0.2/32"]}});
+    // Records of at most 15,000 bytes: the long line below is refused by
+    // Kafka, the results (about 8 KB) are not.
+    let extra = json!({"callbacks": {"signing_key": SIGNING_KEY, "allow_networks": ["127.0.0.2/32"]},
+                       "kafka": {"max_message_bytes": 15000}});
     let mut h = Harness::start_with(unique_prefix("cbbatchup"), false, extra).await;
     let line = |i: usize| json!({"custom_id": format!("c{i}"), "model": MODEL, "input": {"text": format!("Sentence number {i}.")}});
     let jsonl = |lines: &[Value]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
@@ -631,10 +634,12 @@ async fn a_batch_callback_is_checked_at_submission_and_announced_when_every_line
         l["deadline"] = json!("2020-01-01T00:00:00Z");
     }
     lines[7]["callback"] = json!({"url": receiver.url});
+    lines.push(json!({"custom_id": "too-long", "model": MODEL, "input": {"text": "word ".repeat(3200)}}));
     let query = format!("?callback={}", receiver.url);
     let (status, _, accepted) = post_batch(query, jsonl(&lines)).await;
     assert_eq!(status, 202, "{accepted}");
     assert_eq!(accepted["callback"], receiver.url);
+    assert_eq!((accepted["total"].as_u64(), accepted["not_queued"].as_u64()), (Some(11), Some(1)), "{accepted}");
     let id = accepted["id"].as_str().unwrap().to_owned();
 
     receiver.wait_unique(2, Duration::from_secs(120)).await;
@@ -646,8 +651,8 @@ async fn a_batch_callback_is_checked_at_submission_and_announced_when_every_line
         let delivery = sluice_schemas::batch::completed_delivery_id("acme", &id);
         let (header, body) = seen.batches.get(&delivery).unwrap_or_else(|| panic!("{id} announced as {delivery}"));
         assert_eq!(header, &id);
-        assert_eq!(body["counts"], json!({"expired": 2, "succeeded": 8}), "{body}");
-        assert_eq!(body["total"], 10);
+        assert_eq!(body["counts"], json!({"expired": 2, "failed": 1, "succeeded": 8}), "{body}");
+        assert_eq!(body["total"], 11);
         assert_eq!(body["tenant"], "acme");
         let jobs: Vec<&(String, String, String)> = seen.jobs.values().collect();
         assert_eq!(jobs, vec![&(format!("{id}-8"), "job.succeeded".to_owned(), "succeeded".to_owned())]);
