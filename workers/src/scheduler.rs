@@ -219,19 +219,26 @@ impl<T> Scheduler<T> {
 
     /// Removes expired and cancelled jobs.
     pub fn sweep(&mut self, now: Instant) -> Vec<(Entry<T>, Dropped)> {
+        let dropped = |e: &Entry<T>| {
+            if e.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire)) {
+                Some(Dropped::Cancelled)
+            } else if e.deadline.is_some_and(|d| d <= now) {
+                Some(Dropped::Expired)
+            } else {
+                None
+            }
+        };
         let mut out = Vec::new();
         for lane in &mut self.lanes {
             for q in lane.queues.values_mut() {
+                // Called before every batch: a queue with nothing to drop
+                // (the usual case) is only read, not rebuilt.
+                if !q.iter().any(|e| dropped(e).is_some()) {
+                    continue;
+                }
                 let mut kept = VecDeque::with_capacity(q.len());
                 for e in q.drain(..) {
-                    let reason = if e.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire)) {
-                        Some(Dropped::Cancelled)
-                    } else if e.deadline.is_some_and(|d| d <= now) {
-                        Some(Dropped::Expired)
-                    } else {
-                        None
-                    };
-                    match reason {
+                    match dropped(&e) {
                         Some(r) => out.push((e, r)),
                         None => kept.push_back(e),
                     }
