@@ -250,8 +250,12 @@ pub(super) async fn create(
         failed.metadata = job.metadata.clone();
         failed.callback = job.callback.clone();
         failed.batch = job.batch.clone();
-        if let Err(e) = gw.store.put(&failed).await {
-            tracing::warn!(job_id = %job.job_id, error = %e, "batch line neither queued nor failed");
+        match gw.store.put(&failed).await {
+            Ok(crate::store::Put::Written) => {}
+            // The job has a record of its own after all: its result, not
+            // this one, is the line's.
+            Ok(_) => continue,
+            Err(e) => tracing::warn!(job_id = %job.job_id, error = %e, "batch line neither queued nor failed"),
         }
         // On the results topic too, as a worker's failure would be: the
         // lake lands it, and the notifier counts the line (and delivers its
