@@ -472,7 +472,9 @@ impl RedisStore {
     ) -> Result<BatchProgress, StoreError> {
         let (lines, counts) = self.batch_keys(key);
         let mut conn = self.conn.clone();
-        let fields: Vec<(String, u64)> = redis::Script::new(BATCH_LINE_SCRIPT)
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(BATCH_LINE_SCRIPT));
+        let fields: Vec<(String, u64)> = SCRIPT
             .key(&lines)
             .key(&counts)
             .arg(index)

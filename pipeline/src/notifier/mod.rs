@@ -293,17 +293,18 @@ impl Stage {
             self.count_line(line, source.clone(), generation, done_tx, shutdown);
         }
         let Some(delivery) = delivery(result, &mut rec) else { return };
-        let concurrency = self.cfg.per_host_concurrency;
-        let dest = self
-            .destinations
-            .entry(destination_key(&delivery.url))
-            .or_insert_with(|| Arc::new(Destination::new(concurrency)))
-            .clone();
+        let dest = self.destination(&delivery.url);
         // Held from here: its offset is not committed past until it is
         // delivered or dead-lettered, waiting included.
         self.tracker().hold(&rec.topic, rec.partition, rec.offset, delivery.body.len());
         let w = Waiting { source, generation, delivery, dest };
         self.dispatch(w, done_tx, shutdown);
+    }
+
+    /// The slots and holdings of `url`'s destination.
+    fn destination(&mut self, url: &str) -> Arc<Destination> {
+        let concurrency = self.cfg.per_host_concurrency;
+        self.destinations.entry(destination_key(url)).or_insert_with(|| Arc::new(Destination::new(concurrency))).clone()
     }
 
     /// Counts a finished batch line, and when it completes the batch,
@@ -317,12 +318,7 @@ impl Stage {
         done_tx: &mpsc::UnboundedSender<Done>,
         shutdown: &Shutdown,
     ) {
-        let concurrency = self.cfg.per_host_concurrency;
-        let dest = self
-            .destinations
-            .entry(destination_key(&step.url))
-            .or_insert_with(|| Arc::new(Destination::new(concurrency)))
-            .clone();
+        let dest = self.destination(&step.url);
         let bytes = step.url.len() + step.id.len();
         self.tracker().hold(&source.0, source.1, source.2, bytes);
         let (sender, producer, dlq, store) =
@@ -463,8 +459,8 @@ impl BatchStep {
             url: self.url,
             body: Bytes::from(serde_json::to_vec(&summary).expect("a BatchCompleted serialises. This is a bug.")),
             id: batch::completed_delivery_id(&self.tenant, &self.id),
-            tenant: self.tenant,
-            subject: Subject::Batch(self.id),
+            tenant: self.tenant.clone(),
+            subject: Subject::Batch(self.id.clone()),
             event: batch::COMPLETED_EVENT,
             arrived: Instant::now(),
         };
@@ -478,8 +474,7 @@ impl BatchStep {
         if !recorded {
             return false;
         }
-        let Subject::Batch(id) = &delivery.subject else { unreachable!("a batch delivery is about a batch") };
-        crate::retry::retry("batch announced", backoff, shutdown, || store.batch_announced(&delivery.tenant, id))
+        crate::retry::retry("batch announced", backoff, shutdown, || store.batch_announced(&self.tenant, &self.id))
             .await
             .is_ok()
     }
