@@ -760,7 +760,7 @@ impl Ctx {
     async fn finish_job(&self, record: JobResult, since: Instant, digest: Option<&str>) -> Result<(), Unfinished> {
         debug_assert!(record.validate().is_ok(), "{:?}", record.validate());
         // Encoded once, for the store and the results topic.
-        let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
+        let json = record.encode();
         match self.durably("store result", || self.store.put_for(&record, Some(&json), digest)).await? {
             // The store's completion notice has woken long-polls.
             Put::Written => self.publish(&record, &json, self.stages.done(Stage::Stored, since)).await,
@@ -778,7 +778,7 @@ impl Ctx {
             self.durably("read stored result", || self.store.get_meta(tenant, job_id)).await?
             && record.status.is_terminal()
         {
-            let json = serde_json::to_string(&record).expect("JobResult serialises. This is a bug.");
+            let json = record.encode();
             // Stored but not marked: an earlier publish may have reached the topic.
             return self.publish_as(&record, &json, Instant::now(), true).await;
         }

@@ -7,6 +7,7 @@
 //! [`Consumer`] and [`KafkaError`].
 
 mod embedded;
+mod producer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -18,12 +19,11 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
-use rdkafka::util::Timeout;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 pub use embedded::{EmbeddedBroker, forward_bootstrap};
+pub use producer::Producer;
 
 /// Failures talking to Kafka. `retryable` errors are outages (broker down,
 /// timeouts, full local queue): the caller should back off, not give up on
@@ -85,110 +85,6 @@ fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
         // our own tracing instead of stderr.
         .set("log_level", "3");
     c
-}
-
-/// An idempotent producer (`enable.idempotence`, acks=all) whose sends
-/// resolve within `timeout` — delivered, or a typed error — never hang.
-#[derive(Clone)]
-pub struct Producer {
-    inner: FutureProducer,
-    timeout: Duration,
-}
-
-impl Producer {
-    /// Connects lazily to `brokers`; records up to librdkafka's default
-    /// `message.max.bytes` (1,000,000).
-    pub fn new(brokers: &str, client_id: &str, timeout: Duration) -> Result<Producer, KafkaError> {
-        Self::with_max_message_bytes(brokers, client_id, timeout, 1_000_000)
-    }
-
-    /// [`Producer::new`] for records of at most `max_message_bytes` (keep it
-    /// at most the broker's `message.max.bytes`): a larger record fails at
-    /// once with a permanent [`KafkaError::Produce`], never retried.
-    pub fn with_max_message_bytes(
-        brokers: &str,
-        client_id: &str,
-        timeout: Duration,
-        max_message_bytes: usize,
-    ) -> Result<Producer, KafkaError> {
-        let ms = timeout.as_millis().max(1).to_string();
-        let inner: FutureProducer = base_config(brokers, client_id)
-            .set("message.max.bytes", max_message_bytes.clamp(1000, 1_000_000_000).to_string())
-            .set("enable.idempotence", "true")
-            // One request in flight per connection: tansu 0.6 (our test
-            // broker) races on concurrent idempotent batches for one
-            // partition and panics. Throughput comes from batching (linger).
-            .set("max.in.flight.requests.per.connection", "1")
-            .set("linger.ms", "5")
-            // Bound on records buffered in this process while the broker is
-            // slow or away; a full buffer makes `send` wait, then time out.
-            .set("queue.buffering.max.messages", "100000")
-            .set("message.timeout.ms", &ms)
-            .set("socket.timeout.ms", &ms)
-            .create()
-            .map_err(|e| KafkaError::Config(e.to_string()))?;
-        Ok(Producer { inner, timeout })
-    }
-
-    /// Sends one record and waits for the broker's acknowledgement.
-    /// Returns the partition and offset it was written at.
-    pub async fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        headers: &[(&str, &[u8])],
-    ) -> Result<(i32, i64), KafkaError> {
-        let mut h = OwnedHeaders::new_with_capacity(headers.len());
-        for (k, v) in headers {
-            h = h.insert(Header { key: k, value: Some(*v) });
-        }
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(h);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        // librdkafka enforces `message.timeout.ms` only on its own schedule
-        // (seconds late while a broker is unreachable); the caller's bound is
-        // kept here. A record that times out here may still be delivered
-        // later; every effect of a job is keyed by its id, so that is safe.
-        let sent = tokio::time::timeout(self.timeout, self.inner.send(record, Timeout::After(self.timeout))).await;
-        let Ok(sent) = sent else {
-            return Err(KafkaError::Produce {
-                topic: topic.to_owned(),
-                message: format!("not acknowledged within {:?}", self.timeout),
-                retryable: true,
-            });
-        };
-        match sent {
-            Ok(d) => Ok((d.partition, d.offset)),
-            Err((e, _)) => {
-                let retryable = !matches!(
-                    e.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessage)
-                );
-                Err(KafkaError::Produce { topic: topic.to_owned(), message: e.to_string(), retryable })
-            }
-        }
-    }
-
-    /// Asks the cluster for its metadata: succeeds when a broker answers.
-    /// Blocking inside librdkafka, so it runs on the blocking pool.
-    pub async fn ping(&self) -> Result<(), KafkaError> {
-        let inner = self.inner.clone();
-        let timeout = self.timeout.min(Duration::from_secs(2));
-        tokio::task::spawn_blocking(move || {
-            inner.client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| KafkaError::Metadata(e.to_string()))
-        })
-        .await
-        .map_err(|e| KafkaError::Metadata(e.to_string()))?
-    }
-
-    /// Waits up to `timeout` for buffered records to be delivered.
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.inner.flush(timeout) {
-            tracing::warn!(error = %e, "producer flush incomplete");
-        }
-    }
 }
 
 /// What a consumer's owner is told about rebalances. Called on the thread
