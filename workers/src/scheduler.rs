@@ -92,6 +92,20 @@ pub struct Entry<T> {
     pub skipped: u32,
 }
 
+impl<T> Entry<T> {
+    /// Why the job must not run any more (cancelled, or its deadline
+    /// passed by `now`), if so.
+    pub fn dropped(&self, now: Instant) -> Option<Dropped> {
+        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire)) {
+            Some(Dropped::Cancelled)
+        } else if self.deadline.is_some_and(|d| d <= now) {
+            Some(Dropped::Expired)
+        } else {
+            None
+        }
+    }
+}
+
 /// Why a job left the queue without running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
@@ -197,7 +211,8 @@ impl<T> Scheduler<T> {
     /// jobs that arrive within `max_wait`, not from the first
     /// `max_batch_size` of them (a batch cut from only those pads as badly
     /// as arrival order). A busy engine forms its next batch when a thread
-    /// frees up, long after its oldest job waited `max_wait`: no change there.
+    /// frees up (or one batch ahead, from a deep queue), long after its
+    /// oldest job waited `max_wait`: no change there.
     pub fn due(&self, now: Instant) -> bool {
         if self.is_empty() {
             return false;
@@ -212,6 +227,15 @@ impl<T> Scheduler<T> {
         self.oldest().is_some_and(|t| now.saturating_duration_since(t) >= l.max_wait)
     }
 
+    /// Whether the queue holds `batches` full batches' worth of jobs (by
+    /// count or by tokens): enough that a batch cut now, before a thread is
+    /// free for it, is cut from a window of candidates rather than in
+    /// arrival order.
+    pub fn can_fill(&self, batches: usize) -> bool {
+        let l = &self.limits;
+        self.len >= l.max_batch_size * batches || self.tokens >= l.max_batch_tokens * batches
+    }
+
     /// When a partial batch becomes due, if nothing else arrives.
     pub fn next_due(&self) -> Option<Instant> {
         self.oldest().map(|t| t + self.limits.max_wait)
@@ -219,15 +243,7 @@ impl<T> Scheduler<T> {
 
     /// Removes expired and cancelled jobs.
     pub fn sweep(&mut self, now: Instant) -> Vec<(Entry<T>, Dropped)> {
-        let dropped = |e: &Entry<T>| {
-            if e.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire)) {
-                Some(Dropped::Cancelled)
-            } else if e.deadline.is_some_and(|d| d <= now) {
-                Some(Dropped::Expired)
-            } else {
-                None
-            }
-        };
+        let dropped = |e: &Entry<T>| e.dropped(now);
         let mut out = Vec::new();
         for lane in &mut self.lanes {
             for q in lane.queues.values_mut() {
@@ -517,6 +533,37 @@ mod tests {
         assert!(!s.due(t0));
         s.push(entry(2, "a", Priority::Normal, 1, t0));
         assert!(s.due(t0));
+    }
+
+    #[test]
+    fn can_fill_counts_whole_batches_by_jobs_or_by_tokens() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(limits(2, 100));
+        assert!(!s.can_fill(1), "empty");
+        for i in 0..7 {
+            s.push(entry(i, "a", Priority::Normal, 1, t0));
+        }
+        assert!(s.can_fill(3) && !s.can_fill(4), "7 jobs: three batches of 2, not four");
+        s.push(entry(7, "b", Priority::Normal, 1, t0));
+        assert!(s.can_fill(4), "8 jobs of any tenants: four batches");
+        s.take_batch(t0);
+        assert!(!s.can_fill(4), "a batch taken leaves three");
+        // Few long inputs fill batches by their tokens.
+        let mut s = Scheduler::new(limits(32, 100));
+        s.push(entry(1, "a", Priority::Normal, 250, t0));
+        assert!(s.can_fill(2) && !s.can_fill(3), "250 tokens: two batches of 100 tokens");
+    }
+
+    #[test]
+    fn dropped_says_cancelled_before_expired_and_nothing_for_a_live_job() {
+        let t0 = Instant::now();
+        let mut e = entry(1, "a", Priority::Normal, 1, t0);
+        assert_eq!(e.dropped(t0), None);
+        e.deadline = Some(t0 + Duration::from_millis(5));
+        assert_eq!(e.dropped(t0), None, "not yet");
+        assert_eq!(e.dropped(t0 + Duration::from_millis(5)), Some(Dropped::Expired));
+        e.cancel = Some(Arc::new(AtomicBool::new(true)));
+        assert_eq!(e.dropped(t0 + Duration::from_millis(5)), Some(Dropped::Cancelled));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! blocking, and sleeps again.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,8 +28,13 @@ use super::{KafkaError, base_config};
 /// Where a delivery report goes: the partition and offset, or the error.
 type Report = oneshot::Sender<Result<(i32, i64), RdError>>;
 
-/// Hands each delivery report to the `send` waiting for it.
-struct Deliveries;
+/// Hands each delivery report to the `send` waiting for it, and counts them
+/// (how the report thread tells a pass that served reports from one that
+/// served nothing).
+#[derive(Default)]
+struct Deliveries {
+    served: AtomicU64,
+}
 
 impl ClientContext for Deliveries {}
 
@@ -43,6 +48,7 @@ impl ProducerContext for Deliveries {
         };
         // The sender gave up waiting (its own timeout): nothing to tell.
         let _ = report.send(outcome);
+        self.served.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -121,28 +127,36 @@ impl Drop for Inner {
 }
 
 /// Serves delivery reports until `stop`: drains the queue without blocking,
-/// then sleeps until librdkafka wakes it. The 1 s wait is a safety net, not
-/// a poll interval.
+/// then sleeps until librdkafka wakes it.
+///
+/// librdkafka wakes it only when the queue goes from empty to not empty, so
+/// the thread sleeps long only on an empty queue: reports that arrive while
+/// a pass runs keep it draining (under load the queue may never be empty
+/// between passes; the wait for a wake-up that cannot come used to hold
+/// reports for up to the 1 s safety net, and results with them). A pass
+/// that serves nothing while events are queued (something `poll` does not
+/// hand out) is retried after `STUCK_RETRY`, not spun on. The 1 s wait on
+/// an empty queue is a safety net, not a poll interval.
 fn serve_reports(producer: Arc<BaseProducer<Deliveries>>, queue: Arc<Queue>, wake: Arc<Wake>) {
+    const STUCK_RETRY: Duration = Duration::from_millis(10);
     loop {
         loop {
             let queued = queue.len();
             if queued == 0 {
                 break;
             }
+            let served = producer.context().served.load(Ordering::Relaxed);
             for _ in 0..queued {
                 producer.poll(Duration::ZERO);
             }
-            // Whatever is left is not an event `poll` hands out: leave it to
-            // the next wake-up rather than spin on it.
-            if queue.len() >= queued {
+            if producer.context().served.load(Ordering::Relaxed) == served && queue.len() >= queued {
                 break;
             }
         }
+        let wait = if queue.len() == 0 { Duration::from_secs(1) } else { STUCK_RETRY };
         let mut pending = wake.pending.lock().unwrap_or_else(PoisonError::into_inner);
         while !*pending && !wake.stop.load(Ordering::Acquire) {
-            let (p, timeout) =
-                wake.ready.wait_timeout(pending, Duration::from_secs(1)).unwrap_or_else(PoisonError::into_inner);
+            let (p, timeout) = wake.ready.wait_timeout(pending, wait).unwrap_or_else(PoisonError::into_inner);
             pending = p;
             if timeout.timed_out() {
                 break;
@@ -195,7 +209,7 @@ impl Producer {
             .set("queue.buffering.max.messages", "100000")
             .set("message.timeout.ms", &ms)
             .set("socket.timeout.ms", &ms)
-            .create_with_context(Deliveries)
+            .create_with_context(Deliveries::default())
             .map_err(|e| KafkaError::Config(e.to_string()))?;
         let producer = Arc::new(producer);
         let wake = Arc::new(Wake::default());
