@@ -508,12 +508,14 @@ fn inference_loop(
         // A batch formed ahead waited in the hand-over slot: a job cancelled
         // or expired meanwhile does not run.
         if entries.iter().any(|e| e.dropped(started).is_some()) {
-            let (keep, gone): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.dropped(started).is_none());
-            for e in gone {
-                let why = e.dropped(started).expect("partitioned on it. This is a bug.");
-                drop_job(e, why, &model);
+            let mut live = Vec::with_capacity(entries.len());
+            for e in entries {
+                match e.dropped(started) {
+                    Some(why) => drop_job(e, why, &model),
+                    None => live.push(e),
+                }
             }
-            entries = keep;
+            entries = live;
         }
         if entries.is_empty() {
             idle.busy.fetch_sub(1, Ordering::AcqRel);
