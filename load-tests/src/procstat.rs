@@ -1,5 +1,6 @@
 //! What a process costs, read from `/proc` (Linux): CPU time over all its
-//! threads, and resident memory.
+//! threads, and resident memory; and the CPU time the machine's hypervisor
+//! took from it (steal).
 
 /// User + system CPU seconds `pid` has used so far (every thread), or `None`
 /// when the process is gone.
@@ -13,6 +14,22 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// CPU seconds stolen from this machine by its hypervisor so far, summed
+/// over every CPU (`steal` of `/proc/stat`'s `cpu` line), or `None` where
+/// the kernel does not count it. On a shared VM this is time neither the
+/// ceiling nor Sluice could use, and it varies from minute to minute.
+pub fn steal_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_steal_ticks(&stat).map(|ticks| ticks as f64 / clock_ticks())
+}
+
+/// The 8th value of the aggregate `cpu` line: user nice system idle iowait
+/// irq softirq **steal** guest guest_nice.
+fn parse_steal_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.split_whitespace().next() == Some("cpu"))?;
+    line.split_whitespace().nth(8)?.parse().ok()
 }
 
 /// Cores this process may run on.
@@ -45,6 +62,16 @@ mod tests {
         let line = "4242 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 9 0 100 0 0";
         assert_eq!(parse_cpu_ticks(line), Some(300));
         assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn steal_is_the_eighth_value_of_the_aggregate_cpu_line() {
+        let stat = "cpu  10 1 20 300 4 0 2 77 0 0\ncpu0 5 0 10 150 2 0 1 40 0 0\nintr 1 2\n";
+        assert_eq!(parse_steal_ticks(stat), Some(77));
+        // A kernel without the field (before 2.6.11) or a garbled file.
+        assert_eq!(parse_steal_ticks("cpu  10 1 20 300 4 0 2\n"), None);
+        assert_eq!(parse_steal_ticks("intr 1 2\n"), None);
+        assert!(steal_seconds().is_some(), "this Linux counts steal");
     }
 
     #[test]
