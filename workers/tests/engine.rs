@@ -252,7 +252,9 @@ async fn inputs_are_truncated_to_256_tokens() {
     assert_eq!(out.input_tokens, 256);
 }
 
-/// The int8 version built by the export step stays close to fp32.
+/// The int8 version built by the export step stays as close to fp32 as the
+/// bar a faster version must meet (mean cosine ≥ 0.99, minimum ≥ 0.98), on
+/// the export's own 160 sentences run through the engine's batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn int8_version_is_close_to_fp32() {
     let listing = repo().scan(MODEL).unwrap();
@@ -276,7 +278,7 @@ async fn int8_version_is_close_to_fp32() {
     let mean = cosines.iter().sum::<f32>() / cosines.len() as f32;
     let min = cosines.iter().copied().fold(1f32, f32::min);
     println!("int8 vs fp32 over {} sentences: mean cosine {mean:.4}, min {min:.4}", cosines.len());
-    assert!(mean > 0.98 && min > 0.95, "mean {mean}, min {min}");
+    assert!(mean >= 0.99 && min >= 0.98, "mean {mean}, min {min}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
