@@ -52,7 +52,6 @@ const TEXT_MODEL: &str = "all-minilm-l6-v2";
 const TENSOR_MODEL: &str = "sigmoid";
 /// Batch size of the ceiling (Sluice's `engine.max_batch_size` default).
 const CEILING_BATCH: usize = 32;
-/// The confluent-kafka publisher (`scripts/publish_jobs.py`), built in.
 /// What a text-model version must show against version 1 (fp32), on both
 /// corpora, to be worth choosing for speed: at least this speed-up ...
 const VERSION_MIN_SPEEDUP: f64 = 1.4;
@@ -60,6 +59,7 @@ const VERSION_MIN_SPEEDUP: f64 = 1.4;
 const VERSION_MIN_MEAN_COSINE: f64 = 0.99;
 /// ... and no text below this cosine.
 const VERSION_MIN_COSINE: f64 = 0.98;
+/// The confluent-kafka publisher (`scripts/publish_jobs.py`), built in.
 const PUBLISH_SCRIPT: &str = include_str!("../scripts/publish_jobs.py");
 
 #[derive(Args, Debug)]
