@@ -196,9 +196,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let (steal_before, started) = (procstat::steal_seconds(), Instant::now());
                 let c = tokio::task::spawn_blocking(move || ceiling(&model, &texts)).await??;
                 let cores = procstat::cores();
-                let steal = steal_before
-                    .zip(procstat::steal_seconds())
-                    .map(|(b, a)| (a - b) / (cores as f64 * started.elapsed().as_secs_f64()));
+                let steal = procstat::steal_share_since(steal_before, started.elapsed().as_secs_f64());
                 // A batch's time on one session, comparable with Sluice's
                 // `inference ... ms per batch`.
                 let per_batch = |sessions: usize, rate: f64| 1000.0 * (sessions * CEILING_BATCH) as f64 / rate;
@@ -643,8 +641,7 @@ async fn end_to_end(
     let depths = depths.into_inner();
     let (published, finished) = (published?, done?);
     let seconds = finished.duration_since(started).as_secs_f64();
-    let steal_share =
-        steal_before.zip(procstat::steal_seconds()).map(|(b, a)| (a - b) / (procstat::cores() as f64 * seconds));
+    let steal_share = procstat::steal_share_since(steal_before, seconds);
     let mut cpu = BTreeMap::new();
     for ((name, pid), before) in procs.iter().zip(cpu_before) {
         // Sampled after the run: what a process used in the window, give or

@@ -25,6 +25,14 @@ pub fn steal_seconds() -> Option<f64> {
     parse_steal_ticks(&stat).map(|ticks| ticks as f64 / clock_ticks())
 }
 
+/// The share of the machine's CPU its hypervisor stole over the last
+/// `seconds`, given [`steal_seconds`] read when they began: 0 to 1, or
+/// `None` where steal is not counted.
+pub fn steal_share_since(before: Option<f64>, seconds: f64) -> Option<f64> {
+    let stolen = steal_seconds()? - before?;
+    (seconds > 0.0).then(|| (stolen / (cores() as f64 * seconds)).clamp(0.0, 1.0))
+}
+
 /// The 8th value of the aggregate `cpu` line: user nice system idle iowait
 /// irq softirq **steal** guest guest_nice.
 fn parse_steal_ticks(stat: &str) -> Option<u64> {
@@ -72,6 +80,10 @@ mod tests {
         assert_eq!(parse_steal_ticks("cpu  10 1 20 300 4 0 2\n"), None);
         assert_eq!(parse_steal_ticks("intr 1 2\n"), None);
         assert!(steal_seconds().is_some(), "this Linux counts steal");
+        let share = steal_share_since(steal_seconds(), 0.5).expect("counted before and after");
+        assert!((0.0..=1.0).contains(&share), "{share}");
+        assert_eq!(steal_share_since(None, 0.5), None, "nothing to subtract from");
+        assert_eq!(steal_share_since(steal_seconds(), 0.0), None, "no time has passed");
     }
 
     #[test]
