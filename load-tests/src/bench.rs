@@ -26,6 +26,11 @@
 //! through the raw session: speed against version 1 and the cosine of each
 //! embedding to version 1's.
 //!
+//! A run that fails (a broker that stops answering: no job finishes for
+//! [`STALL`]) is reported as failed, and later runs through the same real
+//! broker are skipped; every other run still runs and is written, and the
+//! bench then exits non-zero.
+//!
 //! The result is printed and written as JSON (`--out`); `--baseline` compares
 //! with an earlier file. Ratios are taken within one run: absolute numbers
 //! move between machines and runs.
@@ -176,6 +181,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let rounds = if args.quick { 1 } else { args.rounds.max(1) };
     let mut workloads = Vec::new();
+    let mut failures = 0usize;
     for &w in &args.workloads {
         let texts = match w {
             Workload::Mixed => corpus::mixed(&sentences, sizes[0]),
@@ -216,8 +222,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut before = measure_ceiling().await?;
         let mut ceilings: Vec<f64> = before.iter().map(Ceiling::best).collect();
         let mut per_broker: Vec<Vec<(RunReport, Option<f64>)>> = brokers.iter().map(|_| Vec::new()).collect();
+        let mut failed: Vec<Vec<Value>> = brokers.iter().map(|_| Vec::new()).collect();
         for round in 0..rounds {
             for (b, broker) in brokers.iter().enumerate() {
+                // A real broker outlives its runs: after one failed, the next would wait
+                // out the stall again on the same dead broker.
+                if matches!(broker, Broker::Real(_)) && !failed[b].is_empty() {
+                    println!("   {:<8} #{round} skipped: an earlier run through this broker failed", broker.label());
+                    failed[b].push(json!({"round": round, "skipped": "an earlier run through this broker failed"}));
+                    continue;
+                }
                 let n = match (w, broker) {
                     (Workload::Tensor, Broker::Embedded) => sizes[2],
                     (Workload::Tensor, Broker::Real(_)) => sizes[3],
@@ -227,7 +241,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     Workload::Tensor => (0..n).map(corpus::tensor_input).collect(),
                     _ => texts.iter().map(|t| json!({ "text": t })).collect(),
                 };
-                let r = end_to_end(&args, &pids, broker, w, &inputs).await?;
+                let r = match end_to_end(&args, &pids, broker, w, &inputs).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        println!("   {:<8} #{round} FAILED: {e:#}", broker.label());
+                        failed[b].push(json!({"round": round, "error": format!("{e:#}")}));
+                        failures += 1;
+                        continue;
+                    }
+                };
                 let after = measure_ceiling().await?;
                 let ratio = match (&before, &after) {
                     (Some(x), Some(y)) => Some(r.jobs_per_s / ((x.best() + y.best()) / 2.0)),
@@ -240,12 +262,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         let mut runs = Vec::new();
-        for (broker, results) in brokers.iter().zip(per_broker) {
+        for ((broker, results), failed) in brokers.iter().zip(per_broker).zip(failed) {
+            if results.is_empty() {
+                println!("   => {:<8} no run finished ({} failed or skipped)", broker.label(), failed.len());
+                runs.push(json!({"broker": broker.label(), "failed": failed}));
+                continue;
+            }
             let rates: Vec<f64> = results.iter().map(|(r, _)| r.jobs_per_s).collect();
             let ratios: Vec<f64> = results.iter().filter_map(|(_, x)| *x).collect();
             let busy: Vec<f64> = results.iter().map(|(r, _)| r.busy_share).collect();
             println!(
-                "   => {:<8} median {:>8.1} jobs/s{}, CPU busy {:.0}% (of {rounds} run(s))",
+                "   => {:<8} median {:>8.1} jobs/s{}, CPU busy {:.0}% (of {} run(s){})",
                 broker.label(),
                 stats::percentile(&rates, 50.0),
                 if ratios.is_empty() {
@@ -257,7 +284,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         ratios.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ")
                     )
                 },
-                100.0 * stats::percentile(&busy, 50.0)
+                100.0 * stats::percentile(&busy, 50.0),
+                results.len(),
+                if failed.is_empty() { String::new() } else { format!("; {} failed or skipped", failed.len()) },
             );
             runs.push(json!({
                 "broker": broker.label(),
@@ -265,6 +294,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "ratio_to_ceiling": (!ratios.is_empty()).then(|| stats::percentile(&ratios, 50.0)),
                 "cpu_busy_share": stats::percentile(&busy, 50.0),
                 "rounds": results.iter().map(|(r, ratio)| run_json(r, *ratio)).collect::<Vec<_>>(),
+                "failed": failed,
             }));
         }
         let ceiling = (!ceilings.is_empty()).then(|| stats::percentile(&ceilings, 50.0));
@@ -296,6 +326,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(b) = &args.baseline {
         compare(&report, b)?;
     }
+    ensure!(failures == 0, "{failures} run(s) failed (above); {} keeps the runs that finished", args.out.display());
     Ok(())
 }
 
@@ -630,16 +661,20 @@ async fn end_to_end(
     let steal_before = procstat::steal_seconds();
     let started = Instant::now();
     let publishing = ready.go();
-    let waiting = wait_all(&store, &mut notices, &ids, started);
+    let waiting = async {
+        wait_all(&store, &mut notices, &ids, started, STALL)
+            .await
+            .with_context(|| format!("the sluice process's log: {}", log.display()))
+    };
     // The batcher's window while the backlog drains: how many jobs the
     // scheduler had to choose a batch from.
     let depths = std::cell::RefCell::new(Vec::new());
-    let (published, done) = tokio::select! {
-        r = async { tokio::join!(publishing, waiting) } => r,
+    // The first to fail ends the run (a stalled wait kills the publisher).
+    let (published, finished) = tokio::select! {
+        r = async { tokio::try_join!(publishing, waiting) } => r?,
         never = sample_queue_depth(sluice.http.as_deref(), &depths) => match never {},
     };
     let depths = depths.into_inner();
-    let (published, finished) = (published?, done?);
     let seconds = finished.duration_since(started).as_secs_f64();
     let steal_share = procstat::steal_share_since(steal_before, seconds);
     let mut cpu = BTreeMap::new();
@@ -870,15 +905,25 @@ async fn wait_all_polling(store: &Store, ids: &[String], timeout: Duration) -> a
 /// Waits until every id's record is terminal; returns when the last one was
 /// seen. Completion notices say which ids finished; when they fall quiet
 /// (a notice can be dropped), the ids not yet seen are read from the store.
+/// How long a run may go without a single job finishing before it is failed:
+/// a broker that has stopped answering (tansu 0.6 can panic on concurrent
+/// idempotent batches and then refuses every request) or a worker that has
+/// stopped. The slowest honest gap seen is a mixed batch through tansu, a
+/// few seconds.
+const STALL: Duration = Duration::from_secs(120);
+
+/// Waits until every job in `ids` is finished; returns when the last one was
+/// seen. Fails when no job has finished for `stall`, or after a generous
+/// overall timeout (a slow broker is reported, not failed).
 async fn wait_all(
     store: &Store,
     notices: &mut tokio::sync::mpsc::Receiver<String>,
     ids: &[String],
     started: Instant,
+    stall: Duration,
 ) -> anyhow::Result<Instant> {
     let mut pending: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let mut last = Instant::now();
-    // Generous: a slow broker is reported, not failed.
     let timeout = Duration::from_secs(300) + Duration::from_millis(ids.len() as u64 * 50);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     while !pending.is_empty() {
@@ -894,6 +939,12 @@ async fn wait_all(
             },
             _ = tick.tick() => {
                 ensure!(started.elapsed() < timeout, "{} of {} jobs not done after {timeout:?}", pending.len(), ids.len());
+                ensure!(
+                    last.elapsed() < stall,
+                    "no job finished for {stall:?} ({} of {} still not done): the broker or the worker has stopped",
+                    pending.len(),
+                    ids.len()
+                );
                 if last.elapsed() > Duration::from_secs(1) {
                     let rest: Vec<String> = pending.iter().map(|s| (*s).to_owned()).collect();
                     let records = store.get_many(TENANT, &rest).await?;
@@ -956,4 +1007,52 @@ fn compare(report: &Value, baseline: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        Store::memory(&StoreConfig {
+            ttl: Duration::from_secs(60),
+            memory_capacity: 100,
+            key_prefix: "t:".into(),
+            cache_ttl: Duration::ZERO,
+            cache_capacity: 1,
+        })
+    }
+
+    fn finished(id: &str) -> sluice_schemas::JobResult {
+        sluice_schemas::JobResult::failed(
+            id.into(),
+            TENANT.into(),
+            "m".into(),
+            sluice_schemas::ErrorCode::InferenceFailed,
+            "x".into(),
+            chrono::Utc::now(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_jobs_stop_finishing_fails_at_the_stall_and_says_how_many_are_left() {
+        let store = store();
+        let mut notices = store.completions();
+        let ids: Vec<String> = ["j-1", "j-2", "j-3"].map(String::from).to_vec();
+        store.put(&finished("j-1")).await.unwrap();
+        let err = wait_all(&store, &mut notices, &ids, Instant::now(), Duration::from_secs(2)).await.unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("no job finished for 2s (2 of 3 still not done)"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_jobs_all_finish_is_done() {
+        let store = store();
+        let mut notices = store.completions();
+        let ids: Vec<String> = ["j-1", "j-2"].map(String::from).to_vec();
+        for id in &ids {
+            store.put(&finished(id)).await.unwrap();
+        }
+        wait_all(&store, &mut notices, &ids, Instant::now(), Duration::from_secs(60)).await.unwrap();
+    }
 }

@@ -67,7 +67,10 @@ impl SluiceProcess {
             }
             if let Some(status) = child.child.try_wait()? {
                 let hint = log.map(|l| format!("; its log: {}", l.display())).unwrap_or_default();
-                bail!("sluice {:?} exited before it was ready ({status}){hint}", args.first());
+                bail!(
+                    "`sluice {}` exited before it was ready ({status}){hint}",
+                    args.first().map(|a| a.to_string_lossy()).unwrap_or_default()
+                );
             }
             ensure!(Instant::now() < deadline, "sluice not ready after 120 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
