@@ -902,9 +902,6 @@ async fn wait_all_polling(store: &Store, ids: &[String], timeout: Duration) -> a
     }
 }
 
-/// Waits until every id's record is terminal; returns when the last one was
-/// seen. Completion notices say which ids finished; when they fall quiet
-/// (a notice can be dropped), the ids not yet seen are read from the store.
 /// How long a run may go without a single job finishing before it is failed:
 /// a broker that has stopped answering (tansu 0.6 can panic on concurrent
 /// idempotent batches and then refuses every request) or a worker that has
@@ -912,9 +909,11 @@ async fn wait_all_polling(store: &Store, ids: &[String], timeout: Duration) -> a
 /// few seconds.
 const STALL: Duration = Duration::from_secs(120);
 
-/// Waits until every job in `ids` is finished; returns when the last one was
-/// seen. Fails when no job has finished for `stall`, or after a generous
-/// overall timeout (a slow broker is reported, not failed).
+/// Waits until every id's record is terminal; returns when the last one was
+/// seen. Completion notices say which ids finished; when they fall quiet
+/// (a notice can be dropped), the ids not yet seen are read from the store.
+/// Fails when no job has finished for `stall`, or after a generous overall
+/// timeout (a slow broker is reported, not failed).
 async fn wait_all(
     store: &Store,
     notices: &mut tokio::sync::mpsc::Receiver<String>,
